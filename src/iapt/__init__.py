@@ -1,0 +1,17 @@
+"""iapt: Instruction-Aware Prompt Tuning (arXiv 2405.18203) for Hugging Face decoder-only models."""
+
+from iapt.config import IAPTConfig
+from iapt.generator import PromptGenerator, generator_parameter_count
+from iapt.model import SUPPORTED_LAYER_PATHS, IAPTModel, get_iapt_model
+from iapt.rational import RationalActivation
+
+__all__ = [
+    "IAPTConfig",
+    "IAPTModel",
+    "PromptGenerator",
+    "RationalActivation",
+    "SUPPORTED_LAYER_PATHS",
+    "generator_parameter_count",
+    "get_iapt_model",
+]
+__version__ = "0.1.0"

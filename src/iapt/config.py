@@ -1,0 +1,110 @@
+"""IAPTConfig: everything that defines an IAPT adapter, saved as ``adapter_config.json``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from iapt.rational import RATIONAL_INITS
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+POOLINGS = ("attention", "mean", "last")
+
+
+@dataclass
+class IAPTConfig:
+    """Configuration of an IAPT adapter (Instruction-Aware Prompt Tuning, arXiv 2405.18203)."""
+
+    num_soft_tokens: int = field(default=4, metadata={"help": "Soft tokens written at every layer (n; paper: 4)."})
+    bottleneck: int = field(default=32, metadata={"help": "Bottleneck width r of each prompt generator (r << d)."})
+    activation_init: str = field(
+        default="gelu",
+        metadata={"help": f"Function the rational activations start from: one of {sorted(RATIONAL_INITS)}."},
+    )
+    pooling: str = field(
+        default="attention",
+        metadata={"help": "How a generator summarises the instruction: 'attention' (the method: one learned query "
+                          "per soft token), or the ablations 'mean' / 'last' (masked mean / last instruction token, "
+                          "plus a learned offset per soft token)."},
+    )
+    bias: bool = field(default=True, metadata={"help": "Biases on the down- and up-projections."})
+    input_norm: bool = field(
+        default=True,
+        metadata={"help": "Parameter-free RMS normalisation of the hidden states before the down-projection. "
+                          "Residual streams carry outlier channels in the hundreds, which would push the rational "
+                          "function far outside the range its initial fit is valid on."},
+    )
+    layers: list[int] | None = field(
+        default=None, metadata={"help": "Indices of the layers that get a generator; None = every layer (the method)."}
+    )
+    layers_path: str | None = field(
+        default=None,
+        metadata={"help": "Dotted path to the decoder's layer list (e.g. 'model.layers') for a family iapt does not "
+                          "know yet; None = look it up by model_type."},
+    )
+    base_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "What base model the adapter was trained on (recorded, informational)."}
+    )
+    base_model_type: str | None = field(
+        default=None, metadata={"help": "Recorded on install: the base's config.model_type, checked on load."}
+    )
+    base_hidden_size: int | None = field(
+        default=None, metadata={"help": "Recorded on install: the base's hidden size d, checked on load."}
+    )
+    base_num_layers: int | None = field(
+        default=None, metadata={"help": "Recorded on install: the base's number of layers, checked on load."}
+    )
+    peft_type: str = field(default="IAPT", metadata={"help": "Method tag, as PEFT writes it."})
+
+    def __post_init__(self) -> None:
+        if self.num_soft_tokens < 1:
+            raise ValueError(f"num_soft_tokens must be >= 1, got {self.num_soft_tokens}")
+        if self.bottleneck < 1:
+            raise ValueError(f"bottleneck must be >= 1, got {self.bottleneck}")
+        if self.activation_init not in RATIONAL_INITS:
+            raise ValueError(
+                f"activation_init={self.activation_init!r} is unknown; choose one of {sorted(RATIONAL_INITS)}"
+            )
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling={self.pooling!r} is unknown; choose one of {list(POOLINGS)}")
+        if self.peft_type != "IAPT":
+            raise ValueError(f"this is not an IAPT adapter config (peft_type={self.peft_type!r})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> IAPTConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown IAPTConfig fields {unknown}; known fields are {sorted(known)}")
+        return cls(**data)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        from iapt.io import atomic_write_text
+
+        path = Path(directory) / CONFIG_NAME
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> IAPTConfig:
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"no adapter config at {path}: is {directory} an IAPT adapter folder?")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"adapter config {path} is not valid JSON ({exc}); the file is corrupt") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"adapter config {path} must hold a JSON object, found {type(data).__name__}")
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"adapter config {path}: {exc}") from None

@@ -1,0 +1,433 @@
+"""IAPTModel: a frozen Hugging Face decoder with a prompt generator at every layer.
+
+How the soft tokens get in, without copying any family's modeling code: the model is fed ``n`` reserved
+slots in front of the sequence (positions 0..n-1, real tokens shifted by n). A forward pre-hook on each
+decoder layer overwrites the slots' hidden states with that layer's generated soft tokens, so layer l sees
+``[P_l ; H]`` and every real token can attend to them; the next layer replaces them again. Masks, rotary
+or absolute positions and the KV cache are the backbone's own. Generators run only at prefill (an empty
+cache): during decoding the slots' keys and values already sit in the cache, so a decoded token costs the
+bare backbone's work plus n cached positions.
+
+The hooks act only inside IAPTModel's own ``forward`` and ``generate``: calling ``model.base_model``
+directly runs the bare backbone. Users see none of the slots: logits are aligned with ``input_ids`` and ``generate`` returns the prompt
+followed by the new tokens, like transformers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import ModelOutput
+
+from iapt.config import CONFIG_NAME, WEIGHTS_NAME, IAPTConfig
+from iapt.generator import PromptGenerator, generator_parameter_count
+from iapt.io import atomic_write
+
+# model_type -> dotted path of the decoder layer list inside the *ForCausalLM model.
+SUPPORTED_LAYER_PATHS: dict[str, str] = {
+    "llama": "model.layers",
+    "mistral": "model.layers",
+    "qwen2": "model.layers",
+    "qwen3": "model.layers",
+    "gemma": "model.layers",
+    "gemma2": "model.layers",
+    "gemma3_text": "model.layers",
+    "gpt2": "transformer.h",
+}
+
+
+def _text_config(model: PreTrainedModel) -> Any:
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _find_layers(model: nn.Module, config: IAPTConfig) -> nn.ModuleList:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    path = config.layers_path or SUPPORTED_LAYER_PATHS.get(model_type or "")
+    if path is None:
+        raise ValueError(
+            f"IAPT does not support model_type={model_type!r} ({type(model).__name__}) yet. Supported decoder-only "
+            f"families: {', '.join(sorted(SUPPORTED_LAYER_PATHS))}. For another decoder whose layers take the "
+            f"hidden states as first argument, set IAPTConfig(layers_path='model.layers') (the dotted path to "
+            f"its layer list)."
+        )
+    module: Any = model
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            raise ValueError(
+                f"{type(model).__name__} has no layer list at {path!r}: pass the *ForCausalLM model "
+                f"(e.g. AutoModelForCausalLM), or set IAPTConfig.layers_path to where its layers live."
+            )
+    if not isinstance(module, nn.ModuleList):
+        raise ValueError(f"{path!r} of {type(model).__name__} is a {type(module).__name__}, not a layer list")
+    return module
+
+
+def _check_base(model: nn.Module) -> None:
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"expected a Hugging Face model (PreTrainedModel), got {type(model).__name__}")
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"{type(model).__name__} is an encoder-decoder model; IAPT needs a decoder-only causal LM "
+            f"({', '.join(sorted(SUPPORTED_LAYER_PATHS))})."
+        )
+    if not hasattr(model, "generate") or not hasattr(model, "get_input_embeddings"):
+        raise ValueError(f"{type(model).__name__} is not a causal LM; load it with AutoModelForCausalLM")
+
+
+def _instruction_mask(
+    attention_mask: torch.Tensor, instruction_mask: torch.Tensor | None, labels: torch.Tensor | None
+) -> torch.Tensor:
+    """What the generators pool: explicit mask, else unlabelled attended tokens, else all attended tokens."""
+    attended = attention_mask.bool()
+    if instruction_mask is not None:
+        if instruction_mask.shape != attention_mask.shape:
+            raise ValueError(
+                f"instruction_mask has shape {tuple(instruction_mask.shape)} but the input has "
+                f"{tuple(attention_mask.shape)}; they must match (1 = instruction token to pool)"
+            )
+        return instruction_mask.bool() & attended
+    if labels is not None:
+        return (labels == -100) & attended
+    return attended
+
+
+class IAPTModel(nn.Module):
+    """A causal LM whose frozen layers each read ``n`` soft tokens written by their own prompt generator."""
+
+    def __init__(self, base_model: PreTrainedModel, config: IAPTConfig | None = None) -> None:
+        super().__init__()
+        config = IAPTConfig() if config is None else config
+        _check_base(base_model)
+        text_config = _text_config(base_model)
+        hidden_size, num_layers = text_config.hidden_size, text_config.num_hidden_layers
+        decoder_layers = _find_layers(base_model, config)
+        layer_ids = list(range(len(decoder_layers))) if config.layers is None else sorted(set(config.layers))
+        bad = [i for i in layer_ids if not 0 <= i < len(decoder_layers)]
+        if bad:
+            raise ValueError(f"IAPTConfig.layers has {bad}, but the model has layers 0..{len(decoder_layers) - 1}")
+
+        config.base_model_type = base_model.config.model_type
+        config.base_hidden_size = hidden_size
+        config.base_num_layers = num_layers
+        config.base_model_name_or_path = config.base_model_name_or_path or getattr(
+            base_model.config, "_name_or_path", None) or None
+
+        for p in base_model.parameters():
+            p.requires_grad_(False)
+        self.base_model = base_model
+        self.iapt_config = config
+        self.num_soft_tokens = config.num_soft_tokens
+        device = base_model.get_input_embeddings().weight.device
+        self.generators = nn.ModuleDict(
+            {str(i): PromptGenerator(hidden_size, config).to(device) for i in layer_ids}
+        )
+        pad = getattr(text_config, "pad_token_id", None)
+        self.slot_token_id = pad if isinstance(pad, int) else 0
+
+        self._slots_active = False  # True only inside our forward/generate: the base alone behaves as before
+        self._instruction_mask: torch.Tensor | None = None  # mask of the original prompt, set per call
+        self._step_mask: torch.Tensor | None = None  # what layers pool in the current backbone call
+        self._hooks = [base_model.register_forward_pre_hook(self._before_backbone, with_kwargs=True)]
+        for i in layer_ids:
+            hook = functools.partial(self._before_layer, self.generators[str(i)])
+            self._hooks.append(decoder_layers[i].register_forward_pre_hook(hook, with_kwargs=True))
+
+    # ------------------------------------------------------------------ hooks
+    def _before_backbone(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """Decide, once per backbone call, whether this is a prefill (generators run) or a decode step."""
+        if not self._slots_active:
+            self._step_mask = None
+            return None
+        cache = kwargs.get("past_key_values")
+        prefill = cache is None or cache.get_seq_length() == 0
+        source = kwargs.get("input_ids")
+        if source is None:
+            source = kwargs.get("inputs_embeds")
+        if source is None and args:
+            source = args[0]
+        batch, length = source.shape[0], source.shape[1]
+        attention_mask = kwargs.get("attention_mask")
+        if kwargs.get("position_ids") is None and attention_mask is not None and attention_mask.dim() == 2:
+            # Positions from the mask, so a left-padded row sees the positions it would see alone. (Without
+            # a mask, generate has dropped it for want of padding: the backbone's own arange is right.)
+            positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+            kwargs["position_ids"] = positions[:, -length:]
+        if not prefill:
+            self._step_mask = None
+            return args, kwargs
+        n = self.num_soft_tokens
+        if attention_mask is None or attention_mask.dim() != 2:
+            real = torch.ones(batch, length - n, dtype=torch.bool, device=source.device)
+        else:
+            real = attention_mask[:, n:].bool()
+        mask = self._instruction_mask
+        if mask is None:
+            self._step_mask = real
+        else:
+            if mask.shape[0] != batch:  # generate expanded rows for beams / num_return_sequences
+                mask = mask.repeat_interleave(batch // mask.shape[0], dim=0)
+            if mask.shape[1] < real.shape[1]:  # no-cache generation: tokens generated so far are not pooled
+                mask = torch.nn.functional.pad(mask, (0, real.shape[1] - mask.shape[1]), value=False)
+            self._step_mask = mask[:, : real.shape[1]].to(real.device) & real
+        return args, kwargs
+
+    def _before_layer(
+        self, generator: PromptGenerator, module: nn.Module, args: tuple, kwargs: dict
+    ) -> tuple[tuple, dict] | None:
+        """At prefill, overwrite the n slots entering this layer with its freshly generated soft tokens."""
+        mask = self._step_mask
+        if mask is None:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        n = self.num_soft_tokens
+        real = hidden[:, n:]
+        prompts = generator(real, mask).to(hidden.dtype)
+        hidden = torch.cat([prompts, real], dim=1)
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    @contextlib.contextmanager
+    def _slots(self, instruction_mask: torch.Tensor | None) -> Iterator[None]:
+        if self._slots_active:
+            raise RuntimeError("IAPTModel calls do not nest; call the base model directly inside a hook")
+        self._slots_active, self._instruction_mask = True, instruction_mask
+        try:
+            yield
+        finally:
+            # _step_mask stays set until the next call: a checkpointing wrapper that re-runs a layer's
+            # hooks during backward must see the mask of the forward it recomputes. (transformers 5
+            # checkpoints the layer's forward only, so the soft tokens enter it as a plain input.)
+            self._slots_active, self._instruction_mask = False, None
+
+    # ------------------------------------------------------------------ forward / generate
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        instruction_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        position_ids: torch.LongTensor | None = None,
+        **kwargs: Any,
+    ) -> ModelOutput:
+        """Like the base model's forward, on inputs without slots; ``instruction_mask`` picks what is pooled.
+
+        Without ``instruction_mask``, the instruction is the attended tokens whose label is -100 when
+        ``labels`` are given, else every attended token. With a non-empty ``past_key_values`` (a cache
+        returned by an earlier call) this is a decode step: pass the attention mask of everything so far,
+        without slots, and no generator runs.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        source = input_ids if input_ids is not None else inputs_embeds
+        batch, length = source.shape[0], source.shape[1]
+        device = source.device
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, length, dtype=torch.long, device=device)
+        if labels is not None and labels.shape != (batch, length):
+            raise ValueError(f"labels have shape {tuple(labels.shape)}, expected {(batch, length)} like input_ids")
+        n = self.num_soft_tokens
+        full_mask = torch.cat([attention_mask.new_ones(batch, n), attention_mask], dim=1)
+        decoding = past_key_values is not None and past_key_values.get_seq_length() > 0
+        if decoding:
+            expected = past_key_values.get_seq_length() + length
+            if full_mask.shape[1] != expected:
+                raise ValueError(
+                    f"attention_mask covers {attention_mask.shape[1]} tokens but the cache holds "
+                    f"{past_key_values.get_seq_length() - n} earlier tokens plus {length} new ones: pass the mask "
+                    f"of all tokens so far (without IAPT's {n} soft-token slots)"
+                )
+            pooled = None
+        else:
+            pooled = _instruction_mask(attention_mask, instruction_mask, labels)
+            if input_ids is not None:
+                slots = input_ids.new_full((batch, n), self.slot_token_id)
+                input_ids = torch.cat([slots, input_ids], dim=1)
+            else:
+                inputs_embeds = torch.cat([inputs_embeds.new_zeros(batch, n, inputs_embeds.shape[-1]),
+                                           inputs_embeds], dim=1)
+            # Project only the real tokens onto the vocabulary: no logits are wasted on the slots.
+            kwargs.setdefault("logits_to_keep", length)
+        loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch",) if k in kwargs}
+        if labels is not None:
+            kwargs.setdefault("use_cache", False)  # training needs no cache
+        with self._slots(pooled):
+            out = self.base_model(
+                input_ids=input_ids, attention_mask=full_mask, inputs_embeds=inputs_embeds,
+                past_key_values=past_key_values, position_ids=position_ids, **kwargs,
+            )
+        if not decoding:
+            if out.logits is not None and out.logits.shape[1] == length + n:
+                out.logits = out.logits[:, n:]
+            if getattr(out, "hidden_states", None) is not None:
+                out.hidden_states = tuple(h[:, n:] for h in out.hidden_states)
+        if labels is not None:
+            if out.logits.shape[1] != length:
+                raise ValueError("labels need logits for every position; do not combine them with logits_to_keep")
+            out.loss = self.base_model.loss_function(
+                logits=out.logits, labels=labels, vocab_size=out.logits.shape[-1], **loss_kwargs
+            )
+        return out
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        instruction_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.LongTensor | ModelOutput:
+        """transformers' ``generate`` (greedy, sampling, beam search, ...) with the soft tokens in place.
+
+        Pad on the left. Returns the prompt followed by the new tokens, as transformers does; the slots
+        never appear. ``max_length`` / ``min_length`` count real tokens only.
+        """
+        if input_ids is None:
+            raise ValueError("IAPTModel.generate needs input_ids (inputs_embeds-only generation is not supported)")
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+            attention_mask = None if attention_mask is None else attention_mask.reshape(1, -1)
+        batch, length = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}")
+        n = self.num_soft_tokens
+        pooled = _instruction_mask(attention_mask, instruction_mask, None)
+        generation_config = kwargs.get("generation_config") or self.base_model.generation_config
+        for key in ("max_length", "min_length"):
+            if key in kwargs and kwargs[key] is not None:
+                kwargs[key] = kwargs[key] + n
+        if kwargs.get("max_new_tokens") is None and getattr(generation_config, "max_new_tokens", None) is None \
+                and "max_length" not in kwargs:
+            kwargs["max_length"] = generation_config.max_length + n
+        slots = input_ids.new_full((batch, n), self.slot_token_id)
+        with self._slots(pooled):
+            out = self.base_model.generate(
+                input_ids=torch.cat([slots, input_ids], dim=1),
+                attention_mask=torch.cat([attention_mask.new_ones(batch, n), attention_mask], dim=1),
+                **kwargs,
+            )
+        if isinstance(out, torch.Tensor):
+            return out[:, n:]
+        out.sequences = out.sequences[:, n:]
+        return out
+
+    # ------------------------------------------------------------------ parameters
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    def expected_parameter_count(self) -> int:
+        """2·d·r + r·n + 12 (+ r + d biases) per generator, summed over the layers that have one."""
+        return len(self.generators) * generator_parameter_count(self.iapt_config.base_hidden_size, self.iapt_config)
+
+    def rational_parameters(self) -> list[nn.Parameter]:
+        """The rational coefficients Θ (the 'architecture' of bi-level training)."""
+        return [p for g in self.generators.values() for p in g.activation.parameters()]
+
+    def generator_weight_parameters(self) -> list[nn.Parameter]:
+        """Everything trainable but Θ: projections and pooling queries (the 'weights' Ω)."""
+        theta = {id(p) for p in self.rational_parameters()}
+        return [p for p in self.generators.parameters() if id(p) not in theta]
+
+    def unload(self) -> PreTrainedModel:
+        """Remove the hooks and give the untouched backbone back."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        return self.base_model
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (generators only), atomically."""
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.generators.state_dict().items()}
+        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        self.iapt_config.save(directory)
+
+    @classmethod
+    def from_pretrained(
+        cls, base_model: PreTrainedModel, adapter_path: str | os.PathLike, is_trainable: bool = False
+    ) -> IAPTModel:
+        """Install a saved adapter on ``base_model``; refuses a base of another architecture or size."""
+        directory = Path(adapter_path)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"adapter folder {directory} does not exist")
+        config = IAPTConfig.load(directory)
+        _check_compatible(config, base_model, directory)
+        weights_file = directory / WEIGHTS_NAME
+        if not weights_file.is_file():
+            raise FileNotFoundError(f"adapter weights {weights_file} are missing (the folder has {CONFIG_NAME} only)")
+        try:
+            state = load_file(str(weights_file))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ValueError(f"adapter weights {weights_file} are corrupt or unreadable: {exc}") from None
+        model = cls(base_model, config)
+        expected = model.generators.state_dict()
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+        if missing or unexpected or wrong:
+            model.unload()
+            raise ValueError(
+                f"adapter weights {weights_file} do not match {CONFIG_NAME}: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}"
+            )
+        model.generators.load_state_dict(state)
+        model.generators.requires_grad_(is_trainable)
+        return model
+
+
+def _check_compatible(config: IAPTConfig, base_model: PreTrainedModel, directory: Path) -> None:
+    text_config = _text_config(base_model)
+    base = {
+        "architecture (model_type)": base_model.config.model_type,
+        "hidden size": text_config.hidden_size,
+        "layer count": text_config.num_hidden_layers,
+    }
+    saved = {
+        "architecture (model_type)": config.base_model_type,
+        "hidden size": config.base_hidden_size,
+        "layer count": config.base_num_layers,
+    }
+    for what, have in base.items():
+        want = saved[what]
+        if want is not None and want != have:
+            raise ValueError(
+                f"adapter {directory} was trained on a base with {what} {want!r} "
+                f"({config.base_model_name_or_path or 'unknown base'}), but this base model has {what} {have!r} "
+                f"({getattr(base_model.config, '_name_or_path', '') or type(base_model).__name__}); "
+                f"load it on the base it was trained on"
+            )
+
+
+def get_iapt_model(model: PreTrainedModel, config: IAPTConfig | None = None) -> IAPTModel:
+    """Freeze ``model`` and install a prompt generator at every layer (PEFT's ``get_peft_model`` for IAPT)."""
+    return IAPTModel(model, config)

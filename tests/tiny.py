@@ -1,0 +1,72 @@
+"""Tiny decoder-only models built in code, one per supported family (no download)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+VOCAB = 96
+_COMMON = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+               pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def _llama() -> torch.nn.Module:
+    return LlamaForCausalLM(LlamaConfig(**_COMMON))
+
+
+def _qwen2() -> torch.nn.Module:
+    return Qwen2ForCausalLM(Qwen2Config(**_COMMON))
+
+
+def _mistral() -> torch.nn.Module:
+    return MistralForCausalLM(MistralConfig(**_COMMON, sliding_window=None))
+
+
+def _gemma3() -> torch.nn.Module:
+    cfg = Gemma3TextConfig(**_COMMON, head_dim=12, sliding_window=64,
+                           layer_types=["sliding_attention", "full_attention"])
+    return Gemma3ForCausalLM(cfg)
+
+
+def _gpt2() -> torch.nn.Module:
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=128,
+                                      bos_token_id=1, eos_token_id=2, pad_token_id=0))
+
+
+FAMILIES = {"llama": _llama, "qwen2": _qwen2, "mistral": _mistral, "gemma3": _gemma3, "gpt2": _gpt2}
+
+
+def make_base(family: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = FAMILIES[family]().eval()
+    # Random tiny models put near-ties in the logits; sharpen them so greedy decoding is stable
+    # against float noise and the equivalence tests compare behaviour, not rounding.
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8.0)
+    return model
+
+
+def left_padded_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Three prompts of lengths 7, 4, 9, left-padded with the pad id; also the rows alone."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randint(3, VOCAB, (n,), generator=g) for n in (7, 4, 9)]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    return ids, mask, rows
