@@ -70,3 +70,31 @@ def left_padded_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[t
         ids[i, width - len(r):] = r
         mask[i, width - len(r):] = 1
     return ids, mask, rows
+
+
+CHARS = [chr(c) for c in range(32, 127)] + ["\n"]
+
+
+def tiny_tokenizer():
+    """A character-level tokenizer (100 ids) with a ChatML-like template, built in code."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials + CHARS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                                   unk_token="<unk>")
+    fast.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                          "{% if add_generation_prompt %}<assistant>{% endif %}")
+    return fast
+
+
+def tiny_lm(family: str = "llama", seed: int = 0) -> torch.nn.Module:
+    """A tiny model whose vocabulary fits ``tiny_tokenizer``."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(**{**_COMMON, "vocab_size": 104, "hidden_size": 32, "intermediate_size": 64,
+                         "initializer_range": 0.2})  # sharper than the default: a backbone prompts can steer
+    return LlamaForCausalLM(cfg)

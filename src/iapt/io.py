@@ -32,3 +32,26 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
             fh.write(text)
 
     return atomic_write(path, write)
+
+
+def replace_dir(build: Callable[[Path], None], final: str | os.PathLike) -> Path:
+    """Build a folder under a temporary name, then swap it in for ``final``: readers see old or new, whole."""
+    import shutil
+
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        build(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final

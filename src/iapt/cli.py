@@ -1,0 +1,219 @@
+"""The `iapt` command: data, train, eval, demo. Thin: it parses flags, then calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from iapt.data import DataError
+
+
+def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One --flag per dataclass field, with the field's help text: the command line is the config."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        args = typing.get_args(kind)
+        base = next((a for a in args if a is not type(None)), kind) if isinstance(kind, types.UnionType) else kind
+        help_text = f.metadata.get("help", "") + f" (default: {f.default})"
+        if base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, type=base, default=None, help=help_text, metavar=f.name.upper())
+
+
+def _given(ns: argparse.Namespace, cls: type) -> dict[str, Any]:
+    return {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if getattr(ns, f.name, None) is not None}
+
+
+# ---------------------------------------------------------------------------------------- data
+def cmd_data(ns: argparse.Namespace) -> int:
+    from iapt.data import TASKS, fetch_tasks
+
+    if ns.action == "list":
+        for name, task in sorted(TASKS.items()):
+            state = "fetched" if task.is_fetched() else "not fetched (iapt data fetch)"
+            print(f"{name:10s} {', '.join(task.metrics):18s} {state:32s} {task.description}")
+        return 0
+    paths = fetch_tasks(ns.tasks or None, progress=True)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- train
+def cmd_train(ns: argparse.Namespace) -> int:
+    from iapt.training import TrainConfig, train
+
+    overrides = _given(ns, TrainConfig)
+    cfg = TrainConfig.from_yaml(ns.recipe, **overrides) if ns.recipe else TrainConfig.from_dict(overrides)
+    summary = train(cfg)
+    if cfg.eval_test and cfg.task:
+        report = _evaluate(Path(cfg.out) / "adapter", cfg.model, cfg.task, "test", cfg.eval_limit,
+                           cfg.eval_batch_size, cfg.max_length, cfg.progress, cfg.dtype)
+        summary["test"] = report["metrics"]
+        (Path(cfg.out) / "eval_test.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- eval
+def _load_for_eval(adapter: str | Path | None, model_name: str, dtype: str = "float32") -> tuple[Any, Any]:
+    from iapt.models import load_model
+
+    base, tokenizer = load_model(model_name, dtype=dtype)
+    if adapter is None:
+        return base, tokenizer
+    from iapt.adapters import load_adapter
+
+    return load_adapter(base, adapter), tokenizer
+
+
+def _evaluate(adapter, model_name, task, split, limit, batch_size, max_length, progress, dtype="float32") -> dict:
+    from iapt.training import evaluate_task
+
+    model, tokenizer = _load_for_eval(adapter, model_name, dtype)
+    report = evaluate_task(model, tokenizer, task, split, limit, batch_size, max_length, progress)
+    report["adapter"] = None if adapter is None else str(adapter)
+    report["model"] = model_name
+    return report
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    if (ns.adapter is None) == (not ns.base_only):
+        raise ValueError("pass --adapter RUN_OR_ADAPTER_FOLDER, or --base-only for the zero-shot backbone")
+    report = _evaluate(ns.adapter, ns.model, ns.task, ns.split, ns.limit, ns.batch_size, ns.max_length,
+                       not ns.no_progress, ns.dtype)
+    text = json.dumps(report, indent=2)
+    if ns.out:
+        from iapt.io import atomic_write_text
+
+        atomic_write_text(ns.out, text + "\n")
+    print(text)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- demo
+def cmd_demo(ns: argparse.Namespace) -> int:
+    """Fetch sentiment, score the zero-shot backbone, train IAPT for a few minutes, score again."""
+    import torch
+
+    from iapt.data import fetch_tasks, get_task
+    from iapt.models import load_model
+    from iapt.training import TrainConfig, evaluate_task
+    from iapt.training.trainer import Trainer
+
+    torch.set_num_threads(max(1, ns.threads))
+    started = time.perf_counter()
+    if not get_task(ns.task).is_fetched():
+        fetch_tasks([ns.task])
+    base, tokenizer = load_model(ns.model)
+    print(f"[demo] zero-shot {ns.model} on {ns.task} (test, first {ns.test_examples}) ...", flush=True)
+    before = evaluate_task(base, tokenizer, ns.task, "test", ns.test_examples, 16, ns.max_length)
+    cfg = TrainConfig(model=ns.model, task=ns.task, out=ns.out, max_steps=ns.steps, batch_size=ns.batch_size,
+                      lr=ns.lr, max_length=ns.max_length, eval_every=ns.steps, max_dev_examples=ns.dev_examples,
+                      warmup_ratio=0.1, resume=False)
+    if (Path(ns.out) / "checkpoint.pt").exists():
+        import shutil
+
+        shutil.rmtree(ns.out)  # the demo's own scratch folder: every demo is a fresh run
+    print(f"[demo] training IAPT for {ns.steps} steps of {ns.batch_size} examples ...", flush=True)
+    trainer = Trainer(cfg, base, tokenizer)
+    summary = trainer.run()
+    model = trainer.unwrapped
+    from iapt.model import IAPTModel
+
+    best = IAPTModel.from_pretrained(model.unload(), Path(ns.out) / "adapter")
+    after = evaluate_task(best, tokenizer, ns.task, "test", ns.test_examples, 16, ns.max_length)
+    total = time.perf_counter() - started
+    metric = next(iter(before["metrics"]))
+    rows = [
+        ("model", f"{ns.model} (frozen backbone)"),
+        ("task / test examples", f"{ns.task} / {before['examples']}"),
+        (f"{metric}: zero-shot backbone", f"{before['metrics'][metric]:.1f}"),
+        (f"{metric}: IAPT ({summary['steps']} steps)", f"{after['metrics'][metric]:.1f}"),
+        ("gain", f"{after['metrics'][metric] - before['metrics'][metric]:+.1f} points"),
+        ("trainable parameters", f"{summary['trainable_params']:,d}"),
+        ("training time", f"{summary['train_seconds']:.0f} s"),
+        ("total time", f"{total:.0f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n| " + "what".ljust(width) + " | value |\n|" + "-" * (width + 2) + "|-------|")
+    for k, v in rows:
+        print(f"| {k.ljust(width)} | {v} |")
+    print(f"\nadapter, metrics and plots: {ns.out}/")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    from iapt.training import TrainConfig
+
+    parser = argparse.ArgumentParser(prog="iapt", description="Instruction-Aware Prompt Tuning (arXiv 2405.18203)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("data", help="built-in tasks: list them, fetch them once")
+    p.add_argument("action", choices=["list", "fetch"])
+    p.add_argument("tasks", nargs="*", help="tasks to fetch (default: all)")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("train", help="train an adapter (IAPT by default)",
+                       description="Every setting is a flag and may also come from a YAML --recipe; flags win. "
+                                   "Runs on accelerate: `accelerate launch -m iapt.cli train ...` for several GPUs.")
+    p.add_argument("--recipe", help="YAML file of settings (flags override it)")
+    _add_dataclass_flags(p, TrainConfig)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="score an adapter (or the bare backbone) on a task by generation")
+    p.add_argument("--adapter", help="run folder (holding adapter/) or adapter folder")
+    p.add_argument("--base-only", action="store_true", help="score the zero-shot backbone")
+    p.add_argument("--model", default="default", help="base model: 'default' or a local folder")
+    p.add_argument("--task", required=True, help="built-in task (iapt data list)")
+    p.add_argument("--split", default="test", choices=["train", "dev", "test"])
+    p.add_argument("--limit", type=int, help="score only the first N examples")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--out", help="write the JSON report here too")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="the main job: zero-shot vs IAPT on sentiment, on the CPU, in minutes")
+    p.add_argument("--model", default="default")
+    p.add_argument("--task", default="sentiment")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--test-examples", type=int, default=100)
+    p.add_argument("--dev-examples", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        return ns.func(ns)
+    except (DataError, ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError) as exc:
+        print(f"iapt {ns.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"iapt {ns.command}: interrupted (checkpoints are intact; `iapt train --resume` continues)",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
