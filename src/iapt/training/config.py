@@ -26,8 +26,11 @@ class TrainConfig:
                                                            "datasets folder) instead of --task."})
     dev_data: str | None = field(default=None, metadata={"help": "Dev file for --data; default: a seeded 10%% of it."})
     out: str = field(default="runs/iapt", metadata={"help": "Run folder: adapter, checkpoints, metrics, plots."})
-    method: str = field(default="iapt", metadata={"help": "Method to train: iapt (baselines: see `iapt train "
-                                                          "--help` in later versions)."})
+    method: str = field(default="iapt", metadata={"help": "Method to train: iapt, or a baseline "
+                                                          "(lora, prompt-tuning, prefix, idpg, lpt)."})
+    budget: int | None = field(default=None, metadata={
+        "help": "Target trainable-parameter count: each method picks its size (LoRA rank, prompt length, "
+                "bottleneck) to come closest; the run records the exact count."})
     activation_mode: str = field(default="bilevel", metadata={
         "help": "How the rational activations learn: bilevel (their coefficients on dev batches, the rest on train "
                 "batches, alternating: first-order DARTS), joint (all on train batches), frozen (kept at init)."})

@@ -115,9 +115,23 @@ def build_model(cfg: TrainConfig, base: torch.nn.Module) -> torch.nn.Module:
         from iapt.baselines import build_baseline  # the baselines room registers the other methods
 
         return build_baseline(cfg, base)
-    iapt_cfg = IAPTConfig(num_soft_tokens=cfg.num_soft_tokens, bottleneck=cfg.bottleneck,
+    bottleneck = cfg.bottleneck if cfg.budget is None else iapt_bottleneck_for_budget(base, cfg)
+    iapt_cfg = IAPTConfig(num_soft_tokens=cfg.num_soft_tokens, bottleneck=bottleneck,
                           activation_init=cfg.activation_init, pooling=cfg.pooling)
     return get_iapt_model(base, iapt_cfg)
+
+
+def iapt_bottleneck_for_budget(base: torch.nn.Module, cfg: TrainConfig) -> int:
+    """The bottleneck r whose IAPT parameter count (all layers) comes closest to ``cfg.budget``."""
+    from iapt.generator import generator_parameter_count
+
+    text = base.config.get_text_config()
+    d, layers = text.hidden_size, text.num_hidden_layers
+
+    def count(r: int) -> int:
+        return layers * generator_parameter_count(d, IAPTConfig(bottleneck=r, num_soft_tokens=cfg.num_soft_tokens))
+
+    return min(range(1, 4 * d + 1), key=lambda r: (abs(count(r) - cfg.budget), r))
 
 
 def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
