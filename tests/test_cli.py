@@ -1,0 +1,82 @@
+"""The `iapt` command end to end on a tiny local model and synthetic task files (no download)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from iapt.cli import main
+from iapt.data import tasks
+from tests.data.conftest import synthetic_task_files, write_json
+from tests.tiny import tiny_lm, tiny_tokenizer
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    monkeypatch.setenv("IAPT_CACHE", str(tmp_path / "cache"))
+    root = tasks.cache_dir() / f"bigbench-{tasks.BIGBENCH_VERSION}"
+    for rel, data in synthetic_task_files().items():
+        if rel.startswith("multiemo"):
+            write_json(root / rel, data)
+    tasks._splits.cache_clear()
+    model_dir = tmp_path / "model"
+    tiny_lm().save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    return tmp_path, model_dir
+
+
+def test_data_list_shows_what_is_fetched(setup, capsys):
+    assert main(["data", "list"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "not fetched" not in lines["sentiment"] and "not fetched" in lines["squad"]
+
+
+def test_train_then_eval_an_adapter_and_the_base(setup, capsys):
+    tmp_path, model_dir = setup
+    out = tmp_path / "run"
+    code = main(["train", "--model", str(model_dir), "--task", "sentiment", "--out", str(out), "--max-steps", "2",
+                 "--batch-size", "4", "--bottleneck", "4", "--max-length", "64", "--eval-every", "2",
+                 "--no-progress", "--activation-mode", "joint"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 2 and summary["activation_mode"] == "joint"
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    report_file = tmp_path / "report.json"
+    assert main(["eval", "--adapter", str(out), "--model", str(model_dir), "--task", "sentiment", "--limit", "6",
+                 "--no-progress", "--out", str(report_file)]) == 0
+    report = json.loads(report_file.read_text())
+    assert report["examples"] == 6 and 0.0 <= report["metrics"]["accuracy"] <= 100.0
+    assert report["adapter"] == str(out)
+    capsys.readouterr()
+    assert main(["eval", "--base-only", "--model", str(model_dir), "--task", "sentiment", "--limit", "4",
+                 "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["adapter"] is None
+
+
+def test_recipe_and_flags(setup, capsys):
+    tmp_path, model_dir = setup
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {model_dir}\ntask: sentiment\nmax_steps: 1\nbatch_size: 2\nbottleneck: 2\n"
+                      "max_length: 64\nprogress: false\neval_every: 1\n")
+    assert main(["train", "--recipe", str(recipe), "--out", str(tmp_path / "r"), "--bottleneck", "3"]) == 0
+    saved = json.loads((tmp_path / "r" / "train_config.json").read_text())
+    assert saved["bottleneck"] == 3 and saved["max_steps"] == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--task", "nope", "--out", "x"], "unknown task 'nope'"),
+    (["eval", "--task", "sentiment"], "--adapter"),
+    (["eval", "--adapter", "missing-dir", "--task", "sentiment"], "no adapter at missing-dir"),
+    (["train", "--model", "no/such/model", "--task", "sentiment", "--out", "x"], "no/such/model"),
+])
+def test_bad_input_is_one_clear_line(setup, capsys, argv, message, monkeypatch):
+    tmp_path, model_dir = setup
+    monkeypatch.chdir(tmp_path)
+    if argv[0] == "eval" and "--model" not in argv:
+        argv = argv + ["--model", str(model_dir)]
+    if argv[0] == "train" and "--model" not in argv:
+        argv = argv + ["--model", str(model_dir)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
