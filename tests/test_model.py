@@ -17,11 +17,17 @@ ATOL = 2e-5
 def iapt(family: str, seed: int = 0, **cfg) -> IAPTModel:
     cfg.setdefault("bottleneck", 8)
     model = get_iapt_model(make_base(family, seed), IAPTConfig(**cfg))
-    # Make the soft tokens matter: default init gives small prompts; scale the up-projection up.
+    randomize_up_projections(model)
+    return model
+
+
+def randomize_up_projections(model: IAPTModel) -> None:
+    """The up-projection starts at zero (constant soft tokens); give it weights so tokens depend on the input."""
     with torch.no_grad():
         for gen in model.generators.values():
-            gen.up.weight.mul_(4.0)
-    return model
+            torch.nn.init.normal_(gen.up.weight, std=1.0)
+            if gen.up.bias is not None:
+                torch.nn.init.normal_(gen.up.bias, std=0.5)
 
 
 def count_generator_calls(model: IAPTModel) -> list[int]:
@@ -46,6 +52,17 @@ def test_left_padded_batch_matches_each_row_alone(family):
             torch.testing.assert_close(batch_logits[i, -len(row):], alone, atol=ATOL, rtol=1e-4)
 
 
+def test_fresh_generators_write_zero_soft_tokens(family):
+    """Zero-initialised up-projections: a new adapter starts from constant (zero) soft tokens, not noise."""
+    model = get_iapt_model(make_base(family), IAPTConfig(bottleneck=8))
+    ids, mask, _ = left_padded_batch()
+    outputs = []
+    for gen in model.generators.values():
+        gen.register_forward_hook(lambda _m, _a, out: outputs.append(out))
+    model(ids, attention_mask=mask)
+    assert outputs and all(torch.equal(o, torch.zeros_like(o)) for o in outputs)
+
+
 def test_soft_tokens_change_the_output(family):
     """Guards the tests above against a no-op: the generators really steer the backbone."""
     model = iapt(family)
@@ -67,8 +84,11 @@ def test_greedy_generation_cache_no_cache_and_rows_alone_agree(family):
     assert torch.equal(cached[:, : ids.shape[1]], ids), "generate returns the prompt first, without slots"
     assert torch.equal(cached, uncached)
     for i, row in enumerate(rows):
-        alone = model.generate(input_ids=row.unsqueeze(0), max_new_tokens=8, do_sample=False)
-        assert torch.equal(cached[i, -(len(row) + 8):], alone[0])
+        alone = model.generate(input_ids=row.unsqueeze(0), max_new_tokens=8, do_sample=False)[0]
+        in_batch = cached[i, -(len(row) + 8):]
+        # a row that hits EOS early stops alone, and is padded in the batch
+        assert torch.equal(in_batch[: len(alone)], alone)
+        assert (in_batch[len(alone):] == model.config.pad_token_id).all()
 
 
 def test_generators_run_at_prefill_only(family):

@@ -9,12 +9,15 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 from iapt import IAPTConfig, IAPTModel, get_iapt_model
+from tests.test_model import randomize_up_projections
 from tests.tiny import VOCAB, left_padded_batch, make_base
 
 
 @pytest.fixture
 def model() -> IAPTModel:
-    return get_iapt_model(make_base("llama"), IAPTConfig(bottleneck=8))
+    model = get_iapt_model(make_base("llama"), IAPTConfig(bottleneck=8))
+    randomize_up_projections(model)
+    return model
 
 
 def test_beam_search_and_multiple_return_sequences(model):
@@ -80,6 +83,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.manual_seed(0)
         for g in model.generators.values():
             g.reset_parameters()
+        randomize_up_projections(model)
         model.train()
         if checkpointing:
             model.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -95,10 +95,15 @@ class PromptGenerator(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # Default Linear init keeps Z and P at O(1) scale; queries of std 1/sqrt(r) start the pooling
-        # close to a mean over the instruction, from which each query learns what to attend to.
+        # The up-projection starts at zero (as LoRA's B): soft tokens of any random direction wreck a
+        # pretrained model, since the layer's own norm rescales them to full size whatever their length
+        # (SmolLM2-135M, 16 sentiment examples: loss 2.02 bare, 16.5 with random soft tokens, 2.36 with
+        # zero ones). Z keeps the default Linear scale; queries of std 1/sqrt(r) start the pooling close
+        # to a mean over the instruction, from which each query learns what to attend to.
         self.down.reset_parameters()
-        self.up.reset_parameters()
+        nn.init.zeros_(self.up.weight)
+        if self.up.bias is not None:
+            nn.init.zeros_(self.up.bias)
         nn.init.normal_(self.queries, std=1.0 / math.sqrt(self.queries.shape[0]))
         self.activation.reset_parameters()
 

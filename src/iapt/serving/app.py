@@ -1,0 +1,533 @@
+"""OpenAI-compatible HTTP front of the engine, multi-adapter the way vLLM serves LoRAs.
+
+``model`` in a request names the adapter (or the base model). The engine runs in one background thread
+that owns the model; handlers submit requests and receive events through ``loop.call_soon_threadsafe``
+into an asyncio queue, so no request ever blocks the event loop or another request. What protects the
+server under load: a bounded queue (429 + Retry-After), limits on prompt length and ``max_tokens``
+(400), validation before anything reaches the model, a disconnected client's request cancelled (its batch
+row freed), and the engine isolating a failing prefill to the request that caused it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from pydantic import BaseModel, ConfigDict, Field
+
+from iapt.serving.auth import KeyRing, Principal
+from iapt.serving.engine import Engine, Event, QueueFull, Request, RequestHandle, UnknownAdapter
+
+logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------ errors
+class APIError(Exception):
+    """An error answered in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.headers = status, message, kind, headers
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.kind, "param": None, "code": self.status}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+# ------------------------------------------------------------------------------------------ bodies
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # accept (and ignore) OpenAI fields we do not implement
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    logprobs: Any = None
+    ignore_eos: bool = False  # vLLM's extension; handy for benchmarks
+
+
+class CompletionBody(_Body):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    echo: bool = False
+    best_of: int | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatBody(_Body):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+
+
+class LoadAdapterBody(BaseModel):
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadAdapterBody(BaseModel):
+    lora_name: str = Field(min_length=1)
+
+
+# ------------------------------------------------------------------------------------------ text
+class _Text:
+    """Incremental detokenization of one choice, with OpenAI ``stop`` strings.
+
+    Text is held back while it could still be the start of a stop string or ends in a partial UTF-8
+    character, so a stream never shows what the final text will not contain.
+    """
+
+    def __init__(self, tokenizer: Any, stop: list[str]) -> None:
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.tokens: list[int] = []
+        self.text, self.sent, self.finish_reason = "", 0, None
+
+    def add(self, token: int) -> str:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        cuts = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if cuts:
+            self.text, self.finish_reason = text[: min(cuts)], "stop"
+            return self.flush()
+        self.text = text
+        safe = len(text.rstrip("\ufffd")) - self.hold
+        out = text[self.sent: max(safe, self.sent)]
+        self.sent += len(out)
+        return out
+
+    def flush(self) -> str:
+        out = self.text[self.sent:]
+        self.sent = len(self.text)
+        return out
+
+
+# ------------------------------------------------------------------------------------------ metrics
+class _EngineCollector:
+    """Read the engine's numbers at scrape time (queue length, batch size, tokens/s, totals)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self):  # noqa: ANN201 (prometheus protocol)
+        s = self.engine.stats()
+        yield GaugeMetricFamily("iapt_queue_length", "Requests waiting for a batch row", value=s["waiting"])
+        yield GaugeMetricFamily("iapt_batch_size", "Requests being decoded in the running batch", value=s["running"])
+        yield GaugeMetricFamily("iapt_tokens_per_second", "Generated tokens per second, last 10 s",
+                                value=s["tokens_per_second"])
+        yield GaugeMetricFamily("iapt_adapters_loaded", "Adapters in the registry", value=s["adapters"])
+        yield CounterMetricFamily("iapt_generated_tokens", "Tokens generated since start", value=s["tokens_generated"])
+
+
+# ------------------------------------------------------------------------------------------ app
+def create_app(
+    engine: Engine,
+    keys: KeyRing | None = None,
+    *,
+    max_prompt_tokens: int = 2048,
+    max_tokens_limit: int = 1024,
+    max_n: int = 8,
+    manage_engine: bool = True,
+) -> FastAPI:
+    """The FastAPI app. With ``manage_engine`` its lifespan starts and stops the engine's thread."""
+    keys = keys or KeyRing(None)
+    tokenizer = engine.tokenizer
+    if tokenizer is None:
+        raise ValueError("the HTTP server needs the engine's tokenizer (Engine(model, tokenizer, ...))")
+    registry = CollectorRegistry()
+    registry.register(_EngineCollector(engine))
+    requests_total = Counter("iapt_requests", "Completion requests by tenant, model and HTTP status",
+                             ["tenant", "model", "status"], registry=registry)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if manage_engine:
+            engine.start()
+        try:
+            yield
+        finally:
+            if manage_engine:
+                engine.stop()
+
+    app = FastAPI(title="iapt serve", lifespan=lifespan)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: HTTPRequest, exc: APIError) -> JSONResponse:
+        _count(request, exc.status)
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: HTTPRequest, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}"
+                             for e in exc.errors())
+        _count(request, 400)
+        return APIError(400, f"invalid request: {problems}").response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: HTTPRequest, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s", request.url.path)
+        _count(request, 500)
+        return APIError(500, f"internal error: {type(exc).__name__}", "server_error").response()
+
+    def _count(request: HTTPRequest, status: int) -> None:
+        if request.url.path in ("/v1/completions", "/v1/chat/completions"):
+            tenant = getattr(request.state, "tenant", "unauthenticated")
+            requests_total.labels(tenant, getattr(request.state, "model", "unknown"), str(status)).inc()
+
+    def _auth(request: HTTPRequest, admin: bool = False) -> Principal:
+        principal = keys.authenticate(request.headers.get("authorization"))
+        if principal is None:
+            raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer KEY')",
+                           "authentication_error")
+        request.state.tenant = principal.tenant
+        if admin and not principal.admin:
+            raise APIError(403, "this needs an admin key", "permission_error")
+        return principal
+
+    def _check_model(request: HTTPRequest, principal: Principal, model: str) -> str | None:
+        """Resolve ``model``: None for the base, else the adapter name; 404 unknown, 403 not yours."""
+        is_base = model in engine.base_names
+        if not is_base and model not in engine.adapters:
+            raise APIError(404, f"the model {model!r} does not exist", "not_found_error")
+        request.state.model = model
+        if not principal.may_use(model, is_base):
+            raise APIError(403, f"your API key may not use the model {model!r}", "permission_error")
+        return None if is_base else model
+
+    def _check_common(body: _Body, prompts: list[list[int]], adapter: str | None, chat: bool) -> int:
+        """Limits (400) and unsupported options; returns max_tokens."""
+        if body.logprobs not in (None, False, 0):
+            raise APIError(400, "logprobs are not supported by this server")
+        if body.n > max_n:
+            raise APIError(400, f"n={body.n} is above this server's limit of {max_n}")
+        for p in prompts:
+            if not p:
+                raise APIError(400, "the prompt is empty")
+            if len(p) > max_prompt_tokens:
+                raise APIError(400, f"the prompt has {len(p)} tokens; this server accepts at most {max_prompt_tokens}")
+        max_tokens = body.max_completion_tokens if chat and body.max_completion_tokens is not None else body.max_tokens
+        if max_tokens is None:
+            max_tokens = max_tokens_limit if chat else 16
+            if chat and engine.max_positions:  # chat: as much as the context allows, like vLLM
+                slots = engine.adapters[adapter].config.num_soft_tokens if adapter else 0
+                room = engine.max_positions - slots - max(len(p) for p in prompts)
+                max_tokens = max(1, min(max_tokens, room))
+        if max_tokens < 1:
+            raise APIError(400, "max_tokens must be at least 1")
+        if max_tokens > max_tokens_limit:
+            raise APIError(400, f"max_tokens={max_tokens} is above this server's limit of {max_tokens_limit}")
+        return max_tokens
+
+    def _encode_prompts(prompt: Any) -> list[list[int]]:
+        items = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else list(prompt)
+        if not items:
+            raise APIError(400, "the prompt is empty")
+        return [_tokenize(p) if isinstance(p, str) else list(p) for p in items]
+
+    def _tokenize(text: str, special: bool = True) -> list[int]:
+        if tokenizer is None:
+            raise APIError(400, "this server has no tokenizer: send token ids")
+        return list(tokenizer(text, add_special_tokens=special).input_ids)
+
+    async def _generate(request: HTTPRequest, body: _Body, prompts: list[list[int]], adapter: str | None,
+                        chat: bool) -> Response:
+        max_tokens = _check_common(body, prompts, adapter, chat)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+
+        def listener(i: int):
+            return lambda event: loop.call_soon_threadsafe(events.put_nowait, (i, event))
+
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        engine_requests = [
+            Request(p, adapter, max_tokens, body.temperature, body.top_p,
+                    None if body.seed is None else body.seed + j, ignore_eos=body.ignore_eos,
+                    on_event=listener(k * body.n + j))
+            for k, p in enumerate(prompts) for j in range(body.n)
+        ]
+        try:
+            handles = engine.submit_many(engine_requests)
+        except QueueFull as exc:
+            raise APIError(429, str(exc), "rate_limit_error",
+                           {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}) from None
+        except UnknownAdapter as exc:
+            raise APIError(404, str(exc), "not_found_error") from None
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from None
+        texts = [_Text(tokenizer, stop) for _ in handles]
+        meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+                "model": body.model}
+        usage = {"prompt_tokens": sum(len(p) for p in prompts)}
+        _count(request, 200)
+        if body.stream:
+            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            return StreamingResponse(_stream(request, handles, texts, events, meta, usage, chat, include_usage),
+                                     media_type="text/event-stream")
+        try:
+            async for _ in _events(request, handles, texts, events):
+                pass
+        finally:
+            _cancel_unfinished(handles)
+        failed = next((h for h in handles if h.finish_reason == "error"), None)
+        if failed is not None:
+            raise APIError(500, f"generation failed: {failed.error}", "server_error")
+        choices = []
+        for i, (h, t) in enumerate(zip(handles, texts, strict=True)):
+            reason = t.finish_reason or _reason(h)
+            content = t.text
+            choices.append({"index": i, "message": {"role": "assistant", "content": content}, "logprobs": None,
+                            "finish_reason": reason} if chat else
+                           {"index": i, "text": content, "logprobs": None, "finish_reason": reason})
+        usage = _usage(usage, handles)
+        obj = "chat.completion" if chat else "text_completion"
+        return JSONResponse({**meta, "object": obj, "choices": choices, "usage": usage})
+
+    async def _events(request: HTTPRequest, handles: list[RequestHandle], texts: list[_Text],
+                      events: asyncio.Queue) -> AsyncIterator[tuple[int, str, str | None, str | None]]:
+        """Yield (choice, new text, finish reason, error) until every choice is done; polls for disconnects."""
+        done = [False] * len(handles)
+        while not all(done):
+            try:
+                i, event = await asyncio.wait_for(events.get(), timeout=0.5)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    logger.info("client went away; cancelling %d request(s)", len(handles))
+                    return
+                continue
+            if done[i]:
+                continue
+            t = texts[i]
+            if event.token is not None:
+                piece = t.add(event.token)
+                if t.finish_reason:  # a stop string: free the row now
+                    handles[i].cancel()
+                    done[i] = True
+                    yield i, piece, "stop", None
+                elif piece:
+                    yield i, piece, None, None
+            else:
+                done[i] = True
+                yield i, t.flush(), _reason_of(event.finish_reason), event.error
+
+    async def _stream(request: HTTPRequest, handles: list[RequestHandle], texts: list[_Text],
+                      events: asyncio.Queue, meta: dict, usage: dict, chat: bool,
+                      include_usage: bool) -> AsyncIterator[str]:
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(i: int, text: str | None, reason: str | None, first: bool = False) -> str:
+            if chat:
+                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+                choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
+            else:
+                choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": reason}
+            return _sse({**meta, "object": obj, "choices": [choice]})
+
+        try:
+            if chat:
+                for i in range(len(handles)):
+                    yield chunk(i, None, None, first=True)
+            async for i, piece, reason, error in _events(request, handles, texts, events):
+                if error is not None:
+                    yield _sse({"error": {"message": f"generation failed: {error}", "type": "server_error",
+                                          "param": None, "code": 500}})
+                    return
+                if piece or reason:
+                    yield chunk(i, piece, reason)
+            if include_usage:
+                yield _sse({**meta, "object": obj, "choices": [], "usage": _usage(usage, handles)})
+            yield "data: [DONE]\n\n"
+        finally:
+            _cancel_unfinished(handles)
+
+    # -------------------------------------------------------------------- routes
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok = engine.is_running or not manage_engine
+        return JSONResponse({"status": "ok" if ok else "engine stopped", **engine.stats()},
+                            status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics(request: HTTPRequest) -> Response:
+        if not keys.open:
+            _auth(request, admin=True)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models(request: HTTPRequest) -> JSONResponse:
+        principal = _auth(request)
+        created = int(time.time())
+        data = []
+        if principal.may_use(engine.base_name, True):
+            data.append({"id": engine.base_name, "object": "model", "created": created, "owned_by": "iapt",
+                         "root": engine.base_name, "parent": None})
+        for name, adapter in sorted(engine.adapters.items()):
+            if principal.may_use(name, False):
+                data.append({"id": name, "object": "model", "created": created, "owned_by": "iapt",
+                             "root": str(adapter.path), "parent": engine.base_name})
+        return JSONResponse({"object": "list", "data": data})
+
+    @app.post("/v1/completions")
+    async def completions(request: HTTPRequest, body: CompletionBody) -> Response:
+        principal = _auth(request)
+        adapter = _check_model(request, principal, body.model)
+        if body.echo or (body.best_of or 1) > 1:
+            raise APIError(400, "echo and best_of > 1 are not supported by this server")
+        return await _generate(request, body, _encode_prompts(body.prompt), adapter, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HTTPRequest, body: ChatBody) -> Response:
+        principal = _auth(request)
+        adapter = _check_model(request, principal, body.model)
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise APIError(400, "this model has no chat template; use /v1/completions")
+        messages = [{"role": m.role, "content": _content(m.content)} for m in body.messages]
+        try:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # a template may reject role orders etc.
+            raise APIError(400, f"the chat template rejected the messages: {exc}") from None
+        return await _generate(request, body, [_tokenize(text, special=False)], adapter, chat=True)
+
+    @app.post("/v1/load_adapter")
+    async def load_adapter(request: HTTPRequest, body: LoadAdapterBody) -> JSONResponse:
+        _auth(request, admin=True)
+        try:
+            await asyncio.to_thread(engine.load_adapter, body.lora_name, Path(body.lora_path))
+        except (ValueError, FileNotFoundError, OSError) as exc:
+            raise APIError(400, f"adapter {body.lora_name!r} not loaded: {exc}") from None
+        return JSONResponse({"status": "loaded", "name": body.lora_name})
+
+    @app.post("/v1/unload_adapter")
+    async def unload_adapter(request: HTTPRequest, body: UnloadAdapterBody) -> JSONResponse:
+        _auth(request, admin=True)
+        try:
+            engine.unload_adapter(body.lora_name)
+        except UnknownAdapter as exc:
+            raise APIError(404, str(exc), "not_found_error") from None
+        return JSONResponse({"status": "unloaded", "name": body.lora_name})
+
+    return app
+
+
+def _content(content: str | list[dict[str, Any]] | None) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    if any(part.get("type") != "text" for part in content):
+        raise APIError(400, "only text content parts are supported")
+    return "".join(str(part.get("text", "")) for part in content)
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def _reason_of(engine_reason: str | None) -> str | None:
+    return {"cancelled": "abort", "error": "error"}.get(engine_reason or "", engine_reason)
+
+
+def _reason(handle: RequestHandle) -> str | None:
+    return _reason_of(handle.finish_reason)
+
+
+def _usage(usage: dict, handles: list[RequestHandle]) -> dict:
+    completion = sum(len(h.tokens) for h in handles)
+    return {**usage, "completion_tokens": completion, "total_tokens": usage["prompt_tokens"] + completion}
+
+
+def _cancel_unfinished(handles: list[RequestHandle]) -> None:
+    for h in handles:
+        if not h.finished:
+            h.cancel()
+
+
+# ------------------------------------------------------------------------------------------ running
+class BackgroundServer:
+    """Serve an app with uvicorn in a thread on ``host`` (an ephemeral port by default); for tests and benchmarks.
+
+    ``with BackgroundServer(app) as server: OpenAI(base_url=server.url + "/v1", api_key=...)``
+    """
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> None:
+        import uvicorn
+
+        self.host = host
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind((host, port))
+        self.port = self._socket.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._socket]}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def __enter__(self) -> BackgroundServer:
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self._thread.join(15)
+        self._socket.close()
+
+
+def serve(
+    model: str = "default",
+    adapters_dir: str | Path | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    keys_file: str | Path | None = None,
+    max_batch_size: int = 32,
+    max_queue: int = 256,
+    max_prompt_tokens: int = 2048,
+    max_tokens_limit: int = 1024,
+    dtype: str = "float32",
+    log_level: str = "info",
+) -> None:
+    """Load the backbone and every adapter under ``adapters_dir``, then serve the OpenAI-compatible API."""
+    import uvicorn
+
+    from iapt.models import load_model
+
+    keys = KeyRing.from_file(keys_file) if keys_file else KeyRing(None)
+    if keys.open and host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("no --keys file: the API is open to anyone who can reach %s:%d", host, port)
+    base, tokenizer = load_model(model, dtype=dtype)
+    engine = Engine(base, tokenizer, adapters_dir, base_name=model, max_batch_size=max_batch_size,
+                    max_queue=max_queue)
+    for name, error in engine.load_errors.items():
+        logger.warning("adapter %s not loaded: %s", name, error)
+    app = create_app(engine, keys, max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level)
+    finally:
+        engine.close()

@@ -1,0 +1,730 @@
+"""One frozen backbone, many tenants' IAPT adapters, continuous batching across tenants.
+
+Why this shape. IAPT's adapter work happens only at prefill: each layer's generator reads the instruction
+and writes ``n`` soft tokens into reserved slots; after that the slots' keys and values sit in the KV cache
+and decoding is the bare backbone's. So a multi-tenant engine needs two things:
+
+* a prefill that runs *each row's own* generators: the generator weights of every loaded adapter are
+  stacked into an :class:`AdapterBank` (one tensor per weight and layer, leading dim = adapter index), a
+  batch gathers the rows' adapters by index and calls :func:`iapt.generator.soft_prompts` once per layer
+  for the whole batch (once per pooling mode, in practice once), never once per tenant;
+* a decode loop that is plain batched decoding over a shared ``DynamicCache``, rows of any tenant mixed.
+
+Rows are left-padded and carry their own attention mask; position ids come from that mask, so a row sees
+exactly the positions it would see alone and its output never depends on its neighbours. Layout of a
+prefill row: ``[N slots | left padding | prompt]`` where N is the largest slot count in that prefill; a row
+whose adapter has n < N slots masks the others out, and a base-model row masks all of them out, which is
+the bare backbone exactly (masked keys get zero attention and do not count towards positions).
+
+Continuous batching: new requests are prefilled as their own small batch between decode steps, then their
+cache is merged into the running one (left-padded along the sequence dim, concatenated along the batch
+dim); finished or cancelled rows are evicted with ``index_select`` and the all-padding columns on the left
+are trimmed. See README.md next to this file for why transformers' own continuous batching (paged cache)
+is not used.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+from transformers import DynamicCache, PreTrainedModel
+
+from iapt.adapters import adapter_type, resolve_adapter_dir
+from iapt.config import WEIGHTS_NAME, IAPTConfig
+from iapt.generator import PromptGenerator, soft_prompts
+from iapt.model import _check_base, _check_compatible, _find_layers, _text_config
+
+logger = logging.getLogger(__name__)
+
+_WEIGHTS = ("down_weight", "down_bias", "queries", "numerator", "denominator", "up_weight", "up_bias")
+
+
+# ------------------------------------------------------------------------------------------ errors
+class QueueFull(RuntimeError):
+    """The waiting queue is at ``max_queue``: retry later (HTTP 429)."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class UnknownAdapter(KeyError):
+    """No adapter of that name is loaded (HTTP 404)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown adapter"
+
+
+# ------------------------------------------------------------------------------------------ adapters
+@dataclass
+class Adapter:
+    """One tenant's IAPT adapter, read from disk: its config and per-layer generator weights (float32)."""
+
+    name: str
+    path: Path
+    config: IAPTConfig
+    layers: dict[int, dict[str, torch.Tensor]]  # layer index -> _WEIGHTS (biases may be None)
+
+
+def read_adapter(base_model: PreTrainedModel, path: str | Path, name: str | None = None) -> Adapter:
+    """Read and validate an IAPT adapter folder for ``base_model``, without touching the model.
+
+    Uses the same checks as ``IAPTModel.from_pretrained`` (same base architecture, hidden size and layer
+    count; weights matching the config) but installs no hooks, so it is safe while another thread runs
+    the backbone.
+    """
+    directory = resolve_adapter_dir(path)
+    kind = adapter_type(directory)
+    if kind != "IAPT":
+        raise ValueError(f"adapter {directory} is a {kind} adapter; this server serves IAPT adapters only")
+    config = IAPTConfig.load(directory)
+    _check_compatible(config, base_model, directory)
+    text_config = _text_config(base_model)
+    num_layers = text_config.num_hidden_layers
+    layer_ids = list(range(num_layers)) if config.layers is None else sorted(set(config.layers))
+    if any(not 0 <= i < num_layers for i in layer_ids):
+        raise ValueError(f"adapter {directory} has generators at layers {layer_ids}, the base has {num_layers}")
+    weights_file = directory / WEIGHTS_NAME
+    if not weights_file.is_file():
+        raise FileNotFoundError(f"adapter weights {weights_file} are missing")
+    try:
+        state = load_file(str(weights_file))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"adapter weights {weights_file} are corrupt or unreadable: {exc}") from None
+    generators = nn.ModuleDict({str(i): PromptGenerator(text_config.hidden_size, config) for i in layer_ids})
+    try:
+        generators.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"adapter weights {weights_file} do not match its config: {exc}") from None
+    layers = {}
+    for i in layer_ids:
+        g = generators[str(i)]
+        layers[i] = {
+            "down_weight": g.down.weight.detach(), "down_bias": _detach(g.down.bias),
+            "queries": g.queries.detach(),
+            "numerator": g.activation.numerator.detach(), "denominator": g.activation.denominator.detach(),
+            "up_weight": g.up.weight.detach(), "up_bias": _detach(g.up.bias),
+        }
+    name = name or (directory.parent.name if directory.name == "adapter" else directory.name)
+    return Adapter(name, directory, config, layers)
+
+
+def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
+
+
+class AdapterBank:
+    """Every loaded adapter's generator weights, stacked per layer so a batch gathers them by index.
+
+    Index 0 is "no adapter" (the bare backbone). Adapters may differ in bottleneck r, slot count n and
+    which layers have a generator: weights are zero-padded to the largest r and n, which is exact (padded
+    bottleneck channels are zero going in and have zero up-projection weights going out; padded soft
+    tokens land on slots the row masks out), and ``present`` says which rows have a generator at a layer.
+    """
+
+    def __init__(self, adapters: Sequence[Adapter], hidden_size: int, num_layers: int, device: torch.device) -> None:
+        self.names = [a.name for a in adapters]
+        self.index = {name: i + 1 for i, name in enumerate(self.names)}
+        count = len(adapters) + 1
+        self.num_slots = torch.tensor([0] + [a.config.num_soft_tokens for a in adapters], device=device)
+        self.modes = [("attention", True)] + [(a.config.pooling, a.config.input_norm) for a in adapters]
+        r = max([a.config.bottleneck for a in adapters], default=1)
+        n = max([a.config.num_soft_tokens for a in adapters], default=1)
+        d = hidden_size
+        shapes = {"down_weight": (r, d), "down_bias": (r,), "queries": (r, n), "numerator": (7,),
+                  "denominator": (5,), "up_weight": (d, r), "up_bias": (d,)}
+        self.layers: list[dict[str, torch.Tensor]] = []
+        for layer in range(num_layers):
+            stacked = {k: torch.zeros((count, *s), dtype=torch.float32) for k, s in shapes.items()}
+            present = torch.zeros(count, dtype=torch.bool)
+            for a_idx, adapter in enumerate(adapters, start=1):
+                weights = adapter.layers.get(layer)
+                if weights is None:
+                    continue
+                present[a_idx] = True
+                for key, value in weights.items():
+                    if value is not None:
+                        stacked[key][(a_idx, *(slice(0, s) for s in value.shape))] = value
+            self.layers.append({**{k: v.to(device) for k, v in stacked.items()}, "present": present.to(device)})
+
+    def soft_prompts(
+        self, layer: int, adapter_index: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, num_slots: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Soft tokens ``(B, num_slots, d)`` of ``layer`` for rows using adapters ``adapter_index`` ``(B,)``.
+
+        One ``soft_prompts`` call for the whole batch (one per distinct pooling mode). Also returns which
+        rows have a generator at this layer; the others keep their slots' hidden states.
+        """
+        bank = self.layers[layer]
+        present = bank["present"].index_select(0, adapter_index)
+        out = hidden.new_zeros(hidden.shape[0], num_slots, hidden.shape[-1], dtype=torch.float32)
+        modes = [self.modes[i] for i in adapter_index.tolist()]
+        for mode in dict.fromkeys(modes):
+            rows = torch.tensor([i for i, m in enumerate(modes) if m == mode], device=hidden.device)
+            idx = adapter_index.index_select(0, rows)
+            w = {k: bank[k].index_select(0, idx) for k in _WEIGHTS}
+            w["queries"] = w["queries"][..., :num_slots]
+            out[rows] = soft_prompts(
+                hidden.index_select(0, rows), mask.index_select(0, rows), w["down_weight"], w["down_bias"],
+                w["queries"], w["numerator"], w["denominator"], w["up_weight"], w["up_bias"],
+                pooling=mode[0], input_norm=mode[1],
+            )
+        return out, present
+
+
+# ------------------------------------------------------------------------------------------ requests
+@dataclass
+class Request:
+    """What to generate. ``adapter=None`` (or the base model's name) runs the bare backbone."""
+
+    prompt: list[int]
+    adapter: str | None = None
+    max_tokens: int = 16
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: Sequence[int] = ()
+    ignore_eos: bool = False
+    on_event: Callable[[Event], None] | None = None  # called from the engine thread; must not block
+
+
+@dataclass
+class Event:
+    """A new token, or the end of a request (``finish_reason`` set: stop, length, cancelled or error)."""
+
+    token: int | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class RequestHandle:
+    """The caller's side of a submitted request: its tokens so far, events, cancel()."""
+
+    id: int
+    request: Request
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+    submitted: float = field(default_factory=time.monotonic)
+    _events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, repr=False)
+    _done: threading.Event = field(default_factory=threading.Event, repr=False)
+    _cancel: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self._done.is_set()
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request; its batch slot is freed before the next decode step."""
+        self._cancel = True
+
+    def events(self, timeout: float | None = None) -> Iterator[Event]:
+        """Blocking iterator over this request's events, ending with the final one."""
+        while True:
+            event = self._events.get(timeout=timeout)
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    def wait(self, timeout: float | None = None) -> RequestHandle:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
+        return self
+
+    def _emit(self, event: Event) -> None:
+        if event.token is not None:
+            self.tokens.append(event.token)
+        else:
+            self.finish_reason, self.error = event.finish_reason, event.error
+        self._events.put(event)
+        if event.finish_reason is not None:
+            self._done.set()
+        if self.request.on_event is not None:
+            try:
+                self.request.on_event(event)
+            except Exception:  # a broken listener must not take the engine down
+                logger.exception("on_event callback of request %d failed", self.id)
+
+
+@dataclass
+class _Running:
+    """The rows being decoded: their handles, shared cache, attention mask and last tokens."""
+
+    handles: list[RequestHandle]
+    cache: DynamicCache
+    mask: torch.Tensor  # (B, L) over everything in the cache
+    last: torch.Tensor  # (B,) token fed at the next decode step
+    generators: list[torch.Generator | None]
+
+
+# ------------------------------------------------------------------------------------------ engine
+class Engine:
+    """Serve many IAPT adapters on one frozen backbone with continuous batching across tenants.
+
+    Use it from Python directly::
+
+        engine = Engine(base_model, tokenizer, "adapters/")
+        handles = engine.generate_many([Request(ids, adapter="alice"), Request(ids2, adapter=None)])
+        handles[0].tokens, handles[0].finish_reason
+
+    or run it in a background thread (``start()``) and ``submit()`` from any thread; that is what the HTTP
+    server does. Only the engine's thread touches the model.
+    """
+
+    def __init__(
+        self,
+        base_model: PreTrainedModel,
+        tokenizer: Any = None,
+        adapters_dir: str | Path | None = None,
+        *,
+        base_name: str | None = None,
+        max_batch_size: int = 32,
+        max_queue: int = 256,
+        layers_path: str | None = None,
+    ) -> None:
+        _check_base(base_model)
+        self.model = base_model.eval()
+        self.tokenizer = tokenizer
+        text_config = _text_config(base_model)
+        self.hidden_size, self.num_layers = text_config.hidden_size, text_config.num_hidden_layers
+        self.vocab_size = base_model.get_input_embeddings().weight.shape[0]
+        self.max_positions = getattr(text_config, "max_position_embeddings", None) or getattr(
+            text_config, "n_positions", None)
+        self.device = base_model.get_input_embeddings().weight.device
+        self.base_name = base_name or getattr(base_model.config, "name_or_path", "") or "base"
+        self.base_names = {self.base_name, getattr(base_model.config, "name_or_path", "") or self.base_name}
+        self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        pad = getattr(text_config, "pad_token_id", None)
+        self.slot_token_id = pad if isinstance(pad, int) else 0  # what IAPTModel puts in its slots
+        self.pad_token_id = self.slot_token_id
+        self.eos_token_ids = _eos_ids(base_model, tokenizer)
+
+        self._adapters: dict[str, Adapter] = {}
+        self.bank = AdapterBank([], self.hidden_size, self.num_layers, self.device)
+        self.load_errors: dict[str, str] = {}
+        self._lock = threading.RLock()  # guards the queue, the registry and the bank
+        self._wake = threading.Condition(self._lock)
+        self._waiting: collections.deque[RequestHandle] = collections.deque()
+        self._running: _Running | None = None
+        self._ids = itertools.count(1)
+        # Set only during an engine prefill: (thread, bank, adapter index per row, pooling mask, slot count N).
+        self._prefill: tuple[int, AdapterBank, torch.Tensor, torch.Tensor, int] | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._paused = threading.Event()
+        self._token_times: collections.deque[tuple[float, int]] = collections.deque()
+        self.tokens_generated = 0
+        self.requests_finished = 0
+
+        layers = _find_layers(base_model, IAPTConfig(layers_path=layers_path))
+        self._hooks = [layer.register_forward_pre_hook(self._make_hook(i), with_kwargs=True)
+                       for i, layer in enumerate(layers)]
+        if adapters_dir is not None:
+            self.load_adapters_dir(adapters_dir)
+
+    # -------------------------------------------------------------------- registry
+    def load_adapters_dir(self, adapters_dir: str | Path) -> dict[str, str]:
+        """Load every adapter subfolder; a bad one is skipped and reported in ``load_errors``."""
+        root = Path(adapters_dir)
+        if not root.is_dir():
+            raise FileNotFoundError(f"adapters folder {root} does not exist")
+        for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            try:
+                self.load_adapter(sub.name, sub)
+            except (ValueError, FileNotFoundError, OSError) as exc:
+                self.load_errors[sub.name] = str(exc)
+                logger.warning("skipping adapter %s: %s", sub, exc)
+        return dict(self.load_errors)
+
+    def load_adapter(self, name: str, path: str | Path) -> Adapter:
+        """Load an adapter at run time; raises ValueError (wrong base, bad files, name taken) and keeps serving."""
+        if not name or name in self.base_names:
+            raise ValueError(f"adapter name {name!r} is empty or is the base model's name")
+        adapter = read_adapter(self.model, path, name)  # outside the lock: file I/O
+        with self._lock:
+            if name in self._adapters:
+                raise ValueError(f"an adapter named {name!r} is already loaded; unload it first")
+            self._adapters[name] = adapter
+            self._rebuild_bank()
+        self.load_errors.pop(name, None)
+        return adapter
+
+    def unload_adapter(self, name: str) -> None:
+        """Forget an adapter. Its running requests finish (decoding needs no adapter); queued ones fail."""
+        with self._lock:
+            if name not in self._adapters:
+                raise UnknownAdapter(f"no adapter named {name!r} is loaded")
+            del self._adapters[name]
+            self._rebuild_bank()
+
+    def _rebuild_bank(self) -> None:
+        self.bank = AdapterBank(list(self._adapters.values()), self.hidden_size, self.num_layers, self.device)
+
+    @property
+    def adapters(self) -> dict[str, Adapter]:
+        with self._lock:
+            return dict(self._adapters)
+
+    def has_model(self, name: str | None) -> bool:
+        return name is None or name in self.base_names or name in self._adapters
+
+    # -------------------------------------------------------------------- submit
+    def submit(self, request: Request, *, force: bool = False) -> RequestHandle:
+        """Queue a request (thread-safe). Raises ValueError (bad request), UnknownAdapter, QueueFull."""
+        self._validate(request)
+        with self._lock:
+            if not force and len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} waiting requests); retry later",
+                                retry_after=1.0)
+            handle = RequestHandle(next(self._ids), request)
+            self._waiting.append(handle)
+            self._wake.notify()
+        return handle
+
+    def submit_many(self, requests: Sequence[Request]) -> list[RequestHandle]:
+        """Queue several requests all or none (one HTTP call with several prompts)."""
+        for r in requests:
+            self._validate(r)
+        with self._lock:
+            if len(self._waiting) + len(requests) > self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} waiting requests); retry later")
+            return [self.submit(r) for r in requests]
+
+    def _validate(self, r: Request) -> None:
+        if r.adapter is not None and not self.has_model(r.adapter):
+            raise UnknownAdapter(f"no adapter named {r.adapter!r} is loaded")
+        if not r.prompt:
+            raise ValueError("the prompt is empty")
+        if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in r.prompt):
+            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
+        if r.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        if r.temperature < 0 or not 0 < r.top_p <= 1:
+            raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+        adapter = self._adapters.get(r.adapter or "")
+        total = len(r.prompt) + r.max_tokens + (adapter.config.num_soft_tokens if adapter else 0)
+        if self.max_positions and total > self.max_positions:
+            raise ValueError(f"prompt ({len(r.prompt)} tokens) + max_tokens ({r.max_tokens}) exceeds the model's "
+                             f"context of {self.max_positions} positions")
+
+    # -------------------------------------------------------------------- running
+    def generate_many(self, requests: Sequence[Request | list[int] | str], timeout: float | None = None
+                      ) -> list[RequestHandle]:
+        """Run requests to completion and return their handles (``.tokens``, ``.finish_reason``).
+
+        Strings are tokenized with the engine's tokenizer; bare token lists use the base model. Steps the
+        engine in the caller's thread unless the background thread runs. The queue bound does not apply.
+        """
+        handles = [self.submit(self._as_request(r), force=True) for r in requests]
+        if self.is_running:
+            for h in handles:
+                h.wait(timeout)
+        else:
+            while not all(h.finished for h in handles):
+                self.step()
+        return handles
+
+    def _as_request(self, r: Request | list[int] | str) -> Request:
+        if isinstance(r, Request):
+            return r
+        if isinstance(r, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need the engine's tokenizer")
+            return Request(self.tokenizer(r).input_ids)
+        return Request(list(r))
+
+    def start(self) -> None:
+        """Run the engine loop in a daemon thread that owns the model."""
+        if self.is_running:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="iapt-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the loop; requests still queued or running end with finish_reason 'cancelled'."""
+        self._stop.set()
+        with self._wake:
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        with self._lock:
+            for h in list(self._waiting) + (self._running.handles if self._running else []):
+                h._emit(Event(finish_reason="cancelled", error="the server is shutting down"))
+            self._waiting.clear()
+            self._running = None
+
+    def pause(self) -> None:
+        """Hold the loop between steps (requests queue up); ``resume()`` continues."""
+        self._paused.set()
+
+    def resume(self) -> None:
+        self._paused.clear()
+        with self._wake:
+            self._wake.notify_all()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            with self._wake:
+                if self._paused.is_set() or (not self._waiting and self._running is None):
+                    self._wake.wait(timeout=0.1)
+                    continue
+            try:
+                self.step()
+            except Exception:  # step isolates request errors; this is a last resort that keeps serving
+                logger.exception("engine step failed")
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One scheduling round: drop cancelled requests, prefill newcomers into free rows, decode one token."""
+        with self._lock:
+            self._drop_cancelled()
+            free = self.max_batch_size - (len(self._running.handles) if self._running else 0)
+            admitted = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+            bank = self.bank
+        if admitted:
+            self._admit(admitted, bank)
+        if self._running is not None:
+            try:
+                self._decode()
+            except Exception as exc:  # cannot tell which row broke the shared forward: fail the batch
+                logger.exception("decode step failed")
+                for h in self._running.handles:
+                    h._emit(Event(finish_reason="error", error=f"decode failed: {exc}"))
+                self._running = None
+
+    def _drop_cancelled(self) -> None:
+        for h in [h for h in self._waiting if h._cancel]:
+            self._waiting.remove(h)
+            h._emit(Event(finish_reason="cancelled"))
+        if self._running is not None:
+            keep = [i for i, h in enumerate(self._running.handles) if not h._cancel]
+            for h in self._running.handles:
+                if h._cancel:
+                    h._emit(Event(finish_reason="cancelled"))
+            self._keep_rows(keep)
+
+    def _admit(self, handles: list[RequestHandle], bank: AdapterBank) -> None:
+        """Prefill newcomers as one batch; if that fails, alone, so one bad request fails only itself."""
+        ready = []
+        for h in handles:
+            name = h.request.adapter
+            if name is not None and name not in self.base_names and name not in bank.index:
+                h._emit(Event(finish_reason="error", error=f"adapter {name!r} was unloaded before the request ran"))
+            else:
+                ready.append(h)
+        if not ready:
+            return
+        try:
+            batch = self._prefill_batch(ready, bank)
+        except Exception:
+            if len(ready) == 1:
+                logger.exception("prefill of request %d failed", ready[0].id)
+                ready[0]._emit(Event(finish_reason="error", error="prefill failed"))
+                return
+            for h in ready:
+                self._admit([h], bank)
+            return
+        self._merge(batch)
+
+    def _prefill_batch(self, handles: list[RequestHandle], bank: AdapterBank) -> _Running:
+        names = [h.request.adapter for h in handles]
+        index = torch.tensor([bank.index.get(n, 0) if n is not None else 0 for n in names], device=self.device)
+        slots = bank.num_slots.index_select(0, index)
+        n_max = int(slots.max())
+        width = max(len(h.request.prompt) for h in handles)
+        batch = len(handles)
+        ids = torch.full((batch, n_max + width), self.slot_token_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros_like(ids)
+        for i, h in enumerate(handles):
+            p = h.request.prompt
+            ids[i, n_max + width - len(p):] = torch.tensor(p, device=self.device)
+            mask[i, n_max + width - len(p):] = 1
+            mask[i, : int(slots[i])] = 1  # this row's slots; the rest of the N are masked out
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        cache = DynamicCache()
+        self._prefill = (threading.get_ident(), bank, index, mask[:, n_max:], n_max) if n_max > 0 else None
+        try:
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                             use_cache=True, logits_to_keep=1)
+        finally:
+            self._prefill = None
+        gens = [_generator(h.request) for h in handles]
+        running = _Running(handles, cache, mask, torch.zeros(batch, dtype=torch.long, device=self.device), gens)
+        running.last = self._sample(out.logits[:, -1], running)
+        return running
+
+    def _make_hook(self, layer: int) -> Callable:
+        def before_layer(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            """At an engine prefill, write each row's soft tokens of this layer into its slots."""
+            state = self._prefill
+            if state is None or state[0] != threading.get_ident():  # not ours: another thread's forward
+                return None
+            _, bank, index, pool_mask, n = state
+            hidden = args[0] if args else kwargs["hidden_states"]
+            prompts, present = bank.soft_prompts(layer, index, hidden[:, n:], pool_mask, n)
+            slots = torch.where(present[:, None, None], prompts.to(hidden.dtype), hidden[:, :n])
+            hidden = torch.cat([slots, hidden[:, n:]], dim=1)
+            if args:
+                return (hidden, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hidden}
+
+        return before_layer
+
+    def _merge(self, new: _Running) -> None:
+        """Deliver the prefill's first tokens, then join the unfinished rows to the running batch."""
+        keep = self._deliver(new)
+        if not keep:
+            return
+        new = _select(new, keep)
+        old = self._running
+        if old is None:
+            self._running = new
+            return
+        length = max(old.mask.shape[1], new.mask.shape[1])
+        for lo, ln in zip(old.cache.layers, new.cache.layers, strict=True):
+            lo.keys = torch.cat([_pad_left(lo.keys, length), _pad_left(ln.keys, length)])
+            lo.values = torch.cat([_pad_left(lo.values, length), _pad_left(ln.values, length)])
+        old.mask = torch.cat([_pad_left(old.mask, length), _pad_left(new.mask, length)])
+        old.last = torch.cat([old.last, new.last])
+        old.handles += new.handles
+        old.generators += new.generators
+
+    def _decode(self) -> None:
+        run = self._running
+        run.mask = torch.cat([run.mask, run.mask.new_ones(run.mask.shape[0], 1)], dim=1)
+        positions = run.mask.sum(-1, keepdim=True) - 1
+        out = self.model(input_ids=run.last[:, None], attention_mask=run.mask, position_ids=positions,
+                         past_key_values=run.cache, use_cache=True)
+        run.last = self._sample(out.logits[:, -1], run)
+        self._keep_rows(self._deliver(run))
+
+    def _deliver(self, run: _Running) -> list[int]:
+        """Emit each row's new token; return the rows that go on."""
+        keep = []
+        now = time.monotonic()
+        for i, (h, token) in enumerate(zip(run.handles, run.last.tolist(), strict=True)):
+            h._emit(Event(token=token))
+            r = h.request
+            stop = (not r.ignore_eos and token in self.eos_token_ids) or token in r.stop_token_ids
+            if stop or len(h.tokens) >= r.max_tokens:
+                h._emit(Event(finish_reason="stop" if stop else "length"))
+                self.requests_finished += 1
+            elif h._cancel:
+                h._emit(Event(finish_reason="cancelled"))
+            else:
+                keep.append(i)
+        self.tokens_generated += len(run.handles)
+        self._token_times.append((now, len(run.handles)))
+        return keep
+
+    def _keep_rows(self, keep: list[int]) -> None:
+        run = self._running
+        if run is None or len(keep) == len(run.handles):
+            return
+        self._running = _select(run, keep) if keep else None
+
+    def _sample(self, logits: torch.Tensor, run: _Running) -> torch.Tensor:
+        """Greedy for temperature 0, else temperature + top-p sampling with each request's own generator."""
+        tokens = logits.argmax(-1)
+        for i, (h, g) in enumerate(zip(run.handles, run.generators, strict=True)):
+            r = h.request
+            if r.temperature == 0:
+                continue
+            probs = torch.softmax(logits[i].float() / r.temperature, -1)
+            if r.top_p < 1:
+                sorted_p, order = probs.sort(descending=True)
+                sorted_p[(sorted_p.cumsum(0) - sorted_p) >= r.top_p] = 0
+                probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+            tokens[i] = torch.multinomial(probs, 1, generator=g).item()
+        return tokens
+
+    # -------------------------------------------------------------------- stats
+    def stats(self) -> dict[str, Any]:
+        """Queue length, batch size, tokens/s over the last 10 s, totals: what /metrics exports."""
+        now = time.monotonic()
+        while self._token_times and now - self._token_times[0][0] > 10.0:
+            self._token_times.popleft()
+        window = sum(n for _, n in self._token_times)
+        span = now - self._token_times[0][0] if self._token_times else 0.0
+        running = self._running
+        return {
+            "waiting": len(self._waiting),
+            "running": len(running.handles) if running else 0,
+            "tokens_per_second": window / max(span, 1.0) if window else 0.0,
+            "tokens_generated": self.tokens_generated,
+            "requests_finished": self.requests_finished,
+            "adapters": len(self._adapters),
+        }
+
+    def close(self) -> None:
+        """Stop the loop and remove the engine's hooks: the backbone is bare again."""
+        self.stop()
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _pad_left(t: torch.Tensor, length: int) -> torch.Tensor:
+    """Pad the sequence dim (-2 for K/V ``(B, H, L, D)``, -1 for masks ``(B, L)``) on the left with zeros."""
+    dim = -1 if t.dim() == 2 else -2
+    missing = length - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _select(run: _Running, keep: list[int]) -> _Running:
+    """Keep rows ``keep`` and trim the columns on the left that no remaining row attends to."""
+    idx = torch.tensor(keep, device=run.mask.device)
+    mask = run.mask.index_select(0, idx)
+    start = int(mask.any(0).long().argmax())
+    for layer in run.cache.layers:
+        layer.keys = layer.keys.index_select(0, idx)[..., start:, :]
+        layer.values = layer.values.index_select(0, idx)[..., start:, :]
+    return _Running([run.handles[i] for i in keep], run.cache, mask[:, start:], run.last.index_select(0, idx),
+                    [run.generators[i] for i in keep])
+
+
+def _generator(r: Request) -> torch.Generator | None:
+    if r.temperature == 0:
+        return None
+    g = torch.Generator()
+    if r.seed is not None:
+        g.manual_seed(r.seed)
+    else:
+        g.seed()
+    return g
+
+
+def _eos_ids(model: PreTrainedModel, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        eos = getattr(source, "eos_token_id", None)
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, (list, tuple)):
+            ids.update(e for e in eos if isinstance(e, int))
+    return ids
