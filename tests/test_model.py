@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 
-import pytest
 import torch
 
 from iapt import IAPTConfig, IAPTModel, generator_parameter_count, get_iapt_model
