@@ -221,3 +221,15 @@ def test_save_is_atomic_and_keeps_the_old_adapter_on_failure(tmp_path, monkeypat
         model.save_pretrained(path)
     assert (path / "adapter_model.safetensors").read_bytes() == before
     assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_generators_on_some_layers_start_nonzero_and_train():
+    """Slots flow on through generator-less layers; zero starts there would overflow the norms' gradients."""
+    model = get_iapt_model(make_base("llama"), IAPTConfig(bottleneck=8, layers=[0]))
+    assert list(model.generators) == ["0"]
+    assert model.generators["0"].up.weight.abs().sum() > 0
+    ids, mask, _ = left_padded_batch()
+    model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.generators.parameters())
+    with pytest.raises(ValueError, match="layers 0..1"):
+        get_iapt_model(make_base("llama"), IAPTConfig(layers=[2]))

@@ -133,6 +133,12 @@ class IAPTModel(nn.Module):
         self.generators = nn.ModuleDict(
             {str(i): PromptGenerator(hidden_size, config).to(device) for i in layer_ids}
         )
+        if len(layer_ids) < len(decoder_layers):
+            # With generators on some layers only, the slots flow on through the generator-less layers above.
+            # Zero soft tokens would stay exactly zero there, and each norm's gradient at zero is 1/sqrt(eps):
+            # through many layers it overflows to NaN. Start these up-projections at nn.Linear's default.
+            for generator in self.generators.values():
+                generator.up.reset_parameters()
         pad = getattr(text_config, "pad_token_id", None)
         self.slot_token_id = pad if isinstance(pad, int) else 0
 

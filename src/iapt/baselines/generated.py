@@ -25,7 +25,9 @@ replaced at layer ``k``. This needs an explicit attention mask, so LPT supports 
 
 Design choices the papers leave open: a parameter-free RMS normalisation of the generator input (as IAPT's
 ``input_norm``: mid-layer residual streams carry outlier channels), ReLU as the activation (the LPT code's; IDPG
-too), no dropout on the prompts, float32 generator weights whatever the backbone's dtype.
+too), an up-projection that starts with zero weights and the frozen model's states of random vocabulary tokens
+as its bias (``init_from_tokens``: prompt tuning's vocabulary init, at the insertion layer), no dropout on the
+prompts, float32 generator weights whatever the backbone's dtype.
 """
 
 from __future__ import annotations
@@ -46,7 +48,13 @@ from torch import nn
 
 from iapt.config import CONFIG_NAME, WEIGHTS_NAME, IAPTConfig
 from iapt.io import atomic_write, atomic_write_text
-from iapt.model import IAPTModel, _check_base, _check_compatible, _find_layers, _text_config
+from iapt.model import (
+    IAPTModel,
+    _check_base,
+    _check_compatible,
+    _find_layers,
+    _text_config,
+)
 
 KINDS = ("IDPG", "LPT")
 VECTOR_POOLINGS = ("mean", "max", "last")  # one vector, then d -> r -> m*d
@@ -131,7 +139,7 @@ class GeneratedPromptConfig:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"adapter config {path} is not valid JSON ({exc}); the file is corrupt") from None
         if not isinstance(data, dict):
-            raise ValueError(f"adapter config {path} must hold a JSON object, found {type(data).__name__}")
+            raise ValueError(f"adapter config {path} must hold a JSON object, found {type(data).__name__}")  # noqa: TRY004
         try:
             return cls.from_dict(data)
         except (TypeError, ValueError) as exc:
@@ -168,6 +176,13 @@ class InstancePromptGenerator(nn.Module):
         self.activation = ACTIVATIONS[config.activation]()
         out = d if config.pooling in SEGMENT_POOLINGS else m * d
         self.up = nn.Linear(r, out, bias=config.bias, dtype=torch.float32)
+        # A fresh generator writes instance-independent tokens: zero up-projection weights, and a bias that
+        # GeneratedPromptModel.init_from_tokens sets to the states of real tokens (zero until then).
+        nn.init.zeros_(self.up.weight)
+        if self.up.bias is not None:
+            nn.init.zeros_(self.up.bias)
+        else:  # nothing to start from: random directions (the only choice without a bias)
+            nn.init.normal_(self.up.weight, std=1.0 / r**0.5)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         h = hidden.float()
@@ -316,8 +331,43 @@ class GeneratedPromptModel(IAPTModel):
         if not bool(hide.any()):
             return mask
         if mask.dtype == torch.bool:
-            return mask & ~hide
-        return mask.masked_fill(hide, torch.finfo(mask.dtype).min)
+            hidden_mask = mask & ~hide
+            empty = ~hidden_mask.any(-1, keepdim=True)
+        else:
+            low = torch.finfo(mask.dtype).min
+            hidden_mask = mask.masked_fill(hide, low)
+            empty = (hidden_mask == low).all(-1, keepdim=True)
+        # A padding query (left padding) sees nothing but the slots: leave its row as it was, so that no row is
+        # fully masked (NaN in eager attention); padding positions reach nothing anyway.
+        return torch.where(empty, mask, hidden_mask)
+
+    @torch.no_grad()
+    def init_from_tokens(self, token_ids: torch.Tensor) -> None:
+        """Start from the frozen model's own states of ``token_ids`` entering the insertion layer.
+
+        The soft tokens then begin as the hidden states of a hard prompt of real tokens (instance-independent:
+        the up-projection's weights are zero, its bias holds the states), the analogue of prompt tuning's
+        vocabulary init. Zero soft tokens would not do: a zero state stays exactly zero through every
+        RMSNorm-residual layer above, where the norm's gradient at 0 (1/sqrt(eps) per layer) overflows to NaN
+        within a few dozen layers (SmolLM2-135M: NaN after one step). Without biases this is a no-op.
+        """
+        up = self.prompt_generator.up
+        if up.bias is None:
+            return
+        m, layer = self.num_soft_tokens, self.insertion_layer
+        device = self.base_model.get_input_embeddings().weight.device
+        ids = token_ids.reshape(1, -1).to(device)
+        if ids.shape[1] != m:
+            raise ValueError(f"init_from_tokens needs {m} token ids (one per soft token), got {ids.shape[1]}")
+        was_training = self.base_model.training
+        self.base_model.eval()
+        try:
+            out = self.base_model(input_ids=ids, output_hidden_states=True, use_cache=False, logits_to_keep=1)
+        finally:
+            self.base_model.train(was_training)
+        states = out.hidden_states[layer][0].float()  # (m, d): what enters layer k at positions 0..m-1
+        up.weight.zero_()
+        up.bias.copy_(states.mean(0) if up.bias.numel() == states.shape[1] else states.reshape(-1))
 
     # ------------------------------------------------------------------ IDPG last_layer source
     @torch.no_grad()
