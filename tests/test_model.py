@@ -175,6 +175,23 @@ def test_loss_matches_manual_shifted_cross_entropy(family):
     torch.testing.assert_close(out.loss, manual)
 
 
+def test_labelled_logits_only_gives_the_same_loss_and_gradients(family):
+    model = iapt(family)
+    ids, mask, _ = left_padded_batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :-3] = -100
+    full = model(ids, attention_mask=mask, labels=labels)
+    full.loss.backward()
+    grads = [p.grad.clone() for p in model.generators.parameters()]
+    model.zero_grad()
+    fast = model(ids, attention_mask=mask, labels=labels, labelled_logits_only=True)
+    fast.loss.backward()
+    assert fast.logits.shape[1] == 3, "only the positions that predict the 3 labelled tokens"
+    torch.testing.assert_close(fast.loss, full.loss)
+    for a, p in zip(grads, model.generators.parameters()):
+        torch.testing.assert_close(p.grad, a, atol=1e-6, rtol=1e-4)
+
+
 def test_save_and_load_give_identical_logits(family, tmp_path):
     model = iapt(family, seed=0)
     ids, mask, _ = left_padded_batch()

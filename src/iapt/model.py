@@ -232,6 +232,9 @@ class IAPTModel(nn.Module):
     ) -> ModelOutput:
         """Like the base model's forward, on inputs without slots; ``instruction_mask`` picks what is pooled.
 
+        ``labelled_logits_only=True`` (with ``labels``) computes logits only at the positions that predict a
+        label: same loss, much less work when responses are short; ``out.logits`` then holds those positions.
+
         Without ``instruction_mask``, the instruction is the attended tokens whose label is -100 when
         ``labels`` are given, else every attended token. With a non-empty ``past_key_values`` (a cache
         returned by an earlier call) this is a decode step: pass the attention mask of everything so far,
@@ -268,6 +271,12 @@ class IAPTModel(nn.Module):
                                            inputs_embeds], dim=1)
             # Project only the real tokens onto the vocabulary: no logits are wasted on the slots.
             kwargs.setdefault("logits_to_keep", length)
+        labelled_only = bool(kwargs.pop("labelled_logits_only", False)) and labels is not None and not decoding
+        if labelled_only:
+            # Training fast path: project onto the vocabulary only the positions that predict a label. With
+            # short responses this skips most of the lm_head's work (49k x 576 per token for SmolLM2).
+            predicts = (labels[:, 1:] != -100).any(0).nonzero().flatten()
+            kwargs["logits_to_keep"] = predicts + n
         loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch",) if k in kwargs}
         if labels is not None:
             kwargs.setdefault("use_cache", False)  # training needs no cache
@@ -281,7 +290,11 @@ class IAPTModel(nn.Module):
                 out.logits = out.logits[:, n:]
             if getattr(out, "hidden_states", None) is not None:
                 out.hidden_states = tuple(h[:, n:] for h in out.hidden_states)
-        if labels is not None:
+        if labelled_only:
+            targets = labels[:, predicts + 1]
+            out.loss = torch.nn.functional.cross_entropy(
+                out.logits.float().reshape(-1, out.logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        elif labels is not None:
             if out.logits.shape[1] != length:
                 raise ValueError("labels need logits for every position; do not combine them with logits_to_keep")
             out.loss = self.base_model.loss_function(

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from iapt.config import IAPTConfig
 from iapt.data import Collator, DataError, Encoded, encode_examples, get_task, load_examples
 from iapt.io import atomic_write, atomic_write_text, replace_dir
-from iapt.model import get_iapt_model
+from iapt.model import IAPTModel, get_iapt_model
 from iapt.training.config import TrainConfig
 from iapt.training.optim import Optimisers, build_optimisers
 
@@ -259,7 +259,10 @@ class Trainer:
     def _inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         device = self.accelerator.device
         keys = ["input_ids", "attention_mask", "labels"] + (["instruction_mask"] if self.passes_instruction_mask else [])
-        return {k: batch[k].to(device) for k in keys}
+        inputs: dict[str, Any] = {k: batch[k].to(device) for k in keys}
+        if isinstance(self.unwrapped, IAPTModel):
+            inputs["labelled_logits_only"] = True  # same loss, no vocabulary projection of unlabelled positions
+        return inputs
 
     def _dev_batch(self) -> dict[str, torch.Tensor]:
         """The next dev batch for the Θ step: a seeded permutation per pass over the dev set."""
