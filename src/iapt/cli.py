@@ -1,4 +1,4 @@
-"""The `iapt` command: data, train, eval, demo. Thin: it parses flags, then calls the library."""
+"""The `iapt` command: data, train, eval, demo, serve. Thin: it parses flags, then calls the library."""
 
 from __future__ import annotations
 
@@ -153,6 +153,16 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------- serve
+def cmd_serve(ns: argparse.Namespace) -> int:
+    from iapt.serving.app import serve
+
+    serve(model=ns.model, adapters_dir=ns.adapters, host=ns.host, port=ns.port, keys_file=ns.keys,
+          max_batch_size=ns.max_batch_size, max_queue=ns.max_queue, max_prompt_tokens=ns.max_prompt_tokens,
+          max_tokens_limit=ns.max_tokens_limit, dtype=ns.dtype, log_level=ns.log_level)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     from iapt.training import TrainConfig
@@ -198,6 +208,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dev-examples", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible server: one frozen backbone, many tenants' IAPT adapters")
+    p.add_argument("--model", default="default", help="base model: 'default' or a local folder (its name in the API)")
+    p.add_argument("--adapters", help="folder whose subfolders are IAPT adapters, each served under its folder name")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--keys", help="API keys file, JSON or YAML (key -> {tenant, adapters, admin}); none = open API")
+    p.add_argument("--max-batch-size", type=int, default=32, help="requests decoded together")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
+    p.add_argument("--max-prompt-tokens", type=int, default=2048, help="longer prompts get 400")
+    p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -11,20 +11,24 @@ from iapt import IAPTConfig, IAPTModel, get_iapt_model
 from tests.tiny import make_base, tiny_lm, tiny_tokenizer
 
 ADAPTERS = {
-    "alice": dict(bottleneck=8, num_soft_tokens=4),
-    "bob": dict(bottleneck=4, num_soft_tokens=2, layers=[1]),  # fewer slots, one layer only
-    "carol": dict(bottleneck=8, num_soft_tokens=4, pooling="mean"),  # another pooling mode in the same batch
+    "alice": {"bottleneck": 8, "num_soft_tokens": 4},
+    "bob": {"bottleneck": 4, "num_soft_tokens": 2, "layers": [1]},  # fewer slots, one layer only
+    "carol": {"bottleneck": 8, "num_soft_tokens": 4, "pooling": "mean"},  # another pooling mode in the same batch
 }
 
 
 def save_adapter(base: torch.nn.Module, path: Path, seed: int, **cfg) -> Path:
-    """An adapter whose soft tokens really steer the tiny backbone (scaled, shifted up-projections)."""
+    """An adapter whose soft tokens depend on the instruction and steer the tiny backbone.
+
+    The up-projection starts at zero (constant soft tokens); random weights make every part of the
+    generator (down-projection, pooling, activation) show in the output.
+    """
     torch.manual_seed(seed)
     model = get_iapt_model(base, IAPTConfig(**cfg))
     with torch.no_grad():
         for gen in model.generators.values():
-            gen.up.weight.mul_(4.0)
-            gen.up.bias.add_(torch.randn_like(gen.up.bias))
+            torch.nn.init.normal_(gen.up.weight, std=1.0)
+            torch.nn.init.normal_(gen.up.bias, std=0.5)
     model.save_pretrained(path)
     model.unload()
     return path
@@ -58,7 +62,7 @@ def reference():
         key = (adapter_dir, tuple(prompt), max_tokens)
         if key not in cache:
             ids = torch.tensor([prompt])
-            kwargs = dict(max_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
+            kwargs = {"max_new_tokens": max_tokens, "do_sample": False, "pad_token_id": 0}
             if adapter_dir is None:
                 out = base.generate(ids, **kwargs)
             else:

@@ -132,7 +132,7 @@ def test_chat_matches_offline_generate(server, reference, adapters_dir, tokenize
 
 def test_streaming_equals_non_streaming(server):
     c = client(server)
-    kwargs = dict(model="alice", prompt=["Stream me", "and me"], max_tokens=10, temperature=0)
+    kwargs = {"model": "alice", "prompt": ["Stream me", "and me"], "max_tokens": 10, "temperature": 0}
     whole = c.completions.create(**kwargs)
     parts, reasons, usage = ["", ""], [None, None], None
     for chunk in c.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}):
@@ -191,13 +191,13 @@ def test_load_and_unload_adapters_at_run_time(server, adapters_dir, wrong_base_a
 def test_limits_answer_400(server):
     c = client(server)
     cases = [
-        dict(prompt="x" * (MAX_PROMPT + 1), max_tokens=2),
-        dict(prompt="x", max_tokens=MAX_TOKENS + 1),
-        dict(prompt="x", max_tokens=0),
-        dict(prompt=[5, 10_000], max_tokens=2),  # not in the vocabulary
-        dict(prompt="x", temperature=-1),
-        dict(prompt="x", n=100),
-        dict(prompt="x", max_tokens=2, logprobs=2),
+        {"prompt": "x" * (MAX_PROMPT + 1), "max_tokens": 2},
+        {"prompt": "x", "max_tokens": MAX_TOKENS + 1},
+        {"prompt": "x", "max_tokens": 0},
+        {"prompt": [5, 10_000], "max_tokens": 2},  # not in the vocabulary
+        {"prompt": "x", "temperature": -1},
+        {"prompt": "x", "n": 100},
+        {"prompt": "x", "max_tokens": 2, "logprobs": 2},
     ]
     for case in cases:
         with pytest.raises(openai.BadRequestError):
@@ -207,6 +207,7 @@ def test_limits_answer_400(server):
         assert r.status_code == 400 and r.json()["error"]["message"], r.text
     with pytest.raises(openai.BadRequestError):
         c.chat.completions.create(model="alice", messages=[])
+    assert post(server, "/v1/completions", {"model": "alice", "prompt": "x" * (2 << 20)}).status_code == 413
 
 
 def test_full_queue_answers_429_with_retry_after(server):

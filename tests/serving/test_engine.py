@@ -43,6 +43,7 @@ def test_stacked_generators_equal_each_tenants_own(adapters_dir):
     mask[1, :4] = mask[3, :2] = mask[4, :6] = False  # left padding
     for layer in range(2):
         out, present = bank.soft_prompts(layer, index, hidden, mask, num_slots=4)
+        assert not torch.allclose(out[0], out[4]), "soft tokens depend on the instruction"
         for i, name in enumerate(rows):
             if name is None or (name == "bob" and layer == 0):
                 assert not present[i]
@@ -165,3 +166,73 @@ def test_startup_skips_a_wrong_base_adapter(adapters_dir, wrong_base_adapter, tm
         assert eng.generate_many([Request([5, 6], "ok", max_tokens=2)])[0].finish_reason in ("stop", "length")
     finally:
         eng.close()
+
+
+def test_generators_run_once_per_layer_at_prefill_only(engine, monkeypatch):
+    """A mixed batch runs every tenant's generator in one stacked call per layer; decoding runs none."""
+    import iapt.serving.engine as engine_module
+
+    calls = []
+    stacked = engine_module.soft_prompts
+
+    def counting(hidden, *args, **kwargs):
+        calls.append(hidden.shape[0])
+        return stacked(hidden, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "soft_prompts", counting)
+    names = ["alice", "bob", None, "alice", "bob"]  # one pooling mode: one call per layer
+    engine.max_batch_size = len(names)
+    engine.generate_many([Request(p, a, max_tokens=6) for p, a in zip(prompts(5), names, strict=True)])
+    assert calls == [5, 5], calls  # 2 layers; every row of the batch in each call
+    calls.clear()
+    engine.generate_many([Request(p, a, max_tokens=6) for p, a in zip(prompts(2), ["alice", "carol"], strict=True)])
+    assert sorted(calls) == [1, 1, 1, 1], calls  # two pooling modes: one call per mode and layer
+
+
+SLIDING = {"gemma3-window-6": "gemma3", "mistral-window-6": "mistral"}  # tiny models with a 6-token window
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", *SLIDING])
+def test_every_family_and_sliding_windows(family, tmp_path):
+    """Rows keep the layout they would have alone, so even sliding-window distances match."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig, MistralForCausalLM
+
+    from tests.serving.conftest import save_adapter
+    from tests.tiny import _COMMON, make_base
+
+    if family in SLIDING:
+        torch.manual_seed(0)
+        if SLIDING[family] == "gemma3":
+            base = Gemma3ForCausalLM(Gemma3TextConfig(**_COMMON, head_dim=12, sliding_window=6,
+                                                      layer_types=["sliding_attention", "full_attention"]))
+        else:
+            base = MistralForCausalLM(MistralConfig(**_COMMON, sliding_window=6))
+        with torch.no_grad():
+            base.get_output_embeddings().weight.mul_(8.0)
+        base.eval()
+    else:
+        base = make_base(family)
+    save_adapter(base, tmp_path / "a", 1, bottleneck=8, num_soft_tokens=4)
+    save_adapter(base, tmp_path / "b", 2, bottleneck=4, num_soft_tokens=2, layers=[1])
+    engine = Engine(base, None, tmp_path, max_batch_size=3)
+    try:
+        names = ["a", "b", None, "b", "a"]
+        requests = [Request([min(t, 95) for t in p], a, max_tokens=8)
+                    for p, a in zip(prompts(5, seed=8), names, strict=True)]
+        requests[3].prompt = requests[3].prompt * 2  # longer than the window
+        handles = [engine.submit(r) for r in requests[:2]]
+        engine.step()
+        handles += [engine.submit(r) for r in requests[2:]]
+        while not all(h.finished for h in handles):
+            engine.step()
+        for r, h in zip(requests, handles, strict=True):
+            ids = torch.tensor([r.prompt])
+            if r.adapter is None:
+                out = base.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+            else:
+                model = IAPTModel.from_pretrained(base, tmp_path / r.adapter)
+                out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+                model.unload()
+            assert h.tokens == out[0, len(r.prompt):].tolist(), r.adapter
+    finally:
+        engine.close()

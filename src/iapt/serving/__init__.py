@@ -2,8 +2,8 @@
 
 from iapt.serving.engine import AdapterBank, Engine, Event, QueueFull, Request, RequestHandle, UnknownAdapter
 
-__all__ = ["AdapterBank", "Engine", "Event", "QueueFull", "Request", "RequestHandle", "UnknownAdapter",
-           "create_app", "serve"]
+__all__ = ["AdapterBank", "BackgroundServer", "Engine", "Event", "QueueFull", "Request", "RequestHandle",
+           "UnknownAdapter", "create_app", "serve"]
 
 
 def __getattr__(name: str):  # the HTTP side needs fastapi/uvicorn (the "serve" extra): import it lazily

@@ -19,11 +19,13 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Self
 
-from fastapi import FastAPI, Request as HTTPRequest
+import jinja2
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
@@ -97,26 +99,37 @@ class UnloadAdapterBody(BaseModel):
 class _Text:
     """Incremental detokenization of one choice, with OpenAI ``stop`` strings.
 
-    Text is held back while it could still be the start of a stop string or ends in a partial UTF-8
-    character, so a stream never shows what the final text will not contain.
+    Each token decodes only a short window (the offsets scheme of TGI / vLLM), so a long answer costs
+    O(length), not O(length^2), on the event loop. Text is held back while it could still be the start
+    of a stop string or ends in a partial UTF-8 character, so a stream never shows text the final answer
+    will not contain.
     """
 
     def __init__(self, tokenizer: Any, stop: list[str]) -> None:
         self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.tokens: list[int] = []
+        self.prefix = self.read = 0  # decode window: tokens[prefix:read] are context, the rest is new
         self.text, self.sent, self.finish_reason = "", 0, None
 
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
     def add(self, token: int) -> str:
+        """Take one token; return the text that is now safe to show."""
         self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        cuts = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        context = self._decode(self.tokens[self.prefix: self.read])
+        window = self._decode(self.tokens[self.prefix:])
+        if len(window) <= len(context) or window.endswith("\ufffd"):
+            return ""  # no new complete character yet
+        searched = max(0, len(self.text) - self.hold)
+        self.text += window[len(context):]
+        self.prefix, self.read = self.read, len(self.tokens)
+        cuts = [i for i in (self.text.find(s, searched) for s in self.stop) if i >= 0]
         if cuts:
-            self.text, self.finish_reason = text[: min(cuts)], "stop"
+            self.text, self.finish_reason = self.text[: min(cuts)], "stop"
             return self.flush()
-        self.text = text
-        safe = len(text.rstrip("\ufffd")) - self.hold
-        out = text[self.sent: max(safe, self.sent)]
+        out = self.text[self.sent: max(self.sent, len(self.text) - self.hold)]
         self.sent += len(out)
         return out
 
@@ -126,6 +139,33 @@ class _Text:
         return out
 
 
+class _BodyLimit:
+    """Refuse request bodies over ``limit`` bytes (413) before they are read into memory.
+
+    A chunked body without Content-Length that grows past the limit is cut off as a disconnect.
+    """
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.limit:
+            response = APIError(413, f"the request body is over {self.limit} bytes").response()
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            return {"type": "http.disconnect"} if seen > self.limit else message
+
+        return await self.app(scope, limited, send)
+
+
 # ------------------------------------------------------------------------------------------ metrics
 class _EngineCollector:
     """Read the engine's numbers at scrape time (queue length, batch size, tokens/s, totals)."""
@@ -133,7 +173,7 @@ class _EngineCollector:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def collect(self):  # noqa: ANN201 (prometheus protocol)
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         s = self.engine.stats()
         yield GaugeMetricFamily("iapt_queue_length", "Requests waiting for a batch row", value=s["waiting"])
         yield GaugeMetricFamily("iapt_batch_size", "Requests being decoded in the running batch", value=s["running"])
@@ -151,6 +191,7 @@ def create_app(
     max_prompt_tokens: int = 2048,
     max_tokens_limit: int = 1024,
     max_n: int = 8,
+    max_body_bytes: int = 1 << 20,
     manage_engine: bool = True,
 ) -> FastAPI:
     """The FastAPI app. With ``manage_engine`` its lifespan starts and stops the engine's thread."""
@@ -174,6 +215,7 @@ def create_app(
                 engine.stop()
 
     app = FastAPI(title="iapt serve", lifespan=lifespan)
+    app.add_middleware(_BodyLimit, limit=max_body_bytes)
 
     @app.exception_handler(APIError)
     async def _api_error(request: HTTPRequest, exc: APIError) -> JSONResponse:
@@ -233,7 +275,8 @@ def create_app(
         if max_tokens is None:
             max_tokens = max_tokens_limit if chat else 16
             if chat and engine.max_positions:  # chat: as much as the context allows, like vLLM
-                slots = engine.adapters[adapter].config.num_soft_tokens if adapter else 0
+                loaded = engine.adapters.get(adapter or "")
+                slots = loaded.config.num_soft_tokens if loaded else 0
                 room = engine.max_positions - slots - max(len(p) for p in prompts)
                 max_tokens = max(1, min(max_tokens, room))
         if max_tokens < 1:
@@ -249,8 +292,6 @@ def create_app(
         return [_tokenize(p) if isinstance(p, str) else list(p) for p in items]
 
     def _tokenize(text: str, special: bool = True) -> list[int]:
-        if tokenizer is None:
-            raise APIError(400, "this server has no tokenizer: send token ids")
         return list(tokenizer(text, add_special_tokens=special).input_ids)
 
     async def _generate(request: HTTPRequest, body: _Body, prompts: list[list[int]], adapter: str | None,
@@ -402,12 +443,12 @@ def create_app(
     async def chat_completions(request: HTTPRequest, body: ChatBody) -> Response:
         principal = _auth(request)
         adapter = _check_model(request, principal, body.model)
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        if not getattr(tokenizer, "chat_template", None):
             raise APIError(400, "this model has no chat template; use /v1/completions")
         messages = [{"role": m.role, "content": _content(m.content)} for m in body.messages]
         try:
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception as exc:  # a template may reject role orders etc.
+        except (jinja2.TemplateError, ValueError, TypeError) as exc:  # e.g. a role order it rejects
             raise APIError(400, f"the chat template rejected the messages: {exc}") from None
         return await _generate(request, body, [_tokenize(text, special=False)], adapter, chat=True)
 
@@ -485,7 +526,7 @@ class BackgroundServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def __enter__(self) -> BackgroundServer:
+    def __enter__(self) -> Self:
         self._thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:

@@ -66,7 +66,7 @@ class KeyRing:
         for number, (key, entry) in enumerate(data.items(), start=1):
             tenant = entry.get("tenant", "admin" if entry.get("admin") else None) if isinstance(entry, dict) else None
             if not isinstance(tenant, str):
-                raise ValueError(f"keys file {path}: entry #{number} needs a 'tenant' name")
+                raise ValueError(f"keys file {path}: entry #{number} needs a 'tenant' name")  # noqa: TRY004
             adapters = entry.get("adapters", [])
             adapters = [adapters] if isinstance(adapters, str) else adapters
             unknown = set(entry) - {"tenant", "adapters", "admin", "base"}

@@ -10,11 +10,10 @@ and decoding is the bare backbone's. So a multi-tenant engine needs two things:
   for the whole batch (once per pooling mode, in practice once), never once per tenant;
 * a decode loop that is plain batched decoding over a shared ``DynamicCache``, rows of any tenant mixed.
 
-Rows are left-padded and carry their own attention mask; position ids come from that mask, so a row sees
-exactly the positions it would see alone and its output never depends on its neighbours. Layout of a
-prefill row: ``[N slots | left padding | prompt]`` where N is the largest slot count in that prefill; a row
-whose adapter has n < N slots masks the others out, and a base-model row masks all of them out, which is
-the bare backbone exactly (masked keys get zero attention and do not count towards positions).
+Rows are left-padded and carry their own attention mask; position ids come from that mask. A prefill row
+is laid out ``[padding | its n slots | prompt]``, contiguous exactly as the row alone, so its positions and
+even its sliding-window distances are those it would have alone, and its output never depends on its
+neighbours. A base-model row has no slots at all: it is the bare backbone.
 
 Continuous batching: new requests are prefilled as their own small batch between decode steps, then their
 cache is merged into the running one (left-padded along the sequence dim, concatenated along the batch
@@ -131,8 +130,8 @@ class AdapterBank:
 
     Index 0 is "no adapter" (the bare backbone). Adapters may differ in bottleneck r, slot count n and
     which layers have a generator: weights are zero-padded to the largest r and n, which is exact (padded
-    bottleneck channels are zero going in and have zero up-projection weights going out; padded soft
-    tokens land on slots the row masks out), and ``present`` says which rows have a generator at a layer.
+    bottleneck channels are zero going in and have zero up-projection weights going out; soft tokens past
+    a row's own n are never written), and ``present`` says which rows have a generator at a layer.
     """
 
     def __init__(self, adapters: Sequence[Adapter], hidden_size: int, num_layers: int, device: torch.device) -> None:
@@ -261,6 +260,18 @@ class RequestHandle:
 
 
 @dataclass
+class _Prefill:
+    """What the layer hooks need during one engine prefill (and only then)."""
+
+    thread: int  # the engine thread: another thread's forward on the same backbone is left alone
+    bank: AdapterBank
+    index: torch.Tensor  # (B,) adapter index of each row, 0 = none
+    pool: torch.Tensor  # (B, T) the prompt tokens, which the generators read
+    columns: torch.Tensor  # (B, N) where each row's slots are
+    valid: torch.Tensor  # (B, N) False past the row's own slot count
+
+
+@dataclass
 class _Running:
     """The rows being decoded: their handles, shared cache, attention mask and last tokens."""
 
@@ -321,8 +332,7 @@ class Engine:
         self._waiting: collections.deque[RequestHandle] = collections.deque()
         self._running: _Running | None = None
         self._ids = itertools.count(1)
-        # Set only during an engine prefill: (thread, bank, adapter index per row, pooling mask, slot count N).
-        self._prefill: tuple[int, AdapterBank, torch.Tensor, torch.Tensor, int] | None = None
+        self._prefill: _Prefill | None = None  # set only during an engine prefill
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._paused = threading.Event()
@@ -397,6 +407,8 @@ class Engine:
 
     def submit_many(self, requests: Sequence[Request]) -> list[RequestHandle]:
         """Queue several requests all or none (one HTTP call with several prompts)."""
+        if len(requests) > self.max_queue:
+            raise ValueError(f"{len(requests)} completions in one call; this server queues at most {self.max_queue}")
         for r in requests:
             self._validate(r)
         with self._lock:
@@ -547,29 +559,39 @@ class Engine:
         self._merge(batch)
 
     def _prefill_batch(self, handles: list[RequestHandle], bank: AdapterBank) -> _Running:
-        names = [h.request.adapter for h in handles]
-        index = torch.tensor([bank.index.get(n, 0) if n is not None else 0 for n in names], device=self.device)
-        slots = bank.num_slots.index_select(0, index)
-        n_max = int(slots.max())
-        width = max(len(h.request.prompt) for h in handles)
-        batch = len(handles)
-        ids = torch.full((batch, n_max + width), self.slot_token_id, dtype=torch.long, device=self.device)
+        """Prefill newcomers as one left-padded batch, every row laid out exactly as it would be alone.
+
+        Row i is ``[padding | its n_i slots | prompt]``: contiguous, so positions and even sliding-window
+        distances are those of the row alone. A base-model row has n_i = 0, which is plain left padding.
+        """
+        index = torch.tensor([bank.index.get(h.request.adapter, 0) for h in handles], device=self.device)
+        slots = bank.num_slots.index_select(0, index).tolist()
+        lengths = [len(h.request.prompt) for h in handles]
+        width = max(n + length for n, length in zip(slots, lengths, strict=True))
+        ids = torch.full((len(handles), width), self.pad_token_id, dtype=torch.long, device=self.device)
         mask = torch.zeros_like(ids)
-        for i, h in enumerate(handles):
-            p = h.request.prompt
-            ids[i, n_max + width - len(p):] = torch.tensor(p, device=self.device)
-            mask[i, n_max + width - len(p):] = 1
-            mask[i, : int(slots[i])] = 1  # this row's slots; the rest of the N are masked out
+        pool = torch.zeros_like(ids, dtype=torch.bool)  # what the generators read: the prompt tokens
+        starts = []
+        for i, (h, n, length) in enumerate(zip(handles, slots, lengths, strict=True)):
+            ids[i, width - length:] = torch.tensor(h.request.prompt, device=self.device)
+            ids[i, width - length - n: width - length] = self.slot_token_id
+            mask[i, width - length - n:] = 1
+            pool[i, width - length:] = True
+            starts.append(width - length - n)
+        if max(slots) > 0:
+            offsets = torch.arange(max(slots), device=self.device)
+            columns = (torch.tensor(starts, device=self.device)[:, None] + offsets).clamp_max(width - 1)
+            valid = offsets < torch.tensor(slots, device=self.device)[:, None]
+            self._prefill = _Prefill(threading.get_ident(), bank, index, pool, columns, valid)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         cache = DynamicCache()
-        self._prefill = (threading.get_ident(), bank, index, mask[:, n_max:], n_max) if n_max > 0 else None
         try:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                              use_cache=True, logits_to_keep=1)
         finally:
             self._prefill = None
         gens = [_generator(h.request) for h in handles]
-        running = _Running(handles, cache, mask, torch.zeros(batch, dtype=torch.long, device=self.device), gens)
+        running = _Running(handles, cache, mask, ids[:, -1], gens)
         running.last = self._sample(out.logits[:, -1], running)
         return running
 
@@ -577,13 +599,13 @@ class Engine:
         def before_layer(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
             """At an engine prefill, write each row's soft tokens of this layer into its slots."""
             state = self._prefill
-            if state is None or state[0] != threading.get_ident():  # not ours: another thread's forward
+            if state is None or state.thread != threading.get_ident():  # not ours: another thread's forward
                 return None
-            _, bank, index, pool_mask, n = state
             hidden = args[0] if args else kwargs["hidden_states"]
-            prompts, present = bank.soft_prompts(layer, index, hidden[:, n:], pool_mask, n)
-            slots = torch.where(present[:, None, None], prompts.to(hidden.dtype), hidden[:, :n])
-            hidden = torch.cat([slots, hidden[:, n:]], dim=1)
+            prompts, present = state.bank.soft_prompts(layer, state.index, hidden, state.pool, state.columns.shape[1])
+            columns = state.columns[..., None].expand(-1, -1, hidden.shape[-1])
+            write = (state.valid & present[:, None])[..., None]  # rows without a generator here keep theirs
+            hidden = hidden.scatter(1, columns, torch.where(write, prompts.to(hidden.dtype), hidden.gather(1, columns)))
             if args:
                 return (hidden, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": hidden}
@@ -635,6 +657,8 @@ class Engine:
                 keep.append(i)
         self.tokens_generated += len(run.handles)
         self._token_times.append((now, len(run.handles)))
+        while now - self._token_times[0][0] > 10.0:
+            self._token_times.popleft()
         return keep
 
     def _keep_rows(self, keep: list[int]) -> None:
@@ -662,10 +686,9 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         """Queue length, batch size, tokens/s over the last 10 s, totals: what /metrics exports."""
         now = time.monotonic()
-        while self._token_times and now - self._token_times[0][0] > 10.0:
-            self._token_times.popleft()
-        window = sum(n for _, n in self._token_times)
-        span = now - self._token_times[0][0] if self._token_times else 0.0
+        times = [(t, n) for t, n in list(self._token_times) if now - t <= 10.0]  # a copy: the engine appends
+        window = sum(n for _, n in times)
+        span = now - times[0][0] if times else 0.0
         running = self._running
         return {
             "waiting": len(self._waiting),
