@@ -16,7 +16,10 @@ LABELS = ("positive", "negative", "neutral", "ambivalent")
         (" Positive.\nThe review praises the staff.", "positive"),  # first line only
         ("NEGATIVE!", "negative"),
         ("neutral, mostly", "neutral"),  # first word is a label
-        ("I think positive", None),
+        ("I think positive", "positive"),  # a sentence naming exactly one label
+        ("The sentiment of this review is neutral.", "neutral"),
+        ("positive or negative, hard to say", "positive"),  # the first word decides
+        ("it is not negative but positive", None),  # two labels named: no answer
         ("good", None),
         ("", None),
         ("\n\npositive", "positive"),  # leading blank lines are skipped

@@ -29,17 +29,21 @@ def normalize_label(text: str) -> str:
 
 
 def match_label(prediction: str, labels: Sequence[str]) -> str | None:
-    """The label a generated answer names, or ``None`` if it names none.
+    """The label a generated answer names, or ``None`` if it names none or several.
 
-    The normalised first line must equal a label, or start with one as its first word
-    ("Positive." and "positive, clearly" both match ``positive``; "I think positive" does not).
+    The normalised first line may be a label ("Positive."), start with one ("positive, clearly"), or be
+    a sentence naming exactly one ("The sentiment of this review is neutral."): chat models answer in
+    sentences, and a zero-shot baseline should not lose points for phrasing. Naming two labels is wrong.
     """
     normalized = {normalize_label(label): label for label in labels}
     answer = normalize_label(prediction)
     if answer in normalized:
         return normalized[answer]
-    first_word = answer.split(" ", 1)[0]
-    return normalized.get(first_word)
+    words = answer.split()
+    if words and words[0] in normalized:
+        return normalized[words[0]]
+    named = {normalized[w] for w in words if w in normalized}
+    return named.pop() if len(named) == 1 else None
 
 
 def accuracy(predictions: Sequence[str], labels: Sequence[str], choices: Sequence[str]) -> float:
