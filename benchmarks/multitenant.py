@@ -554,8 +554,9 @@ def method_worker(args: argparse.Namespace) -> None:
     if kind in ("bare", "iapt", "gather"):
         engine = Engine(base, tokenizer, None, max_batch_size=args.max_batch_size)
     if kind == "iapt":
-        for name in names:
-            engine.load_adapter(name, work / "iapt" / name)
+        errors = engine.load_adapters({name: work / "iapt" / name for name in names})  # one bank build
+        if errors:
+            raise SystemExit(f"IAPT adapters failed to load: {errors}")
         adapter_bytes = sum(t.numel() * t.element_size() for layer in engine.bank.layers for t in layer.values())
         adapter_bytes += sum(t.numel() * t.element_size() for a in engine.adapters.values()
                              for w in a.layers.values() for t in w.values() if t is not None)

@@ -56,6 +56,38 @@ def test_stacked_generators_equal_each_tenants_own(adapters_dir):
             torch.testing.assert_close(out[i, :n], own, atol=1e-5, rtol=1e-5)
 
 
+def test_bank_grown_and_shrunk_equals_a_fresh_bank(adapters_dir):
+    """extended()/without() (run-time load and unload) give each tenant the soft tokens of a bank built at once,
+    whatever the order, although the tenants differ in bottleneck, slot count and layers."""
+    base = tiny_lm().eval()
+    read = {n: read_adapter(base, adapters_dir / n) for n in ("alice", "bob", "carol")}
+    fresh = AdapterBank([read["alice"], read["carol"]], 32, 2, torch.device("cpu"))
+    grown = AdapterBank([], 32, 2, torch.device("cpu")).extended([read["carol"]]).extended([read["bob"]])
+    grown = grown.extended([read["alice"]]).without("bob")
+    assert grown.names == ["carol", "alice"] and set(grown.index) == {"carol", "alice"}
+    hidden, mask = torch.randn(3, 7, 32), torch.ones(3, 7, dtype=torch.bool)
+    for layer in range(2):
+        for name in ("alice", "carol"):
+            a = fresh.soft_prompts(layer, torch.tensor([fresh.index[name]] * 3), hidden, mask, 4)
+            b = grown.soft_prompts(layer, torch.tensor([grown.index[name]] * 3), hidden, mask, 4)
+            torch.testing.assert_close(a, b)
+    assert grown.without("carol").without("alice").names == []
+
+
+def test_folder_load_builds_the_bank_once_and_keeps_one_copy(adapters_dir, tokenizer, monkeypatch):
+    built = []
+    original = AdapterBank.extended
+    monkeypatch.setattr(AdapterBank, "extended", lambda self, adapters: built.append(len(adapters))
+                        or original(self, adapters))
+    eng = Engine(tiny_lm().eval(), tokenizer, adapters_dir)
+    try:
+        assert built == [3], "one bank build for the whole folder"
+        assert all(a.layers == {} for a in eng.adapters.values()), "the weights live in the bank only"
+        assert eng.bank.names == sorted(eng.adapters)
+    finally:
+        eng.close()
+
+
 def test_mixed_tenants_in_one_batch_match_offline_generate(engine, reference, adapters_dir):
     names = ["alice", "bob", None, "carol", "alice", None, "bob"]
     requests = [Request(p, a, max_tokens=10) for p, a in zip(prompts(len(names)), names, strict=True)]

@@ -30,7 +30,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,7 +70,11 @@ class UnknownAdapter(KeyError):
 # ------------------------------------------------------------------------------------------ adapters
 @dataclass
 class Adapter:
-    """One tenant's IAPT adapter, read from disk: its config and per-layer generator weights (float32)."""
+    """One tenant's IAPT adapter, read from disk: its config and per-layer generator weights (float32).
+
+    The engine empties ``layers`` once the weights are stacked into its :class:`AdapterBank`, so that an
+    adapter is held in memory once, not twice.
+    """
 
     name: str
     path: Path
@@ -125,6 +129,20 @@ def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach()
 
 
+def _shapes(d: int, r: int, n: int) -> dict[str, tuple[int, ...]]:
+    return {"down_weight": (r, d), "down_bias": (r,), "queries": (r, n), "numerator": (7,), "denominator": (5,),
+            "up_weight": (d, r), "up_bias": (d,)}
+
+
+def _pad_to(t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Zero-pad every dimension but the first up to ``shape`` (exact for the bank: see AdapterBank)."""
+    if list(t.shape[1:]) == list(shape):
+        return t
+    out = t.new_zeros((t.shape[0], *shape))
+    out[(slice(None), *(slice(0, s) for s in t.shape[1:]))] = t
+    return out
+
+
 class AdapterBank:
     """Every loaded adapter's generator weights, stacked per layer so a batch gathers them by index.
 
@@ -142,12 +160,10 @@ class AdapterBank:
         self.modes = [("attention", True)] + [(a.config.pooling, a.config.input_norm) for a in adapters]
         r = max([a.config.bottleneck for a in adapters], default=1)
         n = max([a.config.num_soft_tokens for a in adapters], default=1)
-        d = hidden_size
-        shapes = {"down_weight": (r, d), "down_bias": (r,), "queries": (r, n), "numerator": (7,),
-                  "denominator": (5,), "up_weight": (d, r), "up_bias": (d,)}
+        shapes = _shapes(hidden_size, r, n)
         self.layers: list[dict[str, torch.Tensor]] = []
         for layer in range(num_layers):
-            stacked = {k: torch.zeros((count, *s), dtype=torch.float32) for k, s in shapes.items()}
+            stacked = {k: torch.zeros((count, *s), dtype=torch.float32, device=device) for k, s in shapes.items()}
             present = torch.zeros(count, dtype=torch.bool)
             for a_idx, adapter in enumerate(adapters, start=1):
                 weights = adapter.layers.get(layer)
@@ -157,7 +173,43 @@ class AdapterBank:
                 for key, value in weights.items():
                     if value is not None:
                         stacked[key][(a_idx, *(slice(0, s) for s in value.shape))] = value
-            self.layers.append({**{k: v.to(device) for k, v in stacked.items()}, "present": present.to(device)})
+            self.layers.append({**stacked, "present": present.to(device)})
+
+    def extended(self, adapters: Sequence[Adapter]) -> AdapterBank:
+        """A new bank with ``adapters`` appended; this one is left as it is (a prefill may be reading it).
+
+        Costs one copy of the bank, however many adapters are added: load a folder with one call, not one
+        call per adapter.
+        """
+        if not adapters:
+            return self
+        added = AdapterBank(adapters, self.layers[0]["up_weight"].shape[1] if self.layers else 1,
+                            len(self.layers), self.num_slots.device)
+        merged = AdapterBank.__new__(AdapterBank)
+        merged.names = self.names + added.names
+        merged.index = {name: i + 1 for i, name in enumerate(merged.names)}
+        merged.num_slots = torch.cat([self.num_slots, added.num_slots[1:]])
+        merged.modes = self.modes + added.modes[1:]
+        merged.layers = []
+        for mine, theirs in zip(self.layers, added.layers, strict=True):
+            layer = {}
+            for key, value in mine.items():
+                shape = [max(a, b) for a, b in zip(value.shape[1:], theirs[key].shape[1:], strict=True)]
+                layer[key] = torch.cat([_pad_to(value, shape), _pad_to(theirs[key][1:], shape)])
+            merged.layers.append(layer)
+        return merged
+
+    def without(self, name: str) -> AdapterBank:
+        """A new bank without adapter ``name`` (weights kept at the bank's padded size, which stays exact)."""
+        keep = [0] + [i for n, i in self.index.items() if n != name]
+        rows = torch.tensor(keep, device=self.num_slots.device)
+        smaller = AdapterBank.__new__(AdapterBank)
+        smaller.names = [n for n in self.names if n != name]
+        smaller.index = {n: i + 1 for i, n in enumerate(smaller.names)}
+        smaller.num_slots = self.num_slots.index_select(0, rows)
+        smaller.modes = [self.modes[i] for i in keep]
+        smaller.layers = [{k: v.index_select(0, rows) for k, v in layer.items()} for layer in self.layers]
+        return smaller
 
     def soft_prompts(
         self, layer: int, adapter_index: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, num_slots: int
@@ -348,30 +400,50 @@ class Engine:
 
     # -------------------------------------------------------------------- registry
     def load_adapters_dir(self, adapters_dir: str | Path) -> dict[str, str]:
-        """Load every adapter subfolder; a bad one is skipped and reported in ``load_errors``."""
+        """Load every adapter subfolder (named after it); a bad one is skipped and reported in ``load_errors``."""
         root = Path(adapters_dir)
         if not root.is_dir():
             raise FileNotFoundError(f"adapters folder {root} does not exist")
-        for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        return self.load_adapters({p.name: p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")})
+
+    def load_adapters(self, paths: Mapping[str, str | Path]) -> dict[str, str]:
+        """Load many adapters (name -> folder) at once; bad ones are skipped and reported in ``load_errors``.
+
+        The bank is extended once for all of them: loading N adapters one by one would copy it N times.
+        """
+        read = []
+        for name, path in paths.items():
             try:
-                self.load_adapter(sub.name, sub)
+                self._check_name(name)
+                read.append(read_adapter(self.model, path, name))
             except (ValueError, FileNotFoundError, OSError) as exc:
-                self.load_errors[sub.name] = str(exc)
-                logger.warning("skipping adapter %s: %s", sub, exc)
+                self.load_errors[name] = str(exc)
+                logger.warning("skipping adapter %s: %s", path, exc)
+        self._add(read)
         return dict(self.load_errors)
 
     def load_adapter(self, name: str, path: str | Path) -> Adapter:
         """Load an adapter at run time; raises ValueError (wrong base, bad files, name taken) and keeps serving."""
+        self._check_name(name)
+        adapter = read_adapter(self.model, path, name)  # outside the lock: file I/O
+        self._add([adapter])
+        return adapter
+
+    def _check_name(self, name: str) -> None:
         if not name or name in self.base_names:
             raise ValueError(f"adapter name {name!r} is empty or is the base model's name")
-        adapter = read_adapter(self.model, path, name)  # outside the lock: file I/O
+        if name in self._adapters:
+            raise ValueError(f"an adapter named {name!r} is already loaded; unload it first")
+
+    def _add(self, adapters: list[Adapter]) -> None:
         with self._lock:
-            if name in self._adapters:
-                raise ValueError(f"an adapter named {name!r} is already loaded; unload it first")
-            self._adapters[name] = adapter
-            self._rebuild_bank()
-        self.load_errors.pop(name, None)
-        return adapter
+            for adapter in adapters:
+                self._check_name(adapter.name)  # again, under the lock: another thread may have loaded it
+            self.bank = self.bank.extended(adapters)
+            for adapter in adapters:
+                adapter.layers = {}  # the bank holds the weights now
+                self._adapters[adapter.name] = adapter
+                self.load_errors.pop(adapter.name, None)
 
     def unload_adapter(self, name: str) -> None:
         """Forget an adapter. Its running requests finish (decoding needs no adapter); queued ones fail."""
@@ -379,10 +451,7 @@ class Engine:
             if name not in self._adapters:
                 raise UnknownAdapter(f"no adapter named {name!r} is loaded")
             del self._adapters[name]
-            self._rebuild_bank()
-
-    def _rebuild_bank(self) -> None:
-        self.bank = AdapterBank(list(self._adapters.values()), self.hidden_size, self.num_layers, self.device)
+            self.bank = self.bank.without(name)
 
     @property
     def adapters(self) -> dict[str, Adapter]:
