@@ -558,8 +558,6 @@ def method_worker(args: argparse.Namespace) -> None:
         if errors:
             raise SystemExit(f"IAPT adapters failed to load: {errors}")
         adapter_bytes = sum(t.numel() * t.element_size() for layer in engine.bank.layers for t in layer.values())
-        adapter_bytes += sum(t.numel() * t.element_size() for a in engine.adapters.values()
-                             for w in a.layers.values() for t in w.values() if t is not None)
     elif kind == "peft":
         from peft import PeftModel
 
@@ -982,7 +980,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{' after an untimed warm-up per cell (first batch, 4 new tokens)' if args.warmup else ''}; ratios are of decode tok/s."),
         (f"- Memory: {mem_method}; one process per method and N (bare and gather-LoRA serve both schedulers in one "
         f"process, so their peak covers both); (adapters) = exact bytes of the adapter tensors held "
-        f"(IAPT: the engine's stacked bank + each adapter's own tensors)."),
+        f"(IAPT: the engine's stacked bank)."),
         (f"- Machine: {_machine(args)}; load average {load_before[0]:.2f} → {load_after[0]:.2f} (1 min); "
         f"{date}; {elapsed:.0f} s in all, {results.get('waited', 0.0):.0f} s of it waiting for other processes "
         f"(--wait-quiet {args.wait_quiet:g})."),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -82,7 +84,8 @@ def test_folder_load_builds_the_bank_once_and_keeps_one_copy(adapters_dir, token
     eng = Engine(tiny_lm().eval(), tokenizer, adapters_dir)
     try:
         assert built == [3], "one bank build for the whole folder"
-        assert all(a.layers == {} for a in eng.adapters.values()), "the weights live in the bank only"
+        assert not any(isinstance(v, torch.Tensor) for a in eng.adapters.values() for v in vars(a).values()), \
+            "the weights live in the bank only"
         assert eng.bank.names == sorted(eng.adapters)
     finally:
         eng.close()
@@ -268,3 +271,25 @@ def test_every_family_and_sliding_windows(family, tmp_path):
             assert h.tokens == out[0, len(r.prompt):].tolist(), r.adapter
     finally:
         engine.close()
+
+
+def test_read_adapter_names_bad_weights_without_loading_them(adapters_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    base = tiny_lm().eval()
+    for damage, message in (("truncate", "corrupt or unreadable"), ("drop", "missing"), ("reshape", "shape of")):
+        bad = tmp_path / damage
+        shutil.copytree(adapters_dir / "alice", bad)
+        weights = bad / "adapter_model.safetensors"
+        if damage == "truncate":
+            weights.write_bytes(weights.read_bytes()[:100])
+        else:
+            state = load_file(weights)
+            key = sorted(state)[0]
+            if damage == "drop":
+                del state[key]
+            else:
+                state[key] = torch.zeros(3, 3)
+            save_file(state, weights)
+        with pytest.raises(ValueError, match=message):
+            read_adapter(base, bad)

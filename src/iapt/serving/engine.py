@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
@@ -70,24 +70,40 @@ class UnknownAdapter(KeyError):
 # ------------------------------------------------------------------------------------------ adapters
 @dataclass
 class Adapter:
-    """One tenant's IAPT adapter, read from disk: its config and per-layer generator weights (float32).
+    """One tenant's IAPT adapter on disk, validated: its config, and where its generator weights are.
 
-    The engine empties ``layers`` once the weights are stacked into its :class:`AdapterBank`, so that an
-    adapter is held in memory once, not twice.
+    The weights are read only when the engine stacks them into its :class:`AdapterBank` (``load_weights``),
+    straight into the bank's rows, so an adapter is held in memory once and loading N of them never holds N
+    transient copies.
     """
 
     name: str
     path: Path
     config: IAPTConfig
-    layers: dict[int, dict[str, torch.Tensor]]  # layer index -> _WEIGHTS (biases may be None)
+    layer_ids: list[int]
+    weights_file: Path
+
+    def load_weights(self) -> dict[int, dict[str, torch.Tensor | None]]:
+        """Layer index -> _WEIGHTS (float32; a missing bias is None), read from the (validated) file."""
+        try:
+            state = load_file(str(self.weights_file))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ValueError(f"adapter weights {self.weights_file} became unreadable: {exc}") from None
+        return {i: {key: (state[f"{i}.{stored}"].float() if f"{i}.{stored}" in state else None)
+                    for key, stored in _STORED.items()} for i in self.layer_ids}
+
+
+_STORED = {"down_weight": "down.weight", "down_bias": "down.bias", "queries": "queries",
+           "numerator": "activation.numerator", "denominator": "activation.denominator",
+           "up_weight": "up.weight", "up_bias": "up.bias"}
 
 
 def read_adapter(base_model: PreTrainedModel, path: str | Path, name: str | None = None) -> Adapter:
     """Read and validate an IAPT adapter folder for ``base_model``, without touching the model.
 
     Uses the same checks as ``IAPTModel.from_pretrained`` (same base architecture, hidden size and layer
-    count; weights matching the config) but installs no hooks, so it is safe while another thread runs
-    the backbone.
+    count; weights matching the config: names and shapes, read from the file's header) but installs no
+    hooks, so it is safe while another thread runs the backbone; the weights themselves are not loaded yet.
     """
     directory = resolve_adapter_dir(path)
     kind = adapter_type(directory)
@@ -104,29 +120,22 @@ def read_adapter(base_model: PreTrainedModel, path: str | Path, name: str | None
     if not weights_file.is_file():
         raise FileNotFoundError(f"adapter weights {weights_file} are missing")
     try:
-        state = load_file(str(weights_file))
+        with safe_open(str(weights_file), framework="pt") as f:
+            found = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError) as exc:
         raise ValueError(f"adapter weights {weights_file} are corrupt or unreadable: {exc}") from None
-    generators = nn.ModuleDict({str(i): PromptGenerator(text_config.hidden_size, config) for i in layer_ids})
-    try:
-        generators.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ValueError(f"adapter weights {weights_file} do not match its config: {exc}") from None
-    layers = {}
-    for i in layer_ids:
-        g = generators[str(i)]
-        layers[i] = {
-            "down_weight": g.down.weight.detach(), "down_bias": _detach(g.down.bias),
-            "queries": g.queries.detach(),
-            "numerator": g.activation.numerator.detach(), "denominator": g.activation.denominator.detach(),
-            "up_weight": g.up.weight.detach(), "up_bias": _detach(g.up.bias),
-        }
+    one = {k: tuple(v.shape) for k, v in PromptGenerator(text_config.hidden_size, config).state_dict().items()}
+    expected = {f"{i}.{k}": shape for i in layer_ids for k, shape in one.items()}
+    missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+    wrong = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
+    if missing or unexpected or wrong:
+        detail = "; ".join(part for part in (
+            f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else "",
+            "shape of " + ", ".join(f"{k} is {found[k]}, expected {expected[k]}" for k in wrong[:3]) if wrong else "",
+        ) if part)
+        raise ValueError(f"adapter weights {weights_file} do not match its config: {detail}")
     name = name or (directory.parent.name if directory.name == "adapter" else directory.name)
-    return Adapter(name, directory, config, layers)
-
-
-def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.detach()
+    return Adapter(name, directory, config, layer_ids, weights_file)
 
 
 def _shapes(d: int, r: int, n: int) -> dict[str, tuple[int, ...]]:
@@ -165,15 +174,16 @@ class AdapterBank:
         for layer in range(num_layers):
             stacked = {k: torch.zeros((count, *s), dtype=torch.float32, device=device) for k, s in shapes.items()}
             present = torch.zeros(count, dtype=torch.bool)
-            for a_idx, adapter in enumerate(adapters, start=1):
-                weights = adapter.layers.get(layer)
-                if weights is None:
-                    continue
-                present[a_idx] = True
+            self.layers.append({**stacked, "present": present})
+        for a_idx, adapter in enumerate(adapters, start=1):
+            for layer, weights in adapter.load_weights().items():  # one adapter's weights in memory at a time
+                bank = self.layers[layer]
+                bank["present"][a_idx] = True
                 for key, value in weights.items():
                     if value is not None:
-                        stacked[key][(a_idx, *(slice(0, s) for s in value.shape))] = value
-            self.layers.append({**stacked, "present": present.to(device)})
+                        bank[key][(a_idx, *(slice(0, s) for s in value.shape))] = value
+        for bank in self.layers:
+            bank["present"] = bank["present"].to(device)
 
     def extended(self, adapters: Sequence[Adapter]) -> AdapterBank:
         """A new bank with ``adapters`` appended; this one is left as it is (a prefill may be reading it).
@@ -185,6 +195,8 @@ class AdapterBank:
             return self
         added = AdapterBank(adapters, self.layers[0]["up_weight"].shape[1] if self.layers else 1,
                             len(self.layers), self.num_slots.device)
+        if not self.names:
+            return added  # nothing to merge: no second copy
         merged = AdapterBank.__new__(AdapterBank)
         merged.names = self.names + added.names
         merged.index = {name: i + 1 for i, name in enumerate(merged.names)}
@@ -441,7 +453,6 @@ class Engine:
                 self._check_name(adapter.name)  # again, under the lock: another thread may have loaded it
             self.bank = self.bank.extended(adapters)
             for adapter in adapters:
-                adapter.layers = {}  # the bank holds the weights now
                 self._adapters[adapter.name] = adapter
                 self.load_errors.pop(adapter.name, None)
 
