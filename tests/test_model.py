@@ -228,3 +228,32 @@ def test_base_model_alone_is_the_bare_backbone(family):
         torch.testing.assert_close(model.base_model(ids, attention_mask=mask).logits,
                                    reference(ids, attention_mask=mask).logits, atol=0, rtol=0)
     assert model.unload() is model.base_model
+
+
+def test_sliding_window_rows_padded_past_the_window_match_each_row_alone():
+    """Each row is laid out [padding | slots | tokens], as alone: with a 6-token window and rows padded by up
+    to 5 tokens, the batch still equals every row alone, in logits and in cached greedy generation."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig, MistralForCausalLM
+
+    from tests.tiny import _COMMON
+
+    torch.manual_seed(0)
+    bases = [Gemma3ForCausalLM(Gemma3TextConfig(**_COMMON, head_dim=12, sliding_window=6,
+                                                layer_types=["sliding_attention", "full_attention"])),
+             MistralForCausalLM(MistralConfig(**_COMMON, sliding_window=6))]
+    for base in bases:
+        with torch.no_grad():
+            base.get_output_embeddings().weight.mul_(8.0)  # sharper logits: greedy tokens differ when inputs do
+        model = get_iapt_model(base.eval(), IAPTConfig(bottleneck=8))
+        randomize_up_projections(model)
+        ids, mask, rows = left_padded_batch()
+        with torch.no_grad():
+            batch_logits = model(ids, attention_mask=mask).logits
+            generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                       pad_token_id=0)
+            for i, row in enumerate(rows):
+                alone = model(row.unsqueeze(0)).logits[0]
+                torch.testing.assert_close(batch_logits[i, -len(row):], alone, atol=ATOL, rtol=1e-4)
+                own = model.generate(input_ids=row.unsqueeze(0), max_new_tokens=6, do_sample=False, pad_token_id=0)
+                assert generated[i, ids.shape[1]:].tolist() == own[0, len(row):].tolist()
+                assert generated[i, -6 - len(row):-6].tolist() == row.tolist(), "the prompt comes back, no slots"

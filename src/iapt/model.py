@@ -1,7 +1,7 @@
 """IAPTModel: a frozen Hugging Face decoder with a prompt generator at every layer.
 
 How the soft tokens get in, without copying any family's modeling code: the model is fed ``n`` reserved
-slots in front of the sequence (positions 0..n-1, real tokens shifted by n). A forward pre-hook on each
+slots in front of each row's tokens, after its left padding (positions 0..n-1, real tokens shifted by n). A forward pre-hook on each
 decoder layer overwrites the slots' hidden states with that layer's generated soft tokens, so layer l sees
 ``[P_l ; H]`` and every real token can attend to them; the next layer replaces them again. Masks, rotary
 or absolute positions and the KV cache are the backbone's own. Generators run only at prefill (an empty
@@ -103,7 +103,36 @@ def _instruction_mask(
     return attended
 
 
+def _slot_layout(attention_mask: torch.Tensor, n: int, after_padding: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where each row's n slots go: just before its first attended token, after any left padding.
+
+    A row is then ``[padding | slots | tokens]``, laid out exactly as it would be alone: same positions, and
+    the same distances between its tokens and its slots, which sliding-window attention depends on.
+    Returns ``source`` (B, T+n): the input column each new column copies (slots: any), ``is_slot`` (B, T+n)
+    and ``columns`` (B, n): the slots' columns. ``after_padding=False`` puts every row's slots in front.
+    """
+    batch, length = attention_mask.shape
+    attended = attention_mask.bool()
+    first = torch.where(attended.any(1), attended.long().argmax(1), 0)  # no attended token: slots in front
+    if not after_padding:
+        first = torch.zeros_like(first)
+    j = torch.arange(length + n, device=attention_mask.device)
+    start = first[:, None]
+    is_slot = (j >= start) & (j < start + n)
+    source = torch.where(j < start, j, j - n).clamp(0, max(length - 1, 0))
+    return source, is_slot, start + torch.arange(n, device=attention_mask.device)
+
+
+def _insert_slots(t: torch.Tensor, source: torch.Tensor, is_slot: torch.Tensor, fill: float | int) -> torch.Tensor:
+    """``t`` (B, T) or (B, T, d) with ``fill`` in the slot columns given by :func:`_slot_layout`."""
+    if t.dim() == 2:
+        return t.gather(1, source).masked_fill(is_slot, fill)
+    return t.gather(1, source[..., None].expand(-1, -1, t.shape[-1])).masked_fill(is_slot[..., None], fill)
+
+
 class IAPTModel(nn.Module):
+    slots_after_padding = True  # [padding | slots | tokens]; subclasses that index slots as columns 0..n-1: False
     """A causal LM whose frozen layers each read ``n`` soft tokens written by their own prompt generator."""
 
     def __init__(self, base_model: PreTrainedModel, config: IAPTConfig | None = None) -> None:
@@ -144,7 +173,9 @@ class IAPTModel(nn.Module):
 
         self._slots_active = False  # True only inside our forward/generate: the base alone behaves as before
         self._instruction_mask: torch.Tensor | None = None  # mask of the original prompt, set per call
+        self._is_slot: torch.Tensor | None = None  # (B, T+n) slot columns of the call's input, set per call
         self._step_mask: torch.Tensor | None = None  # what layers pool in the current backbone call
+        self._step_columns: torch.Tensor | None = None  # (B, n) where layers write the soft tokens
         self._hooks = [base_model.register_forward_pre_hook(self._before_backbone, with_kwargs=True)]
         for i in layer_ids:
             hook = functools.partial(self._before_layer, self.generators[str(i)])
@@ -174,10 +205,20 @@ class IAPTModel(nn.Module):
             self._step_mask = None
             return args, kwargs
         n = self.num_soft_tokens
+        is_slot = self._is_slot
+        if is_slot is None:  # no mask was given: no padding, the slots are in front
+            is_slot = torch.zeros(batch, length, dtype=torch.bool, device=source.device)
+            is_slot[:, :n] = True
+        if is_slot.shape[0] != batch:  # generate expanded rows for beams / num_return_sequences
+            is_slot = is_slot.repeat_interleave(batch // is_slot.shape[0], dim=0)
+        if is_slot.shape[1] < length:  # no-cache generation: the tokens generated so far come after the slots
+            is_slot = torch.nn.functional.pad(is_slot, (0, length - is_slot.shape[1]), value=False)
+        is_slot = is_slot.to(source.device)
+        self._step_columns = is_slot.long().argmax(1, keepdim=True) + torch.arange(n, device=source.device)
         if attention_mask is None or attention_mask.dim() != 2:
-            real = torch.ones(batch, length - n, dtype=torch.bool, device=source.device)
+            real = ~is_slot[:, n:]
         else:
-            real = attention_mask[:, n:].bool()
+            real = attention_mask.bool()[:, n:] & ~is_slot[:, n:]
         mask = self._instruction_mask
         if mask is None:
             self._step_mask = real
@@ -197,26 +238,27 @@ class IAPTModel(nn.Module):
         if mask is None:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
-        n = self.num_soft_tokens
-        real = hidden[:, n:]
-        prompts = generator(real, mask).to(hidden.dtype)
-        hidden = torch.cat([prompts, real], dim=1)
+        # Column n + c holds input token c for every token of every row (only padding sits before a row's
+        # slots), so the generator reads columns n: with the step mask zero at padding and slots.
+        prompts = generator(hidden[:, self.num_soft_tokens:], mask).to(hidden.dtype)
+        columns = self._step_columns[..., None].expand(-1, -1, hidden.shape[-1])
+        hidden = hidden.scatter(1, columns, prompts)
         if args:
             return (hidden, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
 
     @contextlib.contextmanager
-    def _slots(self, instruction_mask: torch.Tensor | None) -> Iterator[None]:
+    def _slots(self, instruction_mask: torch.Tensor | None, is_slot: torch.Tensor | None) -> Iterator[None]:
         if self._slots_active:
             raise RuntimeError("IAPTModel calls do not nest; call the base model directly inside a hook")
-        self._slots_active, self._instruction_mask = True, instruction_mask
+        self._slots_active, self._instruction_mask, self._is_slot = True, instruction_mask, is_slot
         try:
             yield
         finally:
             # _step_mask stays set until the next call: a checkpointing wrapper that re-runs a layer's
             # hooks during backward must see the mask of the forward it recomputes. (transformers 5
             # checkpoints the layer's forward only, so the soft tokens enter it as a plain input.)
-            self._slots_active, self._instruction_mask = False, None
+            self._slots_active, self._instruction_mask, self._is_slot = False, None, None
 
     # ------------------------------------------------------------------ forward / generate
     def forward(
@@ -250,7 +292,8 @@ class IAPTModel(nn.Module):
         if labels is not None and labels.shape != (batch, length):
             raise ValueError(f"labels have shape {tuple(labels.shape)}, expected {(batch, length)} like input_ids")
         n = self.num_soft_tokens
-        full_mask = torch.cat([attention_mask.new_ones(batch, n), attention_mask], dim=1)
+        source_columns, is_slot, _ = _slot_layout(attention_mask, n, self.slots_after_padding)
+        full_mask = _insert_slots(attention_mask, source_columns, is_slot, 1)
         decoding = past_key_values is not None and past_key_values.get_seq_length() > 0
         if decoding:
             expected = past_key_values.get_seq_length() + length
@@ -264,12 +307,10 @@ class IAPTModel(nn.Module):
         else:
             pooled = _instruction_mask(attention_mask, instruction_mask, labels)
             if input_ids is not None:
-                slots = input_ids.new_full((batch, n), self.slot_token_id)
-                input_ids = torch.cat([slots, input_ids], dim=1)
+                input_ids = _insert_slots(input_ids, source_columns, is_slot, self.slot_token_id)
             else:
-                inputs_embeds = torch.cat([inputs_embeds.new_zeros(batch, n, inputs_embeds.shape[-1]),
-                                           inputs_embeds], dim=1)
-            # Project only the real tokens onto the vocabulary: no logits are wasted on the slots.
+                inputs_embeds = _insert_slots(inputs_embeds, source_columns, is_slot, 0.0)
+            # Project only columns n: (every token's column, see _before_layer): no logits for n slots.
             kwargs.setdefault("logits_to_keep", length)
         labelled_only = bool(kwargs.pop("labelled_logits_only", False)) and labels is not None and not decoding
         if labelled_only:
@@ -280,7 +321,7 @@ class IAPTModel(nn.Module):
         loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch",) if k in kwargs}
         if labels is not None:
             kwargs.setdefault("use_cache", False)  # training needs no cache
-        with self._slots(pooled):
+        with self._slots(pooled, None if decoding else is_slot):
             out = self.base_model(
                 input_ids=input_ids, attention_mask=full_mask, inputs_embeds=inputs_embeds,
                 past_key_values=past_key_values, position_ids=position_ids, **kwargs,
@@ -334,16 +375,20 @@ class IAPTModel(nn.Module):
         if kwargs.get("max_new_tokens") is None and getattr(generation_config, "max_new_tokens", None) is None \
                 and "max_length" not in kwargs:
             kwargs["max_length"] = generation_config.max_length + n
-        slots = input_ids.new_full((batch, n), self.slot_token_id)
-        with self._slots(pooled):
+        source_columns, is_slot, _ = _slot_layout(attention_mask, n, self.slots_after_padding)
+        with self._slots(pooled, is_slot):
             out = self.base_model.generate(
-                input_ids=torch.cat([slots, input_ids], dim=1),
-                attention_mask=torch.cat([attention_mask.new_ones(batch, n), attention_mask], dim=1),
+                input_ids=_insert_slots(input_ids, source_columns, is_slot, self.slot_token_id),
+                attention_mask=_insert_slots(attention_mask, source_columns, is_slot, 1),
                 **kwargs,
             )
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        slot = is_slot.repeat_interleave(sequences.shape[0] // batch, dim=0).to(sequences.device)
+        slot = torch.nn.functional.pad(slot, (0, sequences.shape[1] - slot.shape[1]), value=False)
+        sequences = sequences[~slot].view(sequences.shape[0], -1)  # every row drops exactly its n slots
         if isinstance(out, torch.Tensor):
-            return out[:, n:]
-        out.sequences = out.sequences[:, n:]
+            return sequences
+        out.sequences = sequences
         return out
 
     # ------------------------------------------------------------------ parameters

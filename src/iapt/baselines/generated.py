@@ -220,6 +220,9 @@ class GeneratedPromptModel(IAPTModel):
     """
 
     accepts_instruction_mask = True  # the trainer passes the collator's instruction mask
+    # LPT hides the slots from the layers below its insertion layer by column index (0..n-1), so these keep
+    # the slots in front of the padding: exact for full attention, not for rows padded past a sliding window.
+    slots_after_padding = False
 
     def __init__(self, base_model: nn.Module, config: GeneratedPromptConfig) -> None:
         nn.Module.__init__(self)
