@@ -1,0 +1,89 @@
+"""benchmarks/quality.py's bookkeeping: LR choice, the tables, resumable claims (no model is trained here)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("quality_benchmark", ROOT / "benchmarks" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def args(**kw) -> argparse.Namespace:
+    base = {"model": "default", "tasks": ["sentiment", "e2e"], "methods": ["iapt", "lora"], "ablations": ["iapt-joint"],
+            "seeds": [1, 2, 3], "budget": 1000, "lr": 1e-3, "lr_grid": [1e-4, 1e-3], "sweep_budgets": [],
+            "sweep_tasks": ["sentiment"], "steps": 20, "batch_size": 4, "max_length": 64, "dev_examples": 8,
+            "test_examples": 10, "cap": {}}
+    return argparse.Namespace(**{**base, **kw})
+
+
+def tuned(method: str, lr: float, loss: float) -> dict:
+    return {"method": method, "task": "sentiment", "seed": 1, "budget": 1000, "lr": lr, "params": 990,
+            "steps": 20, "dev_loss": loss, "seconds": 1.0}
+
+
+def scored(method: str, task: str, seed: int, score: float, budget: int = 1000, params: int = 990) -> dict:
+    return {**tuned(method, 1e-3, 1.0), "task": task, "seed": seed, "budget": budget, "params": params,
+            "score": score, "metrics": {}}
+
+
+def test_each_method_gets_its_lowest_dev_loss_lr_and_ablations_inherit_iapts(quality):
+    results = [tuned("iapt", 1e-4, 0.9), tuned("iapt", 1e-3, 1.2), tuned("lora", 1e-4, 0.8), tuned("lora", 1e-3, 0.5)]
+    assert quality.choose_lrs(args(), results) == {"iapt": 1e-4, "lora": 1e-3, "iapt-joint": 1e-4}
+
+
+def test_table_reports_median_range_and_a_mean_only_when_every_task_is_there(quality):
+    results = [scored("iapt", "sentiment", s, v) for s, v in ((1, 10.0), (2, 30.0), (3, 20.0))]
+    results += [scored("iapt", "e2e", s, v) for s, v in ((1, 40.0), (2, 50.0), (3, 60.0))]
+    results += [scored("lora", "sentiment", 1, 70.0)]
+    report = quality.write_report(args(), results)
+    iapt_row = next(line for line in report.splitlines() if line.startswith("| iapt |"))
+    assert "20.0 (10.0–30.0)" in iapt_row and "50.0 (40.0–60.0)" in iapt_row and "**35.0**" in iapt_row
+    assert "| 3 |" in iapt_row  # seeds
+    lora_row = next(line for line in report.splitlines() if line.startswith("| lora |"))
+    assert lora_row.rstrip().endswith("| — |"), "no mean over a task that was not run"
+
+
+def test_report_keeps_the_prose_around_its_markers(quality, tmp_path):
+    path = tmp_path / "Q.md"
+    path.write_text("# Title\n\nprose before\n")
+    quality.write_between_markers(path, "table v1\n")
+    path.write_text(path.read_text() + "\nprose after\n")
+    quality.write_between_markers(path, "table v2\n")
+    text = path.read_text()
+    assert "prose before" in text and "prose after" in text and "table v2" in text and "table v1" not in text
+
+
+def test_claims_are_exclusive_and_a_dead_workers_claim_is_taken_over(quality, tmp_path):
+    assert quality.claim(tmp_path, "cell-a")
+    assert quality.claim(tmp_path, "cell-a"), "a process keeps its own claim"
+    other = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(other.stdout)  # that process has exited
+    (tmp_path / ".locks" / "cell-b").mkdir(parents=True)
+    (tmp_path / ".locks" / "cell-b" / "pid").write_text(str(dead_pid))
+    assert quality.claim(tmp_path, "cell-b")
+    (tmp_path / ".locks" / "cell-c").mkdir()
+    (tmp_path / ".locks" / "cell-c" / "pid").write_text(str(os.getppid()))  # alive, not us
+    assert not quality.claim(tmp_path, "cell-c")
+
+
+def test_results_are_read_back_from_every_finished_cell(quality, tmp_path):
+    for name, result in (("a", tuned("iapt", 1e-4, 0.9)), ("b", scored("lora", "e2e", 1, 5.0))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "result.json").write_text(json.dumps(result))
+    (tmp_path / "unfinished").mkdir()
+    assert len(quality.load_results(tmp_path)) == 2
