@@ -89,9 +89,10 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import torch
+from machine import CpuMeter, proc_status_kib, reset_hwm, wait_quiet
 
 INSTRUCTIONS = [
     "Explain in simple terms why the sky is blue during the day and turns red or orange at sunset.",
@@ -126,69 +127,6 @@ LORA_ROWS = ("peft/static", "gather/static", "gather/engine")
 # ---------------------------------------------------------------------------------------------- helpers
 def _sync(device: str) -> Callable[[], None]:
     return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-
-
-def _proc_status_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_hwm() -> bool:
-    """Reset this process's peak RSS to its current RSS (Linux >= 4.0)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-class CpuMeter:
-    """Wall time of a region, and the share of the machine's CPU that *other* processes used meanwhile."""
-
-    _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    _NCPU = os.cpu_count() or 1
-
-    @classmethod
-    def _busy_s(cls) -> float | None:
-        try:
-            fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        except (OSError, ValueError):
-            return None
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-        return (sum(fields[:8]) - idle) / cls._TICK
-
-    def __enter__(self) -> Self:
-        t = os.times()
-        self._own, self._busy, self.start = t.user + t.system, self._busy_s(), time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.wall = time.perf_counter() - self.start
-        t = os.times()
-        busy = self._busy_s()
-        if busy is None or self._busy is None or self.wall <= 0:
-            self.foreign = 0.0
-        else:
-            other = (busy - self._busy) - (t.user + t.system - self._own)
-            self.foreign = max(0.0, other / (self.wall * self._NCPU))
-
-
-def wait_quiet(threshold: float, max_wait: float, window: float = 1.0) -> float:
-    """Sleep until other processes use at most ``threshold`` of the machine's CPU over ``window`` seconds, or
-    ``max_wait`` seconds have passed; returns the seconds waited. Call it while no worker runs."""
-    waited = 0.0
-    while waited < max_wait:
-        with CpuMeter() as meter:
-            time.sleep(window)
-        if meter.foreign <= threshold:
-            break
-        waited += meter.wall
-    return waited
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -540,10 +478,10 @@ def method_worker(args: argparse.Namespace) -> None:
         mem_method = ("torch.cuda.max_memory_allocated() (peak stats reset once the adapters are loaded) − "
                       "memory_allocated() after loading the backbone")
     else:
-        mem_base = (_proc_status_kib("VmRSS") or 0) * 1024
+        mem_base = (proc_status_kib("VmRSS") or 0) * 1024
         mem_method = ("peak RSS (VmHWM, reset via /proc/self/clear_refs once the adapters are loaded) − RSS "
                       "after loading the backbone"
-                      if _reset_hwm() else "ru_maxrss − RSS after loading the backbone (VmHWM could not be reset)")
+                      if reset_hwm() else "ru_maxrss − RSS after loading the backbone (VmHWM could not be reset)")
     t_backbone = time.perf_counter() - t_start
 
     n, kind = args.n, args.method
@@ -572,12 +510,12 @@ def method_worker(args: argparse.Namespace) -> None:
     sync()
     t_load = time.perf_counter() - t_load
     gc.collect()
-    rss_adapters = (_proc_status_kib("VmRSS") or 0) * 1024
+    rss_adapters = (proc_status_kib("VmRSS") or 0) * 1024
     # The peak counts from here: resident adapters + serving, not the transient copies made while loading them.
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     else:
-        _reset_hwm()
+        reset_hwm()
 
     def run(scheduler: str, tenants: list[int], a: argparse.Namespace, ps: list[list[int]]) -> dict[str, Any]:
         if scheduler == "engine":
@@ -640,7 +578,7 @@ def method_worker(args: argparse.Namespace) -> None:
             else:
                 import resource
 
-                hwm = _proc_status_kib("VmHWM")
+                hwm = proc_status_kib("VmHWM")
                 peak = (hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
             reply({"peak_mem_bytes": peak - mem_base})
             return
@@ -744,7 +682,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                         worker, scheduler = key.split("/")
                         tenants = traces.get(kind, traces["uniform"])
                         want_tokens = args.check and rep == 0
-                        results["waited"] = results.get("waited", 0.0) + wait_quiet(0.15, args.wait_quiet)
+                        results["waited"] = results.get("waited", 0.0) + wait_quiet(0.15, args.wait_quiet, window=1.0)
                         run = workers[worker].ask({"cmd": "run", "scheduler": scheduler, "tenants": tenants,
                                                    "tokens": want_tokens})
                         s = _summary(run, args)

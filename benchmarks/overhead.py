@@ -45,9 +45,10 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import torch
+from machine import CpuMeter, proc_status_kib, reset_hwm, wait_quiet
 
 METHODS = ("iapt", "lora", "prefix")
 ABLATIONS = ("frozen", "iapt_const", "iapt_skip_mlp", "iapt_fixed")  # --ablations: where IAPT's time goes
@@ -79,69 +80,6 @@ def _load(args: argparse.Namespace):
 
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     return model.to(args.device), tokenizer
-
-
-def _proc_status_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_hwm() -> bool:
-    """Reset this process's peak RSS to its current RSS (Linux >= 4.0)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-class CpuMeter:
-    """Wall time of a region, and the share of the machine's CPU that *other* processes used meanwhile."""
-
-    _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    _NCPU = os.cpu_count() or 1
-
-    @classmethod
-    def _busy_s(cls) -> float | None:
-        try:
-            fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        except (OSError, ValueError):
-            return None
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        return (sum(fields[:8]) - idle) / cls._TICK  # user nice system idle iowait irq softirq steal
-
-    def __enter__(self) -> Self:
-        t = os.times()
-        self._own, self._busy, self.start = t.user + t.system, self._busy_s(), time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.wall = time.perf_counter() - self.start
-        t = os.times()
-        busy = self._busy_s()
-        if busy is None or self._busy is None or self.wall <= 0:
-            self.foreign = 0.0
-        else:
-            other = (busy - self._busy) - (t.user + t.system - self._own)
-            self.foreign = max(0.0, other / (self.wall * self._NCPU))
-
-
-def wait_quiet(threshold: float, max_wait: float, window: float = 2.0) -> float:
-    """Sleep until other processes use at most ``threshold`` of the machine's CPU over ``window`` seconds,
-    or ``max_wait`` seconds have passed; returns the seconds waited. Call it while this process is idle."""
-    waited = 0.0
-    while waited < max_wait:
-        with CpuMeter() as meter:
-            time.sleep(window)
-        if meter.foreign <= threshold:
-            break
-        waited += meter.wall
-    return waited
 
 
 def _plan_sizes(config: Any, iapt_config: Any) -> dict[str, Any]:
@@ -311,8 +249,8 @@ def train_worker(args: argparse.Namespace) -> None:
         mem_base = torch.cuda.memory_allocated()
         mem_method = "torch.cuda.max_memory_allocated() − memory_allocated() after building"
     else:
-        mem_base = (_proc_status_kib("VmRSS") or 0) * 1024
-        hwm_reset = _reset_hwm()
+        mem_base = (proc_status_kib("VmRSS") or 0) * 1024
+        hwm_reset = reset_hwm()
         mem_method = ("peak RSS (VmHWM, reset via /proc/self/clear_refs once built) − RSS once built"
                       if hwm_reset else "ru_maxrss − RSS once built (the high-water mark could not be reset)")
 
@@ -347,7 +285,7 @@ def train_worker(args: argparse.Namespace) -> None:
             else:
                 import resource
 
-                hwm = _proc_status_kib("VmHWM")
+                hwm = proc_status_kib("VmHWM")
                 peak = (hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
             reply({"peak_mem_bytes": peak - mem_base, "mem_base_bytes": mem_base, "mem_method": mem_method})
             return

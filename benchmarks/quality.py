@@ -15,8 +15,8 @@ import os
 import platform
 import statistics
 import time
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -142,13 +142,13 @@ def write_report(args: argparse.Namespace, results: list[dict[str, Any]]) -> str
     tunes = [r for r in results if "score" not in r]
     cell_minutes = sum(r["seconds"] for r in results) / 60
     lines = [f"## {args.model} — budget {args.budget:,d} trainable parameters", "",
-             f"Test score, median over seeds (range in brackets); sentiment/nli: accuracy, squad: F1, e2e: ROUGE-L, "
+             (f"Test score, median over seeds (range in brackets); sentiment/nli: accuracy, squad: F1, e2e: ROUGE-L, "
              f"in percent. Each cell: {args.steps} optimiser steps of {args.batch_size} examples, max length "
              f"{args.max_length}, the adapter with the best dev loss ({args.dev_examples} dev examples), scored by "
              f"greedy generation on the first {args.test_examples} test examples. "
              f"{len(tests)} scored cells + {len(tunes)} LR-tuning cells, {cell_minutes:.0f} min of cell time on "
-             f"{platform.machine()} ({torch.get_num_threads()} threads, float32, torch {torch.__version__}).", "",
-             ] + ([f"Size caps (the budget rule would exceed them; the parameter column is exact): "
+             f"{platform.machine()} ({torch.get_num_threads()} threads, float32, torch {torch.__version__})."), "",
+             ] + (["Size caps (the budget rule would exceed them; the parameter column is exact): "
                    + ", ".join(f"{k} {v}" for k, v in args.cap.items()) + ".", ""] if args.cap else []) + [
              "### Methods at the budget", ""]
     lines += table(args, results, args.methods)
@@ -156,8 +156,8 @@ def write_report(args: argparse.Namespace, results: list[dict[str, Any]]) -> str
         lines += ["", "### IAPT ablations (same LR as IAPT)", ""]
         lines += table(args, results, ["iapt"] + args.ablations)
     if tunes:
-        lines += ["", f"### LR tuning (task {args.tasks[0]}, seed {args.seeds[0]}, dev loss after {args.steps} steps; "
-                  "lowest chosen)", "", "| method | " + " | ".join(f"{lr:g}" for lr in args.lr_grid) + " |",
+        lines += ["", (f"### LR tuning (task {args.tasks[0]}, seed {args.seeds[0]}, dev loss after {args.steps} "
+                       "steps; lowest chosen)"), "", "| method | " + " | ".join(f"{lr:g}" for lr in args.lr_grid) + " |",
                   "|---|" + "---:|" * len(args.lr_grid)]
         for method in args.methods:
             row = {r["lr"]: r["dev_loss"] for r in tunes if r["method"] == method}

@@ -71,7 +71,7 @@ def test_report_keeps_the_prose_around_its_markers(quality, tmp_path):
 def test_claims_are_exclusive_and_a_dead_workers_claim_is_taken_over(quality, tmp_path):
     assert quality.claim(tmp_path, "cell-a")
     assert quality.claim(tmp_path, "cell-a"), "a process keeps its own claim"
-    other = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    other = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
     dead_pid = int(other.stdout)  # that process has exited
     (tmp_path / ".locks" / "cell-b").mkdir(parents=True)
     (tmp_path / ".locks" / "cell-b" / "pid").write_text(str(dead_pid))

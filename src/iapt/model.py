@@ -112,7 +112,7 @@ def _slot_layout(attention_mask: torch.Tensor, n: int, after_padding: bool = Tru
     Returns ``source`` (B, T+n): the input column each new column copies (slots: any), ``is_slot`` (B, T+n)
     and ``columns`` (B, n): the slots' columns. ``after_padding=False`` puts every row's slots in front.
     """
-    batch, length = attention_mask.shape
+    length = attention_mask.shape[1]
     attended = attention_mask.bool()
     first = torch.where(attended.any(1), attended.long().argmax(1), 0)  # no attended token: slots in front
     if not after_padding:
@@ -124,7 +124,7 @@ def _slot_layout(attention_mask: torch.Tensor, n: int, after_padding: bool = Tru
     return source, is_slot, start + torch.arange(n, device=attention_mask.device)
 
 
-def _insert_slots(t: torch.Tensor, source: torch.Tensor, is_slot: torch.Tensor, fill: float | int) -> torch.Tensor:
+def _insert_slots(t: torch.Tensor, source: torch.Tensor, is_slot: torch.Tensor, fill: float) -> torch.Tensor:
     """``t`` (B, T) or (B, T, d) with ``fill`` in the slot columns given by :func:`_slot_layout`."""
     if t.dim() == 2:
         return t.gather(1, source).masked_fill(is_slot, fill)
@@ -361,7 +361,7 @@ class IAPTModel(nn.Module):
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
             attention_mask = None if attention_mask is None else attention_mask.reshape(1, -1)
-        batch, length = input_ids.shape
+        batch = input_ids.shape[0]
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if attention_mask.shape != input_ids.shape:

@@ -1,0 +1,76 @@
+"""What the benchmarks measure about the machine: this process's memory, and how busy the other processes are.
+
+Shared by the scripts in this folder (each runs as ``python benchmarks/NAME.py``, so this module is importable
+beside them). Linux /proc only; elsewhere the readings are None / 0 and the waits return at once.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Self
+
+
+def proc_status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_hwm() -> bool:
+    """Reset this process's peak RSS to its current RSS (Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+class CpuMeter:
+    """Wall time of a region, and the share of the machine's CPU that *other* processes used meanwhile."""
+
+    _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    _NCPU = os.cpu_count() or 1
+
+    @classmethod
+    def _busy_s(cls) -> float | None:
+        try:
+            fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return (sum(fields[:8]) - idle) / cls._TICK  # user nice system idle iowait irq softirq steal
+
+    def __enter__(self) -> Self:
+        t = os.times()
+        self._own, self._busy, self.start = t.user + t.system, self._busy_s(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self.start
+        t = os.times()
+        busy = self._busy_s()
+        if busy is None or self._busy is None or self.wall <= 0:
+            self.foreign = 0.0
+        else:
+            other = (busy - self._busy) - (t.user + t.system - self._own)
+            self.foreign = max(0.0, other / (self.wall * self._NCPU))
+
+
+def wait_quiet(threshold: float, max_wait: float, window: float = 2.0) -> float:
+    """Sleep until other processes use at most ``threshold`` of the machine's CPU over ``window`` seconds,
+    or ``max_wait`` seconds have passed; returns the seconds waited. Call it while this process (and any
+    worker it drives) is idle."""
+    waited = 0.0
+    while waited < max_wait:
+        with CpuMeter() as meter:
+            time.sleep(window)
+        if meter.foreign <= threshold:
+            break
+        waited += meter.wall
+    return waited
