@@ -233,7 +233,12 @@ def test_base_model_alone_is_the_bare_backbone(family):
 def test_sliding_window_rows_padded_past_the_window_match_each_row_alone():
     """Each row is laid out [padding | slots | tokens], as alone: with a 6-token window and rows padded by up
     to 5 tokens, the batch still equals every row alone, in logits and in cached greedy generation."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig, MistralForCausalLM
+    from transformers import (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        MistralConfig,
+        MistralForCausalLM,
+    )
 
     from tests.tiny import _COMMON
 
@@ -257,3 +262,49 @@ def test_sliding_window_rows_padded_past_the_window_match_each_row_alone():
                 own = model.generate(input_ids=row.unsqueeze(0), max_new_tokens=6, do_sample=False, pad_token_id=0)
                 assert generated[i, ids.shape[1]:].tolist() == own[0, len(row):].tolist()
                 assert generated[i, -6 - len(row):-6].tolist() == row.tolist(), "the prompt comes back, no slots"
+
+
+def with_visible_pad(base):
+    """Tiny models embed the pad id (the slot token) as zeros, so their slots' states would be zero anchors."""
+    with torch.no_grad():
+        base.get_input_embeddings().weight[0].normal_(generator=torch.Generator().manual_seed(3))
+    return base
+
+
+def test_anchored_fresh_adapter_is_the_backbone_with_slot_tokens_in_front(family):
+    """IAPTConfig.anchor: soft tokens = the slots' own backbone states + generator output; a fresh adapter (zero
+    up-projection) is then exactly the bare model reading n pad tokens first, and a trained one still keeps
+    rows independent of their batch and survives save/load (the anchors are recomputed, not saved)."""
+    model = get_iapt_model(with_visible_pad(make_base(family)), IAPTConfig(bottleneck=8, anchor=True))
+    assert all(float(g.anchor.abs().sum()) > 0 for g in model.generators.values())
+    ids, mask, rows = left_padded_batch()
+    n = model.num_soft_tokens
+    with torch.no_grad():
+        for row in rows:
+            ours = model(row.unsqueeze(0)).logits[0]
+            slots = torch.full((n,), model.slot_token_id)
+            bare = model.base_model(torch.cat([slots, row]).unsqueeze(0)).logits[0, n:]
+            torch.testing.assert_close(ours, bare, atol=ATOL, rtol=1e-4)
+    randomize_up_projections(model)
+    with torch.no_grad():
+        batch_logits = model(ids, attention_mask=mask).logits
+        for i, row in enumerate(rows):
+            torch.testing.assert_close(batch_logits[i, -len(row):], model(row.unsqueeze(0)).logits[0],
+                                       atol=ATOL, rtol=1e-4)
+    assert not any("anchor" in k for k in model.state_dict()), "anchors are derived from the base, never saved"
+
+
+def test_anchored_adapter_save_and_load(tmp_path):
+    model = get_iapt_model(with_visible_pad(make_base("llama")), IAPTConfig(bottleneck=8, anchor=True, layers=[1]))
+    assert all(float(g.up.weight.detach().abs().sum()) == 0 for g in model.generators.values()), \
+        "anchored slots are never zero, so a layer subset keeps the zero start"
+    randomize_up_projections(model)
+    ids, mask, _ = left_padded_batch()
+    with torch.no_grad():
+        before = model(ids, attention_mask=mask).logits
+    model.save_pretrained(tmp_path / "a")
+    base = model.unload()
+    loaded = IAPTModel.from_pretrained(base, tmp_path / "a")
+    assert loaded.iapt_config.anchor
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, attention_mask=mask).logits, before)

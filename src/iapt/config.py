@@ -39,6 +39,14 @@ class IAPTConfig:
                           "Residual streams carry outlier channels in the hundreds, which would push the rational "
                           "function far outside the range its initial fit is valid on."},
     )
+    anchor: bool = field(
+        default=False,
+        metadata={"help": "Experimental. Soft tokens = the slot's own hidden state in the bare backbone (the states "
+                          "of n pad tokens, computed from the base at load, not saved) + the generator's output. "
+                          "A fresh adapter is then exactly the backbone with n pad tokens in front, and the first "
+                          "updates perturb full-size states instead of leaving zero, where the layer's RMS norm "
+                          "turns any tiny step into a full-size vector (the loss spike of docs/METHOD.md)."},
+    )
     layers: list[int] | None = field(
         default=None, metadata={"help": "Indices of the layers that get a generator; None = every layer (the method)."}
     )

@@ -131,6 +131,24 @@ def _insert_slots(t: torch.Tensor, source: torch.Tensor, is_slot: torch.Tensor, 
     return t.gather(1, source[..., None].expand(-1, -1, t.shape[-1])).masked_fill(is_slot[..., None], fill)
 
 
+@torch.no_grad()
+def slot_states(base_model: PreTrainedModel, slot_token_id: int, n: int) -> torch.Tensor:
+    """(layers, n, d) float32: what n slot tokens alone hold at each decoder layer's input in the bare backbone.
+
+    Causal, so the first k of them are also the states of k slots: one call serves any n' <= n.
+    """
+    device = base_model.get_input_embeddings().weight.device
+    ids = torch.full((1, n), slot_token_id, dtype=torch.long, device=device)
+    was_training = base_model.training
+    base_model.eval()  # no dropout in a constant
+    try:
+        out = base_model(input_ids=ids, output_hidden_states=True, use_cache=False)
+    finally:
+        base_model.train(was_training)
+    layers = _text_config(base_model).num_hidden_layers
+    return torch.stack([h[0].float() for h in out.hidden_states[:layers]])
+
+
 class IAPTModel(nn.Module):
     slots_after_padding = True  # [padding | slots | tokens]; subclasses that index slots as columns 0..n-1: False
     """A causal LM whose frozen layers each read ``n`` soft tokens written by their own prompt generator."""
@@ -158,19 +176,20 @@ class IAPTModel(nn.Module):
         self.base_model = base_model
         self.iapt_config = config
         self.num_soft_tokens = config.num_soft_tokens
+        pad = getattr(text_config, "pad_token_id", None)
+        self.slot_token_id = pad if isinstance(pad, int) else 0
         device = base_model.get_input_embeddings().weight.device
         self.generators = nn.ModuleDict(
             {str(i): PromptGenerator(hidden_size, config).to(device) for i in layer_ids}
         )
-        if len(layer_ids) < len(decoder_layers):
+        if config.anchor:
+            self._set_anchors(base_model, text_config, layer_ids)
+        elif len(layer_ids) < len(decoder_layers):
             # With generators on some layers only, the slots flow on through the generator-less layers above.
             # Zero soft tokens would stay exactly zero there, and each norm's gradient at zero is 1/sqrt(eps):
             # through many layers it overflows to NaN. Start these up-projections at nn.Linear's default.
             for generator in self.generators.values():
                 generator.up.reset_parameters()
-        pad = getattr(text_config, "pad_token_id", None)
-        self.slot_token_id = pad if isinstance(pad, int) else 0
-
         self._slots_active = False  # True only inside our forward/generate: the base alone behaves as before
         self._instruction_mask: torch.Tensor | None = None  # mask of the original prompt, set per call
         self._is_slot: torch.Tensor | None = None  # (B, T+n) slot columns of the call's input, set per call
@@ -180,6 +199,12 @@ class IAPTModel(nn.Module):
         for i in layer_ids:
             hook = functools.partial(self._before_layer, self.generators[str(i)])
             self._hooks.append(decoder_layers[i].register_forward_pre_hook(hook, with_kwargs=True))
+
+    def _set_anchors(self, base_model: PreTrainedModel, text_config: Any, layer_ids: list[int]) -> None:
+        """IAPTConfig.anchor: each generator's output is added to what its slots hold in the bare backbone."""
+        states = slot_states(base_model, self.slot_token_id, self.num_soft_tokens)
+        for i in layer_ids:
+            self.generators[str(i)].register_buffer("anchor", states[i], persistent=False)
 
     # ------------------------------------------------------------------ hooks
     def _before_backbone(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -240,7 +265,11 @@ class IAPTModel(nn.Module):
         hidden = args[0] if args else kwargs["hidden_states"]
         # Column n + c holds input token c for every token of every row (only padding sits before a row's
         # slots), so the generator reads columns n: with the step mask zero at padding and slots.
-        prompts = generator(hidden[:, self.num_soft_tokens:], mask).to(hidden.dtype)
+        prompts = generator(hidden[:, self.num_soft_tokens:], mask)
+        anchor = getattr(generator, "anchor", None)
+        if anchor is not None:
+            prompts = prompts + anchor
+        prompts = prompts.to(hidden.dtype)
         columns = self._step_columns[..., None].expand(-1, -1, hidden.shape[-1])
         hidden = hidden.scatter(1, columns, prompts)
         if args:

@@ -230,7 +230,12 @@ SLIDING = {"gemma3-window-6": "gemma3", "mistral-window-6": "mistral"}  # tiny m
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", *SLIDING])
 def test_every_family_and_sliding_windows(family, tmp_path):
     """Rows keep the layout they would have alone, so even sliding-window distances match."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig, MistralForCausalLM
+    from transformers import (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        MistralConfig,
+        MistralForCausalLM,
+    )
 
     from tests.serving.conftest import save_adapter
     from tests.tiny import _COMMON, make_base
@@ -293,3 +298,37 @@ def test_read_adapter_names_bad_weights_without_loading_them(adapters_dir, tmp_p
             save_file(state, weights)
         with pytest.raises(ValueError, match=message):
             read_adapter(base, bad)
+
+
+def test_anchored_adapters_serve_like_offline_generate(tmp_path, tokenizer):
+    """IAPTConfig.anchor rows get the slots' backbone states added, other rows of the same batch do not."""
+    from tests.serving.conftest import save_adapter
+
+    from iapt import IAPTConfig, get_iapt_model
+
+    base = tiny_lm().eval()
+    with torch.no_grad():  # tiny_lm embeds the pad id (the slot token) as zeros: give the slots a state
+        base.get_input_embeddings().weight[0].normal_(generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(11)  # small generator outputs: the anchors dominate, so serving without them would show
+    anchored = get_iapt_model(base, IAPTConfig(bottleneck=8, anchor=True))
+    for generator in anchored.generators.values():
+        torch.nn.init.normal_(generator.up.weight, std=0.05)
+    anchored.save_pretrained(tmp_path / "anchored")
+    anchored.unload()
+    save_adapter(base, tmp_path / "plain", 12, bottleneck=8)
+    engine = Engine(base, tokenizer, tmp_path, max_batch_size=4)
+    try:
+        requests = [Request(p, a, max_tokens=8) for p, a in zip(prompts(4, seed=3), ["anchored", "plain", None,
+                                                                                    "anchored"], strict=True)]
+        handles = engine.generate_many(requests)
+        for r, h in zip(requests, handles, strict=True):
+            ids = torch.tensor([r.prompt])
+            if r.adapter is None:
+                out = base.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+            else:
+                model = IAPTModel.from_pretrained(base, tmp_path / r.adapter)
+                out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+                model.unload()
+            assert h.tokens == out[0, len(r.prompt):].tolist(), r.adapter
+    finally:
+        engine.close()

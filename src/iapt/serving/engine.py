@@ -44,7 +44,7 @@ from transformers import DynamicCache, PreTrainedModel
 from iapt.adapters import adapter_type, resolve_adapter_dir
 from iapt.config import WEIGHTS_NAME, IAPTConfig
 from iapt.generator import PromptGenerator, soft_prompts
-from iapt.model import _check_base, _check_compatible, _find_layers, _text_config
+from iapt.model import _check_base, _check_compatible, _find_layers, _text_config, slot_states
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +167,7 @@ class AdapterBank:
         count = len(adapters) + 1
         self.num_slots = torch.tensor([0] + [a.config.num_soft_tokens for a in adapters], device=device)
         self.modes = [("attention", True)] + [(a.config.pooling, a.config.input_norm) for a in adapters]
+        self.anchored = torch.tensor([False] + [a.config.anchor for a in adapters], device=device)
         r = max([a.config.bottleneck for a in adapters], default=1)
         n = max([a.config.num_soft_tokens for a in adapters], default=1)
         shapes = _shapes(hidden_size, r, n)
@@ -202,6 +203,7 @@ class AdapterBank:
         merged.index = {name: i + 1 for i, name in enumerate(merged.names)}
         merged.num_slots = torch.cat([self.num_slots, added.num_slots[1:]])
         merged.modes = self.modes + added.modes[1:]
+        merged.anchored = torch.cat([self.anchored, added.anchored[1:]])
         merged.layers = []
         for mine, theirs in zip(self.layers, added.layers, strict=True):
             layer = {}
@@ -220,6 +222,7 @@ class AdapterBank:
         smaller.index = {n: i + 1 for i, n in enumerate(smaller.names)}
         smaller.num_slots = self.num_slots.index_select(0, rows)
         smaller.modes = [self.modes[i] for i in keep]
+        smaller.anchored = self.anchored.index_select(0, rows)
         smaller.layers = [{k: v.index_select(0, rows) for k, v in layer.items()} for layer in self.layers]
         return smaller
 
@@ -333,6 +336,7 @@ class _Prefill:
     pool: torch.Tensor  # (B, T) the prompt tokens, which the generators read
     columns: torch.Tensor  # (B, N) where each row's slots are
     valid: torch.Tensor  # (B, N) False past the row's own slot count
+    anchors: torch.Tensor | None = None  # the engine's slot states, for IAPTConfig.anchor adapters
 
 
 @dataclass
@@ -390,6 +394,7 @@ class Engine:
 
         self._adapters: dict[str, Adapter] = {}
         self.bank = AdapterBank([], self.hidden_size, self.num_layers, self.device)
+        self._anchors: torch.Tensor | None = None  # (layers, n, d): slot states for IAPTConfig.anchor adapters
         self.load_errors: dict[str, str] = {}
         self._lock = threading.RLock()  # guards the queue, the registry and the bank
         self._wake = threading.Condition(self._lock)
@@ -448,7 +453,13 @@ class Engine:
             raise ValueError(f"an adapter named {name!r} is already loaded; unload it first")
 
     def _add(self, adapters: list[Adapter]) -> None:
+        most = max([a.config.num_soft_tokens for a in adapters if a.config.anchor], default=0)
+        if most and (self._anchors is None or self._anchors.shape[1] < most):
+            anchors = slot_states(self.model, self.slot_token_id, max(most, 8))  # thread-safe: no hook of ours fires
+        else:
+            anchors = self._anchors
         with self._lock:
+            self._anchors = anchors
             for adapter in adapters:
                 self._check_name(adapter.name)  # again, under the lock: another thread may have loaded it
             self.bank = self.bank.extended(adapters)
@@ -662,7 +673,7 @@ class Engine:
             offsets = torch.arange(max(slots), device=self.device)
             columns = (torch.tensor(starts, device=self.device)[:, None] + offsets).clamp_max(width - 1)
             valid = offsets < torch.tensor(slots, device=self.device)[:, None]
-            self._prefill = _Prefill(threading.get_ident(), bank, index, pool, columns, valid)
+            self._prefill = _Prefill(threading.get_ident(), bank, index, pool, columns, valid, self._anchors)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         cache = DynamicCache()
         try:
@@ -683,6 +694,9 @@ class Engine:
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
             prompts, present = state.bank.soft_prompts(layer, state.index, hidden, state.pool, state.columns.shape[1])
+            if state.anchors is not None:  # IAPTConfig.anchor rows: the slots' own states + the generator's output
+                anchored = state.bank.anchored.index_select(0, state.index)[:, None, None]
+                prompts = prompts + anchored * state.anchors[layer, : prompts.shape[1]]
             columns = state.columns[..., None].expand(-1, -1, hidden.shape[-1])
             write = (state.valid & present[:, None])[..., None]  # rows without a generator here keep theirs
             hidden = hidden.scatter(1, columns, torch.where(write, prompts.to(hidden.dtype), hidden.gather(1, columns)))

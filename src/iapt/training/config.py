@@ -38,6 +38,8 @@ class TrainConfig:
     bottleneck: int = field(default=32, metadata={"help": "IAPT generator bottleneck r."})
     activation_init: str = field(default="gelu", metadata={"help": "Initial function of the rational activations."})
     pooling: str = field(default="attention", metadata={"help": "IAPT pooling: attention, mean or last."})
+    anchor: bool = field(default=False, metadata={"help": "Experimental IAPT option: soft tokens = the slots' own "
+                                                          "backbone states + the generator output (IAPTConfig.anchor)."})
     lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate of the generator weights."})
     rational_lr: float = field(default=1e-6, metadata={"help": "AdamW learning rate of the rational coefficients."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (generator weights only)."})

@@ -117,7 +117,7 @@ def build_model(cfg: TrainConfig, base: torch.nn.Module) -> torch.nn.Module:
         return build_baseline(cfg, base)
     bottleneck = cfg.bottleneck if cfg.budget is None else iapt_bottleneck_for_budget(base, cfg)
     iapt_cfg = IAPTConfig(num_soft_tokens=cfg.num_soft_tokens, bottleneck=bottleneck,
-                          activation_init=cfg.activation_init, pooling=cfg.pooling)
+                          activation_init=cfg.activation_init, pooling=cfg.pooling, anchor=cfg.anchor)
     return get_iapt_model(base, iapt_cfg)
 
 
