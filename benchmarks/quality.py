@@ -15,7 +15,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from iapt.training import TrainConfig, Trainer, evaluate_task
 
 PRIMARY = {"sentiment": "accuracy", "nli": "accuracy", "squad": "f1", "e2e": "rougeL"}
 DEFAULT_METHODS = ["iapt", "lora", "prompt-tuning", "prefix", "idpg", "lpt"]
-DEFAULT_ABLATIONS = ["iapt-frozen-gelu", "iapt-frozen-relu", "iapt-joint"]
+DEFAULT_ABLATIONS = ["iapt-anchor", "iapt-frozen-gelu", "iapt-frozen-relu", "iapt-joint"]
 
 
 def method_settings(method: str) -> dict[str, Any]:
@@ -38,6 +38,8 @@ def method_settings(method: str) -> dict[str, Any]:
         return {"method": "iapt", "activation_mode": "joint"}
     if method.startswith("iapt-frozen-"):
         return {"method": "iapt", "activation_mode": "frozen", "activation_init": method.removeprefix("iapt-frozen-")}
+    if method == "iapt-anchor":
+        return {"method": "iapt", "anchor": True}
     if method.startswith("iapt-pool-"):
         return {"method": "iapt", "pooling": method.removeprefix("iapt-pool-")}
     return {"method": method}
@@ -48,7 +50,7 @@ def run_cell(args: argparse.Namespace, base: Any, tokenizer: Any, method: str, t
     """Train one cell and (unless ``test`` is off, as for LR tuning) score its best adapter on the test split."""
     name = f"{args.tag}-{method}-{task}-b{budget}-s{seed}" if test else f"tune-{method}-{task}-b{budget}-lr{lr:g}"
     cell = Path(args.work) / name
-    result_file = cell / "result.json"
+    result_file = Path(args.results) / f"{name}.json"  # kept in the repo: a run resumes on another machine
     if result_file.is_file():
         return json.loads(result_file.read_text())
     if cell.exists():
@@ -92,24 +94,25 @@ def run_cell(args: argparse.Namespace, base: Any, tokenizer: Any, method: str, t
     return result
 
 
-def load_results(work: Path) -> list[dict[str, Any]]:
-    """Every finished cell under ``work``, whichever run (or resumed run) produced it."""
-    return [json.loads(f.read_text()) for f in sorted(work.glob("*/result.json"))]
+def load_results(results: Path) -> list[dict[str, Any]]:
+    """Every finished cell in ``results``, whichever run (or resumed run, on whichever machine) produced it."""
+    return [json.loads(f.read_text()) for f in sorted(results.glob("*.json"))]
 
 
 def choose_lrs(args: argparse.Namespace, results: list[dict[str, Any]]) -> dict[str, float]:
     """Each method's LR: the grid point with the lowest dev loss on the tuning cells (the first task)."""
     chosen = {}
     for method in args.methods + args.ablations:
-        tuned = [r for r in results if "score" not in r and r["method"] == tuning_method(method)
+        tuned = [r for r in results if "score" not in r and r["method"] == tuning_method(method, args.tune_ablations)
                  and r["budget"] == args.budget]
         chosen[method] = min(tuned, key=lambda r: r["dev_loss"])["lr"] if tuned else args.lr
     return chosen
 
 
-def tuning_method(method: str) -> str:
-    """IAPT ablations use the LR tuned for IAPT, so that only the ablated part differs."""
-    return "iapt" if method.startswith("iapt") else method
+def tuning_method(method: str, tuned_separately: Sequence[str] = ()) -> str:
+    """IAPT ablations use the LR tuned for IAPT, so that only the ablated part differs, except those that change
+    the parametrisation's scale (``--tune-ablations``, e.g. iapt-anchor), which get their own."""
+    return "iapt" if method.startswith("iapt") and method not in tuned_separately else method
 
 
 def table(args: argparse.Namespace, results: list[dict[str, Any]], methods: list[str]) -> list[str]:
@@ -153,13 +156,15 @@ def write_report(args: argparse.Namespace, results: list[dict[str, Any]]) -> str
              "### Methods at the budget", ""]
     lines += table(args, results, args.methods)
     if args.ablations:
-        lines += ["", "### IAPT ablations (same LR as IAPT)", ""]
+        own = [m for m in args.ablations if m in args.tune_ablations]
+        lines += ["", "### IAPT ablations (seed " + str(args.seeds[0]) + "; IAPT's LR"
+                  + (f", except {', '.join(own)}: its own tuned LR" if own else "") + ")", ""]
         lines += table(args, results, ["iapt"] + args.ablations)
     if tunes:
         lines += ["", (f"### LR tuning (task {args.tasks[0]}, seed {args.seeds[0]}, dev loss after {args.steps} "
                        "steps; lowest chosen)"), "", "| method | " + " | ".join(f"{lr:g}" for lr in args.lr_grid) + " |",
                   "|---|" + "---:|" * len(args.lr_grid)]
-        for method in args.methods:
+        for method in args.methods + args.tune_ablations:
             row = {r["lr"]: r["dev_loss"] for r in tunes if r["method"] == method}
             if row:
                 lines.append(f"| {method} | " + " | ".join(f"{row[lr]:.3f}" if lr in row else "—"
@@ -263,13 +268,20 @@ def main() -> None:
                         "per sequence: 13+ GB and ~15x the compute here); the table shows the exact count")
     p.add_argument("--workers", type=int, default=1, help="processes taking cells in parallel (threads each: --threads)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--work", default="runs/quality")
+    p.add_argument("--work", default="runs/quality", help="run folders (adapters, checkpoints, logs)")
+    p.add_argument("--results", default="benchmarks/quality-results",
+                   help="one JSON per finished cell (commit it: a run resumes from it anywhere)")
+    p.add_argument("--tune-ablations", nargs="*", default=["iapt-anchor"],
+                   help="ablations that get their own LR tuning instead of IAPT's LR")
+    p.add_argument("--seeds-first", type=int, default=None,
+                   help="run only this many seeds of the main table before the ablations and the sweep")
     p.add_argument("--tag", default="q")
     p.add_argument("--report", default="benchmarks/QUALITY.md", help="where the tables go (written after every cell)")
     args = p.parse_args()
     args.cap = {k: int(v) for k, v in (item.split("=", 1) for item in args.cap)}
     torch.set_num_threads(args.threads)
-    work = Path(args.work)
+    work, results_dir = Path(args.work), Path(args.results)
+    results_dir.mkdir(parents=True, exist_ok=True)
     if args.workers > 1 and not args.worker:
         import subprocess
         import sys
@@ -281,7 +293,7 @@ def main() -> None:
     def cell(method: str, task: str, seed: int, budget: int, lr: float, test: bool = True) -> None:
         base, tokenizer = load_model(args.model)  # a fresh, untouched backbone per cell
         run_cell(args, base, tokenizer, method, task, seed, budget, lr, test)
-        results = load_results(work)
+        results = load_results(results_dir)
         write_between_markers(Path(args.report), write_report(args, results))
         if args.sweep_budgets:
             plot_budgets(args, results, Path(args.report).with_suffix(".png"))
@@ -290,11 +302,12 @@ def main() -> None:
     # the ablations, then the budget sweep. Several workers (--workers k, one thread each, use a small machine
     # better than one process with k threads) take the next unclaimed cell, each claim a lock folder.
     def cells() -> Iterator[tuple[str, str, int, int, str | float, bool]]:
-        for method in args.methods:
+        for method in args.methods + args.tune_ablations:
             for lr in args.lr_grid:
                 yield method, args.tasks[0], args.seeds[0], args.budget, lr, False
         yield "", "", 0, 0, "wait", False  # every worker needs every LR choice before going on
-        for seed in args.seeds:
+        first = args.seeds[: args.seeds_first or len(args.seeds)]
+        for seed in first:
             for task in args.tasks:
                 for method in args.methods:
                     yield method, task, seed, args.budget, "tuned", True
@@ -305,20 +318,24 @@ def main() -> None:
             for task in args.sweep_tasks:
                 for method in ("iapt", "lora"):
                     yield method, task, args.seeds[0], budget, "tuned", True
+        for seed in args.seeds[len(first):]:
+            for task in args.tasks:
+                for method in args.methods:
+                    yield method, task, seed, args.budget, "tuned", True
 
     lrs: dict[str, float] = {}
     for method, task, seed, budget, lr, test in cells():
         if lr == "wait":
-            want = len(args.methods) * len(args.lr_grid)
-            while len([r for r in load_results(work) if "score" not in r]) < want:
+            want = len(args.methods + args.tune_ablations) * len(args.lr_grid)
+            while len([r for r in load_results(results_dir) if "score" not in r]) < want:
                 time.sleep(5)
-            lrs = choose_lrs(args, load_results(work))
+            lrs = choose_lrs(args, load_results(results_dir))
             print("chosen LRs:", lrs, flush=True)
             continue
         lr = lrs[method] if lr == "tuned" else lr
         if claim(work, f"{method}-{task}-{seed}-{budget}-{lr:g}-{test}"):
             cell(method, task, seed, budget, lr, test)
-    print(write_report(args, load_results(work)))
+    print(write_report(args, load_results(results_dir)))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ def args(**kw) -> argparse.Namespace:
     base = {"model": "default", "tasks": ["sentiment", "e2e"], "methods": ["iapt", "lora"], "ablations": ["iapt-joint"],
             "seeds": [1, 2, 3], "budget": 1000, "lr": 1e-3, "lr_grid": [1e-4, 1e-3], "sweep_budgets": [],
             "sweep_tasks": ["sentiment"], "steps": 20, "batch_size": 4, "max_length": 64, "dev_examples": 8,
-            "test_examples": 10, "cap": {}}
+            "test_examples": 10, "cap": {}, "tune_ablations": []}
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -83,7 +83,12 @@ def test_claims_are_exclusive_and_a_dead_workers_claim_is_taken_over(quality, tm
 
 def test_results_are_read_back_from_every_finished_cell(quality, tmp_path):
     for name, result in (("a", tuned("iapt", 1e-4, 0.9)), ("b", scored("lora", "e2e", 1, 5.0))):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "result.json").write_text(json.dumps(result))
-    (tmp_path / "unfinished").mkdir()
+        (tmp_path / f"{name}.json").write_text(json.dumps(result))
     assert len(quality.load_results(tmp_path)) == 2
+
+
+def test_an_ablation_that_changes_scale_gets_its_own_lr(quality):
+    results = [tuned("iapt", 1e-4, 0.9), tuned("iapt", 1e-3, 1.2), tuned("iapt-anchor", 1e-4, 2.0),
+               tuned("iapt-anchor", 1e-3, 1.0), tuned("lora", 1e-3, 0.5)]
+    lrs = quality.choose_lrs(args(ablations=["iapt-anchor", "iapt-joint"], tune_ablations=["iapt-anchor"]), results)
+    assert lrs["iapt-anchor"] == 1e-3 and lrs["iapt-joint"] == 1e-4 == lrs["iapt"]
