@@ -453,19 +453,31 @@ class Engine:
             raise ValueError(f"an adapter named {name!r} is already loaded; unload it first")
 
     def _add(self, adapters: list[Adapter]) -> None:
+        """Stack ``adapters`` into a new bank and swap it in. Reading and copying happen outside the lock, so
+        requests keep being admitted meanwhile; if another load or unload swapped the bank first, redo."""
         most = max([a.config.num_soft_tokens for a in adapters if a.config.anchor], default=0)
         if most and (self._anchors is None or self._anchors.shape[1] < most):
             anchors = slot_states(self.model, self.slot_token_id, max(most, 8))  # thread-safe: no hook of ours fires
         else:
             anchors = self._anchors
-        with self._lock:
-            self._anchors = anchors
-            for adapter in adapters:
-                self._check_name(adapter.name)  # again, under the lock: another thread may have loaded it
-            self.bank = self.bank.extended(adapters)
-            for adapter in adapters:
-                self._adapters[adapter.name] = adapter
-                self.load_errors.pop(adapter.name, None)
+        while True:
+            with self._lock:
+                for adapter in adapters:
+                    self._check_name(adapter.name)
+                start = self.bank
+            bank = start.extended(adapters)
+            with self._lock:
+                if self.bank is not start:
+                    continue
+                for adapter in adapters:
+                    self._check_name(adapter.name)  # again: another thread may have loaded the name meanwhile
+                self.bank = bank
+                if anchors is not None and (self._anchors is None or anchors.shape[1] > self._anchors.shape[1]):
+                    self._anchors = anchors
+                for adapter in adapters:
+                    self._adapters[adapter.name] = adapter
+                    self.load_errors.pop(adapter.name, None)
+                return
 
     def unload_adapter(self, name: str) -> None:
         """Forget an adapter. Its running requests finish (decoding needs no adapter); queued ones fail."""
