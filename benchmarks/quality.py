@@ -115,13 +115,14 @@ def tuning_method(method: str, tuned_separately: Sequence[str] = ()) -> str:
     return "iapt" if method.startswith("iapt") and method not in tuned_separately else method
 
 
-def table(args: argparse.Namespace, results: list[dict[str, Any]], methods: list[str]) -> list[str]:
+def table(args: argparse.Namespace, results: list[dict[str, Any]], methods: list[str],
+          seeds: Sequence[int] | None = None) -> list[str]:
     tasks = args.tasks
     lines = ["| method | trainable params | LR | seeds | " + " | ".join(tasks) + " | mean |",
              "|---|---:|---:|---:|" + "---:|" * (len(tasks) + 1)]
     for method in methods:
         mine = [r for r in results if "score" in r and r["method"] == method and r["budget"] == args.budget
-                and r["task"] in tasks]
+                and r["task"] in tasks and (seeds is None or r["seed"] in seeds)]
         if not mine:
             continue
         scores, cells = [], []
@@ -159,7 +160,7 @@ def write_report(args: argparse.Namespace, results: list[dict[str, Any]]) -> str
         own = [m for m in args.ablations if m in args.tune_ablations]
         lines += ["", "### IAPT ablations (seed " + str(args.seeds[0]) + "; IAPT's LR"
                   + (f", except {', '.join(own)}: its own tuned LR" if own else "") + ")", ""]
-        lines += table(args, results, ["iapt"] + args.ablations)
+        lines += table(args, results, ["iapt"] + args.ablations, seeds=args.seeds[:1])
     if tunes:
         lines += ["", (f"### LR tuning (task {args.tasks[0]}, seed {args.seeds[0]}, dev loss after {args.steps} "
                        "steps; lowest chosen)"), "", "| method | " + " | ".join(f"{lr:g}" for lr in args.lr_grid) + " |",
@@ -273,12 +274,19 @@ def main() -> None:
                    help="one JSON per finished cell (commit it: a run resumes from it anywhere)")
     p.add_argument("--tune-ablations", nargs="*", default=["iapt-anchor"],
                    help="ablations that get their own LR tuning instead of IAPT's LR")
+    p.add_argument("--report-only", action="store_true", help="rewrite QUALITY.md from --results and stop")
     p.add_argument("--seeds-first", type=int, default=None,
                    help="run only this many seeds of the main table before the ablations and the sweep")
     p.add_argument("--tag", default="q")
     p.add_argument("--report", default="benchmarks/QUALITY.md", help="where the tables go (written after every cell)")
     args = p.parse_args()
     args.cap = {k: int(v) for k, v in (item.split("=", 1) for item in args.cap)}
+    if args.report_only:  # rewrite the tables from the committed results, train nothing
+        results = load_results(Path(args.results))
+        write_between_markers(Path(args.report), write_report(args, results))
+        if args.sweep_budgets:
+            plot_budgets(args, results, Path(args.report).with_suffix(".png"))
+        return
     torch.set_num_threads(args.threads)
     work, results_dir = Path(args.work), Path(args.results)
     results_dir.mkdir(parents=True, exist_ok=True)

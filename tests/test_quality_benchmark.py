@@ -92,3 +92,12 @@ def test_an_ablation_that_changes_scale_gets_its_own_lr(quality):
                tuned("iapt-anchor", 1e-3, 1.0), tuned("lora", 1e-3, 0.5)]
     lrs = quality.choose_lrs(args(ablations=["iapt-anchor", "iapt-joint"], tune_ablations=["iapt-anchor"]), results)
     assert lrs["iapt-anchor"] == 1e-3 and lrs["iapt-joint"] == 1e-4 == lrs["iapt"]
+
+
+def test_ablation_table_compares_on_the_first_seed_only(quality):
+    results = [scored("iapt", "sentiment", s, v) for s, v in ((1, 10.0), (2, 90.0))]
+    results += [scored("iapt-joint", "sentiment", 1, 20.0)]
+    report = quality.write_report(args(tasks=["sentiment"]), results)
+    main, ablations = report.split("### IAPT ablations")
+    assert "| iapt | 990 | 0.001 | 2 | 50.0 (10.0–90.0) |" in main
+    assert "| iapt | 990 | 0.001 | 1 | 10.0 |" in ablations and "| iapt-joint | 990 | 0.001 | 1 | 20.0 |" in ablations
