@@ -135,8 +135,9 @@ def table(args: argparse.Namespace, results: list[dict[str, Any]], methods: list
             else:
                 cells.append("—")
         mean = f"**{statistics.mean(scores):.1f}**" if len(scores) == len(tasks) else "—"
-        seeds = sorted({r["seed"] for r in mine})
-        lines.append(f"| {method} | {mine[0]['params']:,d} | {mine[0]['lr']:g} | {len(seeds)} | "
+        counts = [len({r["seed"] for r in mine if r["task"] == task}) for task in tasks]
+        seeds = str(max(counts)) if min(counts) == max(counts) else f"{min(counts)}–{max(counts)}"
+        lines.append(f"| {method} | {mine[0]['params']:,d} | {mine[0]['lr']:g} | {seeds} | "
                      + " | ".join(cells) + f" | {mean} |")
     return lines
 

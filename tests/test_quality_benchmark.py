@@ -101,3 +101,9 @@ def test_ablation_table_compares_on_the_first_seed_only(quality):
     main, ablations = report.split("### IAPT ablations")
     assert "| iapt | 990 | 0.001 | 2 | 50.0 (10.0–90.0) |" in main
     assert "| iapt | 990 | 0.001 | 1 | 10.0 |" in ablations and "| iapt-joint | 990 | 0.001 | 1 | 20.0 |" in ablations
+
+
+def test_seed_counts_show_when_tasks_differ(quality):
+    results = [scored("lora", "sentiment", s, 1.0) for s in (1, 2, 3)] + [scored("lora", "e2e", s, 1.0) for s in (1, 2)]
+    row = next(line for line in quality.write_report(args(), results).splitlines() if line.startswith("| lora |"))
+    assert "| 2–3 |" in row
