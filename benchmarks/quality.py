@@ -136,8 +136,8 @@ def table(args: argparse.Namespace, results: list[dict[str, Any]], methods: list
                 cells.append("—")
         mean = f"**{statistics.mean(scores):.1f}**" if len(scores) == len(tasks) else "—"
         counts = [len({r["seed"] for r in mine if r["task"] == task}) for task in tasks]
-        seeds = str(max(counts)) if min(counts) == max(counts) else f"{min(counts)}–{max(counts)}"
-        lines.append(f"| {method} | {mine[0]['params']:,d} | {mine[0]['lr']:g} | {seeds} | "
+        seed_count = str(max(counts)) if min(counts) == max(counts) else f"{min(counts)}–{max(counts)}"
+        lines.append(f"| {method} | {mine[0]['params']:,d} | {mine[0]['lr']:g} | {seed_count} | "
                      + " | ".join(cells) + f" | {mean} |")
     return lines
 
