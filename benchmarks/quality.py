@@ -191,6 +191,7 @@ def plot_budgets(args: argparse.Namespace, results: list[dict[str, Any]], path: 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for method in ("iapt", "lora"):
@@ -202,6 +203,8 @@ def plot_budgets(args: argparse.Namespace, results: list[dict[str, Any]], path: 
         if xs:
             ax.plot(xs, [statistics.mean(by_params[x].values()) for x in xs], "o-", label=method)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels collide on a short range
+    ax.set_title(f"seed {args.seeds[0]}, {args.steps} steps of {args.batch_size}", fontsize=9)
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel(f"score, mean over {', '.join(args.sweep_tasks)}")
     ax.legend()
