@@ -265,17 +265,22 @@ def test_every_family_and_sliding_windows(family, tmp_path):
         handles += [engine.submit(r) for r in requests[2:]]
         while not all(h.finished for h in handles):
             engine.step()
-        for r, h in zip(requests, handles, strict=True):
-            ids = torch.tensor([r.prompt])
-            if r.adapter is None:
-                out = base.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
-            else:
-                model = IAPTModel.from_pretrained(base, tmp_path / r.adapter)
-                out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
-                model.unload()
-            assert h.tokens == out[0, len(r.prompt):].tolist(), r.adapter
+        assert_offline_equal(base, tmp_path, requests, handles)
     finally:
         engine.close()
+
+
+def assert_offline_equal(base, adapters_dir, requests, handles, new_tokens: int = 8) -> None:
+    """Every request's tokens equal greedy offline generation with its adapter alone (or the bare base)."""
+    for r, h in zip(requests, handles, strict=True):
+        ids = torch.tensor([r.prompt])
+        if r.adapter is None:
+            out = base.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        else:
+            model = IAPTModel.from_pretrained(base, adapters_dir / r.adapter)
+            out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+            model.unload()
+        assert h.tokens == out[0, len(r.prompt):].tolist(), r.adapter
 
 
 def test_read_adapter_names_bad_weights_without_loading_them(adapters_dir, tmp_path):
@@ -321,14 +326,6 @@ def test_anchored_adapters_serve_like_offline_generate(tmp_path, tokenizer):
         requests = [Request(p, a, max_tokens=8) for p, a in zip(prompts(4, seed=3), ["anchored", "plain", None,
                                                                                     "anchored"], strict=True)]
         handles = engine.generate_many(requests)
-        for r, h in zip(requests, handles, strict=True):
-            ids = torch.tensor([r.prompt])
-            if r.adapter is None:
-                out = base.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
-            else:
-                model = IAPTModel.from_pretrained(base, tmp_path / r.adapter)
-                out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
-                model.unload()
-            assert h.tokens == out[0, len(r.prompt):].tolist(), r.adapter
+        assert_offline_equal(base, tmp_path, requests, handles)
     finally:
         engine.close()
