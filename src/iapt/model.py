@@ -104,13 +104,13 @@ def _instruction_mask(
 
 
 def _slot_layout(attention_mask: torch.Tensor, n: int, after_padding: bool = True
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Where each row's n slots go: just before its first attended token, after any left padding.
 
     A row is then ``[padding | slots | tokens]``, laid out exactly as it would be alone: same positions, and
     the same distances between its tokens and its slots, which sliding-window attention depends on.
-    Returns ``source`` (B, T+n): the input column each new column copies (slots: any), ``is_slot`` (B, T+n)
-    and ``columns`` (B, n): the slots' columns. ``after_padding=False`` puts every row's slots in front.
+    Returns ``source`` (B, T+n): the input column each new column copies (slots: any) and ``is_slot`` (B, T+n).
+    ``after_padding=False`` puts every row's slots in front.
     """
     length = attention_mask.shape[1]
     attended = attention_mask.bool()
@@ -121,7 +121,7 @@ def _slot_layout(attention_mask: torch.Tensor, n: int, after_padding: bool = Tru
     start = first[:, None]
     is_slot = (j >= start) & (j < start + n)
     source = torch.where(j < start, j, j - n).clamp(0, max(length - 1, 0))
-    return source, is_slot, start + torch.arange(n, device=attention_mask.device)
+    return source, is_slot
 
 
 def _insert_slots(t: torch.Tensor, source: torch.Tensor, is_slot: torch.Tensor, fill: float) -> torch.Tensor:
@@ -150,8 +150,9 @@ def slot_states(base_model: PreTrainedModel, slot_token_id: int, n: int) -> torc
 
 
 class IAPTModel(nn.Module):
-    slots_after_padding = True  # [padding | slots | tokens]; subclasses that index slots as columns 0..n-1: False
     """A causal LM whose frozen layers each read ``n`` soft tokens written by their own prompt generator."""
+
+    slots_after_padding = True  # [padding | slots | tokens]; subclasses that index slots as columns 0..n-1: False
 
     def __init__(self, base_model: PreTrainedModel, config: IAPTConfig | None = None) -> None:
         super().__init__()
@@ -183,7 +184,7 @@ class IAPTModel(nn.Module):
             {str(i): PromptGenerator(hidden_size, config).to(device) for i in layer_ids}
         )
         if config.anchor:
-            self._set_anchors(base_model, text_config, layer_ids)
+            self._set_anchors(base_model, layer_ids)
         elif len(layer_ids) < len(decoder_layers):
             # With generators on some layers only, the slots flow on through the generator-less layers above.
             # Zero soft tokens would stay exactly zero there, and each norm's gradient at zero is 1/sqrt(eps):
@@ -200,7 +201,7 @@ class IAPTModel(nn.Module):
             hook = functools.partial(self._before_layer, self.generators[str(i)])
             self._hooks.append(decoder_layers[i].register_forward_pre_hook(hook, with_kwargs=True))
 
-    def _set_anchors(self, base_model: PreTrainedModel, text_config: Any, layer_ids: list[int]) -> None:
+    def _set_anchors(self, base_model: PreTrainedModel, layer_ids: list[int]) -> None:
         """IAPTConfig.anchor: each generator's output is added to what its slots hold in the bare backbone."""
         states = slot_states(base_model, self.slot_token_id, self.num_soft_tokens)
         for i in layer_ids:
@@ -230,10 +231,7 @@ class IAPTModel(nn.Module):
             self._step_mask = None
             return args, kwargs
         n = self.num_soft_tokens
-        is_slot = self._is_slot
-        if is_slot is None:  # no mask was given: no padding, the slots are in front
-            is_slot = torch.zeros(batch, length, dtype=torch.bool, device=source.device)
-            is_slot[:, :n] = True
+        is_slot = self._is_slot  # set by forward/generate for every prefill
         if is_slot.shape[0] != batch:  # generate expanded rows for beams / num_return_sequences
             is_slot = is_slot.repeat_interleave(batch // is_slot.shape[0], dim=0)
         if is_slot.shape[1] < length:  # no-cache generation: the tokens generated so far come after the slots
@@ -321,7 +319,7 @@ class IAPTModel(nn.Module):
         if labels is not None and labels.shape != (batch, length):
             raise ValueError(f"labels have shape {tuple(labels.shape)}, expected {(batch, length)} like input_ids")
         n = self.num_soft_tokens
-        source_columns, is_slot, _ = _slot_layout(attention_mask, n, self.slots_after_padding)
+        source_columns, is_slot = _slot_layout(attention_mask, n, self.slots_after_padding)
         full_mask = _insert_slots(attention_mask, source_columns, is_slot, 1)
         decoding = past_key_values is not None and past_key_values.get_seq_length() > 0
         if decoding:
@@ -404,7 +402,7 @@ class IAPTModel(nn.Module):
         if kwargs.get("max_new_tokens") is None and getattr(generation_config, "max_new_tokens", None) is None \
                 and "max_length" not in kwargs:
             kwargs["max_length"] = generation_config.max_length + n
-        source_columns, is_slot, _ = _slot_layout(attention_mask, n, self.slots_after_padding)
+        source_columns, is_slot = _slot_layout(attention_mask, n, self.slots_after_padding)
         with self._slots(pooled, is_slot):
             out = self.base_model.generate(
                 input_ids=_insert_slots(input_ids, source_columns, is_slot, self.slot_token_id),

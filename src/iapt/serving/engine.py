@@ -44,7 +44,13 @@ from transformers import DynamicCache, PreTrainedModel
 from iapt.adapters import adapter_type, resolve_adapter_dir
 from iapt.config import WEIGHTS_NAME, IAPTConfig
 from iapt.generator import PromptGenerator, soft_prompts
-from iapt.model import _check_base, _check_compatible, _find_layers, _text_config, slot_states
+from iapt.model import (
+    _check_base,
+    _check_compatible,
+    _find_layers,
+    _text_config,
+    slot_states,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -174,8 +180,7 @@ class AdapterBank:
         self.layers: list[dict[str, torch.Tensor]] = []
         for layer in range(num_layers):
             stacked = {k: torch.zeros((count, *s), dtype=torch.float32, device=device) for k, s in shapes.items()}
-            present = torch.zeros(count, dtype=torch.bool)
-            self.layers.append({**stacked, "present": present})
+            self.layers.append({**stacked, "present": torch.zeros(count, dtype=torch.bool, device=device)})
         for a_idx, adapter in enumerate(adapters, start=1):
             for layer, weights in adapter.load_weights().items():  # one adapter's weights in memory at a time
                 bank = self.layers[layer]
@@ -183,8 +188,6 @@ class AdapterBank:
                 for key, value in weights.items():
                     if value is not None:
                         bank[key][(a_idx, *(slice(0, s) for s in value.shape))] = value
-        for bank in self.layers:
-            bank["present"] = bank["present"].to(device)
 
     def extended(self, adapters: Sequence[Adapter]) -> AdapterBank:
         """A new bank with ``adapters`` appended; this one is left as it is (a prefill may be reading it).
