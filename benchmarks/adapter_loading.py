@@ -24,12 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-
-def _kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
+from machine import proc_status_kib, reset_hwm
 
 
 def make_adapters(work: Path, count: int) -> list[Path]:
@@ -63,8 +58,8 @@ def worker(work: Path, count: int, how: str) -> dict:
     base, tokenizer = load_model("default")
     engine = Engine(base, tokenizer)
     paths = {f"t{i:03d}": work / f"t{i:03d}" for i in range(count)}
-    rss_before = _kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    rss_before = proc_status_kib("VmRSS") or 0
+    reset_hwm()  # VmHWM := the current RSS
     start = time.perf_counter()
     if how == "folder":
         errors = engine.load_adapters(paths)
@@ -75,7 +70,8 @@ def worker(work: Path, count: int, how: str) -> dict:
     seconds = time.perf_counter() - start
     bank = sum(t.numel() * t.element_size() for layer in engine.bank.layers for t in layer.values())
     return {"count": count, "how": how, "seconds": seconds, "bank_mib": bank / 2**20,
-            "rss_growth_mib": (_kib("VmRSS") - rss_before) / 1024, "peak_growth_mib": (_kib("VmHWM") - rss_before) / 1024}
+            "rss_growth_mib": ((proc_status_kib("VmRSS") or 0) - rss_before) / 1024,
+            "peak_growth_mib": ((proc_status_kib("VmHWM") or 0) - rss_before) / 1024}
 
 
 def main() -> None:

@@ -1,15 +1,19 @@
-"""What the benchmarks measure about the machine: this process's memory, and how busy the other processes are.
+"""What the benchmarks share: readings of this process's memory and of how busy the other processes are, a
+step clock, and the worker processes they time methods in.
 
 Shared by the scripts in this folder (each runs as ``python benchmarks/NAME.py``, so this module is importable
-beside them). Linux /proc only; elsewhere the readings are None / 0 and the waits return at once.
+beside them). The /proc readings are Linux only; elsewhere they are None / 0 and the waits return at once.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 
 def proc_status_kib(field: str) -> int | None:
@@ -74,3 +78,56 @@ def wait_quiet(threshold: float, max_wait: float, window: float = 2.0) -> float:
             break
         waited += meter.wall
     return waited
+
+
+def sync_for(device: str) -> Callable[[], None]:
+    """What to call before reading a clock: CUDA runs asynchronously, the CPU does not."""
+    import torch
+
+    return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+
+class Clock:
+    """A streamer that only timestamps: generate calls put() once with the prompt, then once per step."""
+
+    def __init__(self, sync: Callable[[], None]) -> None:
+        self.sync, self.times = sync, []
+
+    def put(self, value: Any) -> None:
+        self.sync()
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+class WorkerProcess:
+    """A benchmark worker in its own process (own heap, own peak RSS), driven one JSON line at a time:
+    ``ask`` sends a command (a string, or a dict as JSON) and returns the worker's next JSON line."""
+
+    def __init__(self, cmd: list[str], name: str, log_path: Path, threads: int) -> None:
+        env = dict(os.environ)
+        if threads > 0:
+            env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        self.name, self.log_path = name, log_path
+        self._log = log_path.open("w")
+        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
+                                     text=True, bufsize=1)
+
+    def ask(self, command: str | dict[str, Any] | None) -> dict[str, Any]:
+        if command is not None:
+            self.proc.stdin.write((command if isinstance(command, str) else json.dumps(command)) + "\n")
+            self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            self._log.flush()
+            raise RuntimeError(f"worker {self.name} died (exit {self.proc.returncode}):\n"
+                               f"{self.log_path.read_text()[-4000:]}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()

@@ -92,7 +92,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from machine import CpuMeter, proc_status_kib, reset_hwm, wait_quiet
+from machine import (
+    Clock,
+    CpuMeter,
+    WorkerProcess,
+    proc_status_kib,
+    reset_hwm,
+    sync_for,
+    wait_quiet,
+)
 
 INSTRUCTIONS = [
     "Explain in simple terms why the sky is blue during the day and turns red or orange at sunset.",
@@ -125,10 +133,6 @@ LORA_ROWS = ("peft/static", "gather/static", "gather/engine")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _sync(device: str) -> Callable[[], None]:
-    return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-
-
 def _percentile(values: Sequence[float], q: float) -> float:
     """Linear-interpolated percentile (q in [0, 100])."""
     xs = sorted(values)
@@ -328,24 +332,10 @@ class GatherLoRA:
 
 
 # ------------------------------------------------------------------------------------------ the runs
-class _Clock:
-    """A streamer that only timestamps: generate calls put() once with the prompt, then once per step."""
-
-    def __init__(self, sync: Callable[[], None]) -> None:
-        self.sync, self.times = sync, []
-
-    def put(self, value: torch.Tensor) -> None:
-        self.sync()
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-
 def run_static(args: argparse.Namespace, generate: Callable[..., torch.Tensor], prompts: list[list[int]],
                tenants: list[int], before_batch: Callable[[list[int]], dict[str, Any]], pad: int) -> dict[str, Any]:
     """Static batches of up to max_batch_size requests in arrival order, one ``generate`` call each."""
-    sync = _sync(args.device)
+    sync = sync_for(args.device)
     kwargs = _gen_kwargs(args, pad)
     R, L, B = len(prompts), args.prompt_len, args.max_batch_size
     latency, ttft, tokens = [0.0] * R, [0.0] * R, [None] * R
@@ -357,7 +347,7 @@ def run_static(args: argparse.Namespace, generate: Callable[..., torch.Tensor], 
         rows = list(range(start, min(R, start + B)))
         ids = torch.tensor([prompts[i] for i in rows], device=args.device)
         extra = before_batch([tenants[i] for i in rows])
-        clock = _Clock(sync)
+        clock = Clock(sync)
         tb = time.perf_counter()
         out = generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=clock, **kwargs, **extra)
         sync()
@@ -381,7 +371,7 @@ def run_engine(args: argparse.Namespace, engine: Any, prompts: list[list[int]], 
     """The trace through ``Engine.generate_many``: all at once (continuous batching) or in chunks."""
     from iapt.serving import Request
 
-    sync = _sync(args.device)
+    sync = sync_for(args.device)
     R = len(prompts)
     latency, ttft = [0.0] * R, [0.0] * R
     prefill = 0.0
@@ -463,7 +453,7 @@ def method_worker(args: argparse.Namespace) -> None:
     work = Path(args.workdir)
     meta = json.loads((work / "meta.json").read_text())
     prompts, pad = meta["prompts"], meta["pad_token_id"]
-    sync = _sync(args.device)
+    sync = sync_for(args.device)
     cuda = args.device.startswith("cuda")
     t_start = time.perf_counter()
     base, tokenizer = _load(args)
@@ -586,39 +576,13 @@ def method_worker(args: argparse.Namespace) -> None:
             raise ValueError(f"unknown command {cmd!r}")
 
 
-class _Worker:
-    def __init__(self, args: argparse.Namespace, method: str, n: int, log_dir: str) -> None:
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "method", "--method", method, "--n", str(n),
-               "--workdir", args.workdir, "--model", args.model, "--device", args.device, "--dtype", args.dtype,
-               "--threads", str(args.threads), "--max-batch-size", str(args.max_batch_size),
-               "--new-tokens", str(args.new_tokens), "--prompt-len", str(args.prompt_len),
-               "--engine-mode", args.engine_mode]
-        env = dict(os.environ)
-        if args.threads > 0:
-            env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-        self.method = method
-        self.log_path = Path(log_dir) / f"{method}-{n}.log"
-        self._log = self.log_path.open("w")
-        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
-                                     text=True, bufsize=1)
-
-    def ask(self, command: dict[str, Any] | None) -> dict[str, Any]:
-        if command is not None:
-            self.proc.stdin.write(json.dumps(command) + "\n")
-            self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait()
-            self._log.flush()
-            raise RuntimeError(f"worker {self.method} died (exit {self.proc.returncode}):\n"
-                               f"{self.log_path.read_text()[-4000:]}")
-        return json.loads(line)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
+def _worker(args: argparse.Namespace, method: str, n: int, log_dir: str) -> WorkerProcess:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "method", "--method", method, "--n", str(n),
+           "--workdir", args.workdir, "--model", args.model, "--device", args.device, "--dtype", args.dtype,
+           "--threads", str(args.threads), "--max-batch-size", str(args.max_batch_size),
+           "--new-tokens", str(args.new_tokens), "--prompt-len", str(args.prompt_len),
+           "--engine-mode", args.engine_mode]
+    return WorkerProcess(cmd, method, Path(log_dir) / f"{method}-{n}.log", args.threads)
 
 
 def _subprocess(args: argparse.Namespace, worker: str) -> None:
@@ -659,7 +623,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             results["traces"][str(n)] = {k: {"distinct_per_batch": _distinct_per_batch(v, args.max_batch_size)}
                                          for k, v in traces.items()}
             t_spawn = time.perf_counter()
-            workers = {m: _Worker(args, m, n, log_dir) for m in WORKERS}
+            workers = {m: _worker(args, m, n, log_dir) for m in WORKERS}
             try:
                 for m, w in workers.items():
                     results["workers"][f"{m}/{n}"] = w.ask(None)

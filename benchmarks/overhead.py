@@ -39,7 +39,6 @@ import os
 import platform
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,7 +47,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from machine import CpuMeter, proc_status_kib, reset_hwm, wait_quiet
+from machine import (
+    Clock,
+    CpuMeter,
+    WorkerProcess,
+    proc_status_kib,
+    reset_hwm,
+    sync_for,
+    wait_quiet,
+)
 
 METHODS = ("iapt", "lora", "prefix")
 ABLATIONS = ("frozen", "iapt_const", "iapt_skip_mlp", "iapt_fixed")  # --ablations: where IAPT's time goes
@@ -69,12 +76,6 @@ INSTRUCTIONS = [  # realistic instructions of different lengths; the batch takes
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _sync(device: str) -> Callable[[], None]:
-    if device.startswith("cuda"):
-        return torch.cuda.synchronize
-    return lambda: None
-
-
 def _load(args: argparse.Namespace):
     from iapt.models import load_model
 
@@ -212,7 +213,7 @@ def train_worker(args: argparse.Namespace) -> None:
     sys.stdout = sys.stderr
 
     torch.manual_seed(0)
-    sync = _sync(args.device)
+    sync = sync_for(args.device)
     base, _ = _load(args)
     if args.method == "iapt":
         model = get_iapt_model(base, _iapt_config(args))
@@ -293,43 +294,19 @@ def train_worker(args: argparse.Namespace) -> None:
             raise ValueError(f"unknown command {command!r}")
 
 
-class _Worker:
-    def __init__(self, args: argparse.Namespace, method: str, size: int, log_dir: str) -> None:
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "train", "--method", method, "--size", str(size),
-               "--model", args.model, "--device", args.device, "--dtype", args.dtype,
-               "--threads", str(args.threads), "--batch", str(args.batch), "--seq", str(args.seq),
-               "--soft-tokens", str(args.soft_tokens), "--bottleneck", str(args.bottleneck)]
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-        self.method = method
-        self.log_path = Path(log_dir) / f"{method}.log"
-        self._log = self.log_path.open("w")
-        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self._log, text=True, bufsize=1)
-
-    def ask(self, command: str | None) -> dict[str, Any]:
-        if command is not None:
-            self.proc.stdin.write(command + "\n")
-            self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait()
-            self._log.flush()
-            tail = self.log_path.read_text()[-4000:]
-            raise RuntimeError(f"training worker {self.method} died (exit {self.proc.returncode}):\n{tail}")
-        return json.loads(line)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
+def _worker(args: argparse.Namespace, method: str, size: int, log_dir: str) -> WorkerProcess:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "train", "--method", method, "--size", str(size),
+           "--model", args.model, "--device", args.device, "--dtype", args.dtype,
+           "--threads", str(args.threads), "--batch", str(args.batch), "--seq", str(args.seq),
+           "--soft-tokens", str(args.soft_tokens), "--bottleneck", str(args.bottleneck)]
+    return WorkerProcess(cmd, f"training {method}", Path(log_dir) / f"{method}.log", args.threads)
 
 
 def run_training(args: argparse.Namespace, plan: dict[str, Any], waited: dict[str, float]) -> dict[str, Any]:
     methods = METHODS + tuple(args.ablations)
     results: dict[str, Any] = {m: {"steps": [], "warmup": []} for m in methods}
     with tempfile.TemporaryDirectory() as log_dir:
-        workers = {m: _Worker(args, m, plan.get(m, {}).get("size", 0), log_dir) for m in methods}
+        workers = {m: _worker(args, m, plan.get(m, {}).get("size", 0), log_dir) for m in methods}
         try:
             for m, w in workers.items():
                 results[m].update(w.ask(None))  # ready
@@ -369,20 +346,6 @@ def run_training(args: argparse.Namespace, plan: dict[str, Any], waited: dict[st
 
 
 # ---------------------------------------------------------------------------------------- generation
-class _Clock:
-    """A streamer that only timestamps: generate calls put() once with the prompt, then once per step."""
-
-    def __init__(self, sync: Callable[[], None]) -> None:
-        self.sync, self.times = sync, []
-
-    def put(self, value: torch.Tensor) -> None:
-        self.sync()
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-
 def _prompts(tokenizer, batch: int, device: str) -> dict[str, torch.Tensor]:
     texts = [INSTRUCTIONS[i % len(INSTRUCTIONS)] for i in range(batch)]
     if getattr(tokenizer, "chat_template", None):
@@ -396,7 +359,7 @@ def _prompts(tokenizer, batch: int, device: str) -> dict[str, torch.Tensor]:
 def run_generation(args: argparse.Namespace, base, tokenizer, waited: dict[str, float]) -> dict[str, Any]:
     from iapt import get_iapt_model
 
-    sync = _sync(args.device)
+    sync = sync_for(args.device)
     cuda = args.device.startswith("cuda")
     torch.manual_seed(0)
     models = {"bare": base, "iapt": get_iapt_model(copy.deepcopy(base), _iapt_config(args))}
@@ -406,7 +369,7 @@ def run_generation(args: argparse.Namespace, base, tokenizer, waited: dict[str, 
     plen = inputs["input_ids"].shape[1]
 
     def timed(name: str, max_new: int) -> dict[str, float]:
-        clock = _Clock(sync)
+        clock = Clock(sync)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         sync()
