@@ -113,6 +113,23 @@ def test_lora_targets_q_and_v_or_gpt2_c_attn():
 
 
 # ------------------------------------------------------------------------------------------ training, save, load
+@pytest.mark.parametrize("method", ["lora", "prompt-tuning", "prefix"])
+def test_peft_save_asks_no_hub(method, tmp_path, monkeypatch):
+    """A base named like a Hub id must not make PEFT look it up online at save time (no network at run time)."""
+    import peft.utils.save_and_load as peft_save
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("save_pretrained asked the Hub")
+
+    monkeypatch.setattr(peft_save, "check_file_exists_on_hf_hub", no_network)
+    model = build_baseline(TrainConfig(method=method, **SMALL), make_base("llama"))
+    model.peft_model.peft_config["default"].base_model_name_or_path = "someone/not-here"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PEFT's "Could not find a config file" warning included
+        model.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 def test_train_steps_save_and_reload(method, tmp_path):
     torch.manual_seed(0)

@@ -171,8 +171,11 @@ class PeftBaseline(nn.Module):
             return self.peft_model.generate(*args, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """PEFT's files: adapter_config.json (peft_type LORA / PROMPT_TUNING / PREFIX_TUNING) + weights."""
-        self.peft_model.save_pretrained(str(save_directory))
+        """PEFT's files: adapter_config.json (peft_type LORA / PROMPT_TUNING / PREFIX_TUNING) + weights.
+
+        ``save_embedding_layers=False``: these methods never touch the vocabulary, and PEFT's "auto" would ask
+        the Hub whether the base's config exists (a network call, and a warning when offline)."""
+        self.peft_model.save_pretrained(str(save_directory), save_embedding_layers=False)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
