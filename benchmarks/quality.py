@@ -42,6 +42,8 @@ def method_settings(method: str) -> dict[str, Any]:
         return {"method": "iapt", "anchor": True}
     if method.startswith("iapt-pool-"):
         return {"method": "iapt", "pooling": method.removeprefix("iapt-pool-")}
+    if method.startswith("iapt-tokens-"):
+        return {"method": "iapt", "num_soft_tokens": int(method.removeprefix("iapt-tokens-"))}
     return {"method": method}
 
 
@@ -109,6 +111,11 @@ def choose_lrs(args: argparse.Namespace, results: list[dict[str, Any]]) -> dict[
     return chosen
 
 
+def tuned_methods(args: argparse.Namespace) -> list[str]:
+    """Methods with their own LR tuning cells, once each (an ablation promoted to ``--methods`` stays one)."""
+    return list(dict.fromkeys(args.methods + args.tune_ablations))
+
+
 def tuning_method(method: str, tuned_separately: Sequence[str] = ()) -> str:
     """IAPT ablations use the LR tuned for IAPT, so that only the ablated part differs, except those that change
     the parametrisation's scale (``--tune-ablations``, e.g. iapt-anchor), which get their own."""
@@ -166,7 +173,7 @@ def write_report(args: argparse.Namespace, results: list[dict[str, Any]]) -> str
         lines += ["", (f"### LR tuning (task {args.tasks[0]}, seed {args.seeds[0]}, dev loss after {args.steps} "
                        "steps; lowest chosen)"), "", "| method | " + " | ".join(f"{lr:g}" for lr in args.lr_grid) + " |",
                   "|---|" + "---:|" * len(args.lr_grid)]
-        for method in args.methods + args.tune_ablations:
+        for method in tuned_methods(args):
             row = {r["lr"]: r["dev_loss"] for r in tunes if r["method"] == method}
             if row:
                 lines.append(f"| {method} | " + " | ".join(f"{row[lr]:.3f}" if lr in row else "—"
@@ -314,7 +321,7 @@ def main() -> None:
     # the ablations, then the budget sweep. Several workers (--workers k, one thread each, use a small machine
     # better than one process with k threads) take the next unclaimed cell, each claim a lock folder.
     def cells() -> Iterator[tuple[str, str, int, int, str | float, bool]]:
-        for method in args.methods + args.tune_ablations:
+        for method in tuned_methods(args):
             for lr in args.lr_grid:
                 yield method, args.tasks[0], args.seeds[0], args.budget, lr, False
         yield "", "", 0, 0, "wait", False  # every worker needs every LR choice before going on
@@ -338,7 +345,7 @@ def main() -> None:
     lrs: dict[str, float] = {}
     for method, task, seed, budget, lr, test in cells():
         if lr == "wait":
-            want = len(args.methods + args.tune_ablations) * len(args.lr_grid)
+            want = len(tuned_methods(args)) * len(args.lr_grid)
             while len([r for r in load_results(results_dir) if "score" not in r]) < want:
                 time.sleep(5)
             lrs = choose_lrs(args, load_results(results_dir))

@@ -107,3 +107,17 @@ def test_seed_counts_show_when_tasks_differ(quality):
     results = [scored("lora", "sentiment", s, 1.0) for s in (1, 2, 3)] + [scored("lora", "e2e", s, 1.0) for s in (1, 2)]
     row = next(line for line in quality.write_report(args(), results).splitlines() if line.startswith("| lora |"))
     assert "| 2–3 |" in row
+
+
+def test_an_ablation_promoted_to_the_main_table_is_tuned_once(quality):
+    a = args(methods=["iapt", "iapt-anchor"], tune_ablations=["iapt-anchor"])
+    assert quality.tuned_methods(a) == ["iapt", "iapt-anchor"]  # the run waits for exactly this many tuning cells
+    results = [tuned("iapt", 1e-3, 1.0), tuned("iapt-anchor", 1e-3, 0.8)]
+    lr_rows = quality.write_report(a, results).split("### LR tuning")[1]
+    assert lr_rows.count("| iapt-anchor |") == 1
+
+
+def test_ablation_names_map_to_train_settings(quality):
+    assert quality.method_settings("iapt-tokens-8") == {"method": "iapt", "num_soft_tokens": 8}
+    assert quality.method_settings("iapt-pool-mean") == {"method": "iapt", "pooling": "mean"}
+    assert quality.method_settings("iapt-frozen-gelu")["activation_init"] == "gelu"
