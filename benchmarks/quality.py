@@ -104,7 +104,11 @@ def load_results(results: Path) -> list[dict[str, Any]]:
 def choose_lrs(args: argparse.Namespace, results: list[dict[str, Any]]) -> dict[str, float]:
     """Each method's LR: the grid point with the lowest dev loss on the tuning cells (the first task)."""
     chosen = {}
+    fixed = getattr(args, "fixed_lr", {})
     for method in args.methods + args.ablations:
+        if tuning_method(method, args.tune_ablations) in fixed:
+            chosen[method] = fixed[tuning_method(method, args.tune_ablations)]
+            continue
         tuned = [r for r in results if "score" not in r and r["method"] == tuning_method(method, args.tune_ablations)
                  and r["budget"] == args.budget]
         chosen[method] = min(tuned, key=lambda r: r["dev_loss"])["lr"] if tuned else args.lr
@@ -113,7 +117,8 @@ def choose_lrs(args: argparse.Namespace, results: list[dict[str, Any]]) -> dict[
 
 def tuned_methods(args: argparse.Namespace) -> list[str]:
     """Methods with their own LR tuning cells, once each (an ablation promoted to ``--methods`` stays one)."""
-    return list(dict.fromkeys(args.methods + args.tune_ablations))
+    fixed = getattr(args, "fixed_lr", {})
+    return [m for m in dict.fromkeys(args.methods + args.tune_ablations) if m not in fixed]
 
 
 def tuning_method(method: str, tuned_separately: Sequence[str] = ()) -> str:
@@ -160,7 +165,9 @@ def write_report(args: argparse.Namespace, results: list[dict[str, Any]]) -> str
              f"greedy generation on the first {args.test_examples} test examples. "
              f"{len(tests)} scored cells + {len(tunes)} LR-tuning cells, {cell_minutes:.0f} min of cell time on "
              f"{platform.machine()} ({torch.get_num_threads()} threads, float32, torch {torch.__version__})."), "",
-             ] + (["Size caps (the budget rule would exceed them; the parameter column is exact): "
+             ] + (["LRs given, not tuned in this run (`--fixed-lr`): "
+                   + ", ".join(f"{k} {v:g}" for k, v in args.fixed_lr.items()) + ".", ""]
+                  if getattr(args, "fixed_lr", None) else []) + (["Size caps (the budget rule would exceed them; the parameter column is exact): "
                    + ", ".join(f"{k} {v}" for k, v in args.cap.items()) + ".", ""] if args.cap else []) + [
              "### Methods at the budget", ""]
     lines += table(args, results, args.methods)
@@ -285,6 +292,8 @@ def main() -> None:
                    help="one JSON per finished cell (commit it: a run resumes from it anywhere)")
     p.add_argument("--tune-ablations", nargs="*", default=["iapt-anchor"],
                    help="ablations that get their own LR tuning instead of IAPT's LR")
+    p.add_argument("--fixed-lr", nargs="*", default=[],
+                   help="METHOD=LR: use this LR instead of tuning one (e.g. LRs tuned by an earlier, shorter run)")
     p.add_argument("--report-only", action="store_true", help="rewrite QUALITY.md from --results and stop")
     p.add_argument("--seeds-first", type=int, default=None,
                    help="run only this many seeds of the main table before the ablations and the sweep")
@@ -292,6 +301,7 @@ def main() -> None:
     p.add_argument("--report", default="benchmarks/QUALITY.md", help="where the tables go (written after every cell)")
     args = p.parse_args()
     args.cap = {k: int(v) for k, v in (item.split("=", 1) for item in args.cap)}
+    args.fixed_lr = {k: float(v) for k, v in (item.split("=", 1) for item in args.fixed_lr)}
     if args.report_only:  # rewrite the tables from the committed results, train nothing
         results = load_results(Path(args.results))
         write_between_markers(Path(args.report), write_report(args, results))

@@ -121,3 +121,11 @@ def test_ablation_names_map_to_train_settings(quality):
     assert quality.method_settings("iapt-tokens-8") == {"method": "iapt", "num_soft_tokens": 8}
     assert quality.method_settings("iapt-pool-mean") == {"method": "iapt", "pooling": "mean"}
     assert quality.method_settings("iapt-frozen-gelu")["activation_init"] == "gelu"
+
+
+def test_fixed_lrs_replace_tuning_and_ablations_follow_them(quality):
+    a = args(ablations=["iapt-joint"], fixed_lr={"iapt": 3e-3})
+    assert quality.tuned_methods(a) == ["lora"]  # no tuning cells for iapt, so the run does not wait for them
+    lrs = quality.choose_lrs(a, [tuned("iapt", 1e-4, 0.1), tuned("lora", 1e-3, 0.5)])
+    assert lrs["iapt"] == 3e-3 == lrs["iapt-joint"] and lrs["lora"] == 1e-3
+    assert "LRs given, not tuned in this run (`--fixed-lr`): iapt 0.003." in quality.write_report(a, [])
