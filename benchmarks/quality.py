@@ -31,20 +31,30 @@ DEFAULT_ABLATIONS = ["iapt-anchor", "iapt-frozen-gelu", "iapt-frozen-relu", "iap
 
 
 def method_settings(method: str) -> dict[str, Any]:
-    """Benchmark names → TrainConfig settings (IAPT ablations are IAPT with other activation settings)."""
-    if method == "iapt":
-        return {"method": "iapt", "activation_mode": "bilevel"}
-    if method == "iapt-joint":
-        return {"method": "iapt", "activation_mode": "joint"}
-    if method.startswith("iapt-frozen-"):
-        return {"method": "iapt", "activation_mode": "frozen", "activation_init": method.removeprefix("iapt-frozen-")}
-    if method == "iapt-anchor":
-        return {"method": "iapt", "anchor": True}
-    if method.startswith("iapt-pool-"):
-        return {"method": "iapt", "pooling": method.removeprefix("iapt-pool-")}
-    if method.startswith("iapt-tokens-"):
-        return {"method": "iapt", "num_soft_tokens": int(method.removeprefix("iapt-tokens-"))}
-    return {"method": method}
+    """Benchmark names → TrainConfig settings. IAPT variants chain modifiers after ``iapt``: ``anchor``, ``joint``,
+    ``frozen-<fn>``, ``pool-<mode>``, ``tokens-<n>`` (e.g. ``iapt-anchor-frozen-gelu``)."""
+    if method != "iapt" and not method.startswith("iapt-"):
+        return {"method": method}
+    settings: dict[str, Any] = {"method": "iapt", "activation_mode": "bilevel"}
+    words = method.split("-")[1:]
+    while words:
+        word = words.pop(0)
+        if word == "anchor":
+            settings["anchor"] = True
+        elif word == "joint":
+            settings["activation_mode"] = "joint"
+        elif word in ("frozen", "pool", "tokens") and words:
+            value = words.pop(0)
+            if word == "frozen":
+                settings.update(activation_mode="frozen", activation_init=value)
+            elif word == "pool":
+                settings["pooling"] = value
+            else:
+                settings["num_soft_tokens"] = int(value)
+        else:
+            raise ValueError(f"unknown IAPT variant {method!r}: chain anchor, joint, frozen-<fn>, pool-<mode>, "
+                             "tokens-<n> after 'iapt'")
+    return settings
 
 
 def run_cell(args: argparse.Namespace, base: Any, tokenizer: Any, method: str, task: str, seed: int,
@@ -124,7 +134,10 @@ def tuned_methods(args: argparse.Namespace) -> list[str]:
 def tuning_method(method: str, tuned_separately: Sequence[str] = ()) -> str:
     """IAPT ablations use the LR tuned for IAPT, so that only the ablated part differs, except those that change
     the parametrisation's scale (``--tune-ablations``, e.g. iapt-anchor), which get their own."""
-    return "iapt" if method.startswith("iapt") and method not in tuned_separately else method
+    if method in tuned_separately or not method.startswith("iapt"):
+        return method
+    parents = [t for t in tuned_separately if method.startswith(t + "-")]  # iapt-anchor-frozen-gelu: iapt-anchor's
+    return max(parents, key=len) if parents else "iapt"
 
 
 def table(args: argparse.Namespace, results: list[dict[str, Any]], methods: list[str],
@@ -172,9 +185,9 @@ def write_report(args: argparse.Namespace, results: list[dict[str, Any]]) -> str
              "### Methods at the budget", ""]
     lines += table(args, results, args.methods)
     if args.ablations:
-        own = [m for m in args.ablations if m in args.tune_ablations]
+        own = [m for m in args.ablations if tuning_method(m, args.tune_ablations) != "iapt"]  # the LR column says
         lines += ["", "### IAPT ablations (seed " + str(args.seeds[0]) + "; IAPT's LR"
-                  + (f", except {', '.join(own)}: its own tuned LR" if own else "") + ")", ""]
+                  + (f", except {', '.join(own)}: their own tuned LR" if own else "") + ")", ""]
         lines += table(args, results, ["iapt"] + args.ablations, seeds=args.seeds[:1])
     if tunes:
         lines += ["", (f"### LR tuning (task {args.tasks[0]}, seed {args.seeds[0]}, dev loss after {args.steps} "

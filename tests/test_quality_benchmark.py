@@ -118,9 +118,20 @@ def test_an_ablation_promoted_to_the_main_table_is_tuned_once(quality):
 
 
 def test_ablation_names_map_to_train_settings(quality):
-    assert quality.method_settings("iapt-tokens-8") == {"method": "iapt", "num_soft_tokens": 8}
-    assert quality.method_settings("iapt-pool-mean") == {"method": "iapt", "pooling": "mean"}
-    assert quality.method_settings("iapt-frozen-gelu")["activation_init"] == "gelu"
+    assert quality.method_settings("iapt-tokens-8") == {"method": "iapt", "activation_mode": "bilevel",
+                                                         "num_soft_tokens": 8}
+    assert quality.method_settings("iapt-pool-mean")["pooling"] == "mean"
+    assert quality.method_settings("iapt-anchor-frozen-gelu") == {"method": "iapt", "anchor": True,
+                                                                   "activation_mode": "frozen", "activation_init": "gelu"}
+    assert quality.method_settings("lora") == {"method": "lora"}
+    with pytest.raises(ValueError, match="unknown IAPT variant"):
+        quality.method_settings("iapt-anchr")
+
+
+def test_variants_of_a_separately_tuned_ablation_take_its_lr(quality):
+    assert quality.tuning_method("iapt-anchor-frozen-gelu", ["iapt-anchor"]) == "iapt-anchor"
+    assert quality.tuning_method("iapt-frozen-gelu", ["iapt-anchor"]) == "iapt"
+    assert quality.tuning_method("lora", ["iapt-anchor"]) == "lora"
 
 
 def test_fixed_lrs_replace_tuning_and_ablations_follow_them(quality):
