@@ -57,14 +57,29 @@ def method_settings(method: str) -> dict[str, Any]:
     return settings
 
 
+def cached_result(result_file: Path, lr: float) -> dict[str, Any] | None:
+    """The finished cell, if it was trained at ``lr``. One trained at another LR (the grid changed since) is moved
+    to ``superseded/`` beside it: kept, but out of the tables, and the cell is trained again."""
+    if not result_file.is_file():
+        return None
+    done = json.loads(result_file.read_text())
+    if done["lr"] == lr:
+        return done
+    superseded = result_file.parent / "superseded" / f"{result_file.stem}-lr{done['lr']:g}.json"
+    superseded.parent.mkdir(exist_ok=True)
+    result_file.replace(superseded)
+    return None
+
+
 def run_cell(args: argparse.Namespace, base: Any, tokenizer: Any, method: str, task: str, seed: int,
              budget: int, lr: float, test: bool = True) -> dict[str, Any]:
     """Train one cell and (unless ``test`` is off, as for LR tuning) score its best adapter on the test split."""
     name = f"{args.tag}-{method}-{task}-b{budget}-s{seed}" if test else f"tune-{method}-{task}-b{budget}-lr{lr:g}"
     cell = Path(args.work) / name
     result_file = Path(args.results) / f"{name}.json"  # kept in the repo: a run resumes on another machine
-    if result_file.is_file():
-        return json.loads(result_file.read_text())
+    done = cached_result(result_file, lr)
+    if done is not None:
+        return done
     if cell.exists():
         import shutil
 
@@ -120,7 +135,7 @@ def choose_lrs(args: argparse.Namespace, results: list[dict[str, Any]]) -> dict[
             chosen[method] = fixed[tuning_method(method, args.tune_ablations)]
             continue
         tuned = [r for r in results if "score" not in r and r["method"] == tuning_method(method, args.tune_ablations)
-                 and r["budget"] == args.budget]
+                 and r["budget"] == args.budget and r["lr"] in args.lr_grid]
         chosen[method] = min(tuned, key=lambda r: r["dev_loss"])["lr"] if tuned else args.lr
     return chosen
 

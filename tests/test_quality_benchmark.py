@@ -140,3 +140,20 @@ def test_fixed_lrs_replace_tuning_and_ablations_follow_them(quality):
     lrs = quality.choose_lrs(a, [tuned("iapt", 1e-4, 0.1), tuned("lora", 1e-3, 0.5)])
     assert lrs["iapt"] == 3e-3 == lrs["iapt-joint"] and lrs["lora"] == 1e-3
     assert "LRs given, not tuned in this run (`--fixed-lr`): iapt 0.003." in quality.write_report(a, [])
+
+
+def test_lrs_outside_the_grid_are_not_chosen(quality):
+    results = [tuned("iapt", 1e-4, 0.9), tuned("iapt", 1e-2, 0.1), tuned("lora", 1e-3, 0.5)]
+    assert quality.choose_lrs(args(), results)["iapt"] == 1e-4  # 1e-2 is not in this run's grid
+    assert quality.choose_lrs(args(lr_grid=[1e-4, 1e-3, 1e-2]), results)["iapt"] == 1e-2
+
+
+def test_a_cell_trained_at_another_lr_is_set_aside_not_reused(quality, tmp_path):
+    cell = tmp_path / "q-iapt-sentiment-b1000-s1.json"
+    cell.write_text(json.dumps(scored("iapt", "sentiment", 1, 50.0)))  # trained at 1e-3
+    assert quality.cached_result(cell, 1e-3)["score"] == 50.0
+    assert quality.cached_result(cell, 3e-3) is None  # the new LR trains again
+    assert not cell.exists()
+    kept = tmp_path / "superseded" / "q-iapt-sentiment-b1000-s1-lr0.001.json"
+    assert json.loads(kept.read_text())["score"] == 50.0
+    assert quality.load_results(tmp_path) == []  # superseded cells are out of the tables
