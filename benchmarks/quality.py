@@ -146,6 +146,12 @@ def tuned_methods(args: argparse.Namespace) -> list[str]:
     return [m for m in dict.fromkeys(args.methods + args.tune_ablations) if m not in fixed]
 
 
+def missing_tuning(args: argparse.Namespace, results: list[dict[str, Any]]) -> set[tuple[str, float]]:
+    """The (method, LR) tuning cells of this run not finished yet; LRs are chosen only when none is."""
+    done = {(r["method"], r["lr"]) for r in results if "score" not in r and r["budget"] == args.budget}
+    return {(m, lr) for m in tuned_methods(args) for lr in args.lr_grid} - done
+
+
 def tuning_method(method: str, tuned_separately: Sequence[str] = ()) -> str:
     """IAPT ablations use the LR tuned for IAPT, so that only the ablated part differs, except those that change
     the parametrisation's scale (``--tune-ablations``, e.g. iapt-anchor), which get their own."""
@@ -208,7 +214,7 @@ def write_report(args: argparse.Namespace, results: list[dict[str, Any]]) -> str
         lines += ["", (f"### LR tuning (task {args.tasks[0]}, seed {args.seeds[0]}, dev loss after {args.steps} "
                        "steps; lowest chosen)"), "", "| method | " + " | ".join(f"{lr:g}" for lr in args.lr_grid) + " |",
                   "|---|" + "---:|" * len(args.lr_grid)]
-        for method in tuned_methods(args):
+        for method in dict.fromkeys(args.methods + args.tune_ablations):  # fixed LRs too: their earlier tuning
             row = {r["lr"]: r["dev_loss"] for r in tunes if r["method"] == method}
             if row:
                 lines.append(f"| {method} | " + " | ".join(f"{row[lr]:.3f}" if lr in row else "—"
@@ -383,8 +389,7 @@ def main() -> None:
     lrs: dict[str, float] = {}
     for method, task, seed, budget, lr, test in cells():
         if lr == "wait":
-            want = len(tuned_methods(args)) * len(args.lr_grid)
-            while len([r for r in load_results(results_dir) if "score" not in r]) < want:
+            while missing_tuning(args, load_results(results_dir)):
                 time.sleep(5)
             lrs = choose_lrs(args, load_results(results_dir))
             print("chosen LRs:", lrs, flush=True)

@@ -157,3 +157,11 @@ def test_a_cell_trained_at_another_lr_is_set_aside_not_reused(quality, tmp_path)
     kept = tmp_path / "superseded" / "q-iapt-sentiment-b1000-s1-lr0.001.json"
     assert json.loads(kept.read_text())["score"] == 50.0
     assert quality.load_results(tmp_path) == []  # superseded cells are out of the tables
+
+
+def test_lrs_wait_for_this_runs_own_tuning_cells(quality):
+    a = args(lr_grid=[1e-4, 1e-3, 1e-2])
+    others = [tuned("idpg", lr, 1.0) for lr in (1e-4, 1e-3, 1e-2, 3e-3)]  # plenty of cells, none of this run's
+    done = [tuned(m, lr, 1.0) for m in ("iapt", "lora") for lr in (1e-4, 1e-3)]
+    assert quality.missing_tuning(a, others + done) == {("iapt", 1e-2), ("lora", 1e-2)}
+    assert quality.missing_tuning(a, done + [tuned("iapt", 1e-2, 1.0), tuned("lora", 1e-2, 1.0)]) == set()
