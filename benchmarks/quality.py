@@ -129,21 +129,20 @@ def load_results(results: Path) -> list[dict[str, Any]]:
 def choose_lrs(args: argparse.Namespace, results: list[dict[str, Any]]) -> dict[str, float]:
     """Each method's LR: the grid point with the lowest dev loss on the tuning cells (the first task)."""
     chosen = {}
-    fixed = getattr(args, "fixed_lr", {})
     for method in args.methods + args.ablations:
-        if tuning_method(method, args.tune_ablations) in fixed:
-            chosen[method] = fixed[tuning_method(method, args.tune_ablations)]
+        parent = tuning_method(method, args.tune_ablations)
+        if parent in args.fixed_lr:
+            chosen[method] = args.fixed_lr[parent]
             continue
-        tuned = [r for r in results if "score" not in r and r["method"] == tuning_method(method, args.tune_ablations)
-                 and r["budget"] == args.budget and r["lr"] in args.lr_grid]
+        tuned = [r for r in results if "score" not in r and r["method"] == parent and r["budget"] == args.budget
+                 and r["lr"] in args.lr_grid]
         chosen[method] = min(tuned, key=lambda r: r["dev_loss"])["lr"] if tuned else args.lr
     return chosen
 
 
 def tuned_methods(args: argparse.Namespace) -> list[str]:
     """Methods with their own LR tuning cells, once each (an ablation promoted to ``--methods`` stays one)."""
-    fixed = getattr(args, "fixed_lr", {})
-    return [m for m in dict.fromkeys(args.methods + args.tune_ablations) if m not in fixed]
+    return [m for m in dict.fromkeys(args.methods + args.tune_ablations) if m not in args.fixed_lr]
 
 
 def missing_tuning(args: argparse.Namespace, results: list[dict[str, Any]]) -> set[tuple[str, float]]:
@@ -199,11 +198,14 @@ def write_report(args: argparse.Namespace, results: list[dict[str, Any]]) -> str
              f"greedy generation on the first {args.test_examples} test examples. "
              f"{len(tests)} scored cells + {len(tunes)} LR-tuning cells, {cell_minutes:.0f} min of cell time on "
              f"{platform.machine()} ({torch.get_num_threads()} threads, float32, torch {torch.__version__})."), "",
-             ] + (["LRs given, not tuned in this run (`--fixed-lr`): "
-                   + ", ".join(f"{k} {v:g}" for k, v in args.fixed_lr.items()) + ".", ""]
-                  if getattr(args, "fixed_lr", None) else []) + (["Size caps (the budget rule would exceed them; the parameter column is exact): "
-                   + ", ".join(f"{k} {v}" for k, v in args.cap.items()) + ".", ""] if args.cap else []) + [
-             "### Methods at the budget", ""]
+             ]
+    if args.fixed_lr:
+        lines += ["LRs given, not tuned in this run (`--fixed-lr`): "
+                  + ", ".join(f"{k} {v:g}" for k, v in args.fixed_lr.items()) + ".", ""]
+    if args.cap:
+        lines += ["Size caps (the budget rule would exceed them; the parameter column is exact): "
+                  + ", ".join(f"{k} {v}" for k, v in args.cap.items()) + ".", ""]
+    lines += ["### Methods at the budget", ""]
     lines += table(args, results, args.methods)
     if args.ablations:
         own = [m for m in args.ablations if tuning_method(m, args.tune_ablations) != "iapt"]  # the LR column says
@@ -364,16 +366,19 @@ def main() -> None:
     # Order: LR tuning, then whole seeds of the main table (so an interrupted run leaves complete seeds), then
     # the ablations, then the budget sweep. Several workers (--workers k, one thread each, use a small machine
     # better than one process with k threads) take the next unclaimed cell, each claim a lock folder.
+    def main_table(seeds: Sequence[int]) -> Iterator[tuple[str, str, int, int, str | float, bool]]:
+        for seed in seeds:
+            for task in args.tasks:
+                for method in args.methods:
+                    yield method, task, seed, args.budget, "tuned", True
+
     def cells() -> Iterator[tuple[str, str, int, int, str | float, bool]]:
         for method in tuned_methods(args):
             for lr in args.lr_grid:
                 yield method, args.tasks[0], args.seeds[0], args.budget, lr, False
         yield "", "", 0, 0, "wait", False  # every worker needs every LR choice before going on
         first = args.seeds[: args.seeds_first or len(args.seeds)]
-        for seed in first:
-            for task in args.tasks:
-                for method in args.methods:
-                    yield method, task, seed, args.budget, "tuned", True
+        yield from main_table(first)
         for task in args.tasks:
             for method in args.ablations:
                 yield method, task, args.seeds[0], args.budget, "tuned", True
@@ -381,10 +386,7 @@ def main() -> None:
             for task in args.sweep_tasks:
                 for method in ("iapt", "lora"):
                     yield method, task, args.seeds[0], budget, "tuned", True
-        for seed in args.seeds[len(first):]:
-            for task in args.tasks:
-                for method in args.methods:
-                    yield method, task, seed, args.budget, "tuned", True
+        yield from main_table(args.seeds[len(first):])
 
     lrs: dict[str, float] = {}
     for method, task, seed, budget, lr, test in cells():
