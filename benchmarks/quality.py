@@ -197,7 +197,7 @@ def write_report(args: argparse.Namespace, results: list[dict[str, Any]]) -> str
              f"{args.max_length}, the adapter with the best dev loss ({args.dev_examples} dev examples), scored by "
              f"greedy generation on the first {args.test_examples} test examples. "
              f"{len(tests)} scored cells + {len(tunes)} LR-tuning cells, {cell_minutes:.0f} min of cell time on "
-             f"{platform.machine()} ({torch.get_num_threads()} threads, float32, torch {torch.__version__})."), "",
+             f"{platform.machine()} (torch threads per worker: {args.threads}, float32, torch {torch.__version__})."), "",
              ]
     if args.fixed_lr:
         lines += ["LRs given, not tuned in this run (`--fixed-lr`): "

@@ -27,7 +27,8 @@ def args(**kw) -> argparse.Namespace:
     base = {"model": "default", "tasks": ["sentiment", "e2e"], "methods": ["iapt", "lora"], "ablations": ["iapt-joint"],
             "seeds": [1, 2, 3], "budget": 1000, "lr": 1e-3, "lr_grid": [1e-4, 1e-3], "sweep_budgets": [],
             "sweep_tasks": ["sentiment"], "steps": 20, "batch_size": 4, "max_length": 64, "dev_examples": 8,
-            "test_examples": 10, "cap": {}, "tune_ablations": [], "fixed_lr": {}}
+            "test_examples": 10, "cap": {}, "tune_ablations": [], "fixed_lr": {},
+            "threads": 1}
     return argparse.Namespace(**{**base, **kw})
 
 
