@@ -15,7 +15,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -294,6 +294,21 @@ def claim(work: Path, key: str) -> bool:
     return True
 
 
+def method_values(parser: argparse.ArgumentParser, flag: str, items: Sequence[str], cast: Callable[[str], Any]
+                  ) -> dict[str, Any]:
+    """``METHOD=VALUE`` arguments as a dict; a malformed one is a usage error naming the flag, not a traceback."""
+    values = {}
+    for item in items:
+        method, sep, value = item.partition("=")
+        try:
+            values[method] = cast(value)
+        except ValueError:
+            sep = ""
+        if not sep or not method:
+            parser.error(f"{flag} takes METHOD=VALUE items (a method name, \"=\", a number), got {item!r}")
+    return values
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
@@ -336,8 +351,8 @@ def main() -> None:
     p.add_argument("--tag", default="q")
     p.add_argument("--report", default="benchmarks/QUALITY.md", help="where the tables go (written after every cell)")
     args = p.parse_args()
-    args.cap = {k: int(v) for k, v in (item.split("=", 1) for item in args.cap)}
-    args.fixed_lr = {k: float(v) for k, v in (item.split("=", 1) for item in args.fixed_lr)}
+    args.cap = method_values(p, "--cap", args.cap, int)
+    args.fixed_lr = method_values(p, "--fixed-lr", args.fixed_lr, float)
     if args.report_only:  # rewrite the tables from the committed results, train nothing
         results = load_results(Path(args.results))
         write_between_markers(Path(args.report), write_report(args, results))

@@ -166,3 +166,11 @@ def test_lrs_wait_for_this_runs_own_tuning_cells(quality):
     done = [tuned(m, lr, 1.0) for m in ("iapt", "lora") for lr in (1e-4, 1e-3)]
     assert quality.missing_tuning(a, others + done) == {("iapt", 1e-2), ("lora", 1e-2)}
     assert quality.missing_tuning(a, done + [tuned("iapt", 1e-2, 1.0), tuned("lora", 1e-2, 1.0)]) == set()
+
+
+def test_malformed_method_values_are_a_usage_error(quality):
+    parser = argparse.ArgumentParser()
+    assert quality.method_values(parser, "--fixed-lr", ["iapt=3e-4", "lora=1e-3"], float) == {"iapt": 3e-4, "lora": 1e-3}
+    for bad in ("iapt", "iapt=fast", "=1e-3"):
+        with pytest.raises(SystemExit):
+            quality.method_values(parser, "--fixed-lr", [bad], float)
