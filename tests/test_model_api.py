@@ -225,7 +225,7 @@ def test_save_is_atomic_and_keeps_the_old_adapter_on_failure(tmp_path, monkeypat
 
 def test_generators_on_some_layers_start_nonzero_and_train():
     """Slots flow on through generator-less layers; zero starts there would overflow the norms' gradients."""
-    model = get_iapt_model(make_base("llama"), IAPTConfig(bottleneck=8, layers=[0]))
+    model = get_iapt_model(make_base("llama"), IAPTConfig(bottleneck=8, layers=[0], anchor="none"))
     assert list(model.generators) == ["0"]
     assert model.generators["0"].up.weight.abs().sum() > 0
     ids, mask, _ = left_padded_batch()

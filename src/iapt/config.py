@@ -14,6 +14,7 @@ from iapt.rational import RATIONAL_INITS
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 POOLINGS = ("attention", "mean", "last")
+ANCHORS = ("tokens", "pad", "none")
 
 
 @dataclass
@@ -39,13 +40,20 @@ class IAPTConfig:
                           "Residual streams carry outlier channels in the hundreds, which would push the rational "
                           "function far outside the range its initial fit is valid on."},
     )
-    anchor: bool = field(
-        default=False,
-        metadata={"help": "Experimental. Soft tokens = the slot's own hidden state in the bare backbone (the states "
-                          "of n pad tokens, computed from the base at load, not saved) + the generator's output. "
-                          "A fresh adapter is then exactly the backbone with n pad tokens in front, and the first "
-                          "updates perturb full-size states instead of leaving zero, where the layer's RMS norm "
-                          "turns any tiny step into a full-size vector (the loss spike of docs/METHOD.md)."},
+    anchor: str = field(
+        default="tokens",
+        metadata={"help": "What the soft tokens start from. 'tokens' (default): soft tokens = the bare backbone's "
+                          "own states of n real vocabulary tokens at the slots (``anchor_token_ids``, computed from "
+                          "the base at load, not saved) + the generator's output; a fresh adapter is then exactly "
+                          "the backbone with those n tokens in front. 'pad': the same with n pad tokens. 'none': "
+                          "the paper's zero start, where the layer's RMS norm turns the first tiny update into a "
+                          "full-size vector of arbitrary direction (the loss spike of docs/METHOD.md). Old files' "
+                          "true/false read as 'pad'/'none'."},
+    )
+    anchor_token_ids: list[int] | None = field(
+        default=None,
+        metadata={"help": "The n token ids whose backbone states anchor the slots ('tokens': drawn on install from "
+                          "frequent vocabulary ids when not given; 'pad': n pad ids). Recorded on install."},
     )
     layers: list[int] | None = field(
         default=None, metadata={"help": "Indices of the layers that get a generator; None = every layer (the method)."}
@@ -80,6 +88,17 @@ class IAPTConfig:
             )
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling={self.pooling!r} is unknown; choose one of {list(POOLINGS)}")
+        if isinstance(self.anchor, bool):  # files written before the anchor had modes
+            self.anchor = "pad" if self.anchor else "none"
+        if self.anchor not in ANCHORS:
+            raise ValueError(f"anchor={self.anchor!r} is unknown; choose one of {list(ANCHORS)}")
+        if self.anchor_token_ids is not None:
+            if self.anchor == "none":
+                raise ValueError("anchor_token_ids are given but anchor='none' (the zero start) uses none")
+            if len(self.anchor_token_ids) != self.num_soft_tokens or not all(
+                    isinstance(t, int) and t >= 0 for t in self.anchor_token_ids):
+                raise ValueError(f"anchor_token_ids must be {self.num_soft_tokens} non-negative token ids (one per "
+                                 f"soft token), got {self.anchor_token_ids!r}")
         if self.peft_type != "IAPT":
             raise ValueError(f"this is not an IAPT adapter config (peft_type={self.peft_type!r})")
 

@@ -107,6 +107,15 @@ class PromptGenerator(nn.Module):
         nn.init.normal_(self.queries, std=1.0 / math.sqrt(self.queries.shape[0]))
         self.activation.reset_parameters()
 
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        """``.to(dtype)`` / ``.half()`` move the generator but keep it float32 (as PEFT's adapter autocast): its
+        tiny weights run once per request, and bf16 rounding of its updates would swamp what it learns."""
+        super()._apply(fn, recurse)
+        for t in [*self.parameters(), *self.buffers()]:
+            if t.is_floating_point() and t.dtype != torch.float32:
+                t.data = t.data.float()
+        return self
+
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return soft_prompts(
             hidden, mask, self.down.weight, self.down.bias, self.queries,

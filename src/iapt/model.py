@@ -132,13 +132,15 @@ def _insert_slots(t: torch.Tensor, source: torch.Tensor, is_slot: torch.Tensor, 
 
 
 @torch.no_grad()
-def slot_states(base_model: PreTrainedModel, slot_token_id: int, n: int) -> torch.Tensor:
-    """(layers, n, d) float32: what n slot tokens alone hold at each decoder layer's input in the bare backbone.
+def slot_states(base_model: PreTrainedModel, token_ids: int | list[int], n: int | None = None) -> torch.Tensor:
+    """(layers, n, d) float32: what n tokens alone hold at each decoder layer's input in the bare backbone.
 
-    Causal, so the first k of them are also the states of k slots: one call serves any n' <= n.
+    ``token_ids``: the n ids, or one id repeated ``n`` times. Causal, so the first k of them are also the
+    states of the first k tokens: one call serves any n' <= n.
     """
+    ids_list = [token_ids] * (n or 1) if isinstance(token_ids, int) else list(token_ids)
     device = base_model.get_input_embeddings().weight.device
-    ids = torch.full((1, n), slot_token_id, dtype=torch.long, device=device)
+    ids = torch.tensor([ids_list], dtype=torch.long, device=device)
     was_training = base_model.training
     base_model.eval()  # no dropout in a constant
     try:
@@ -147,6 +149,55 @@ def slot_states(base_model: PreTrainedModel, slot_token_id: int, n: int) -> torc
         base_model.train(was_training)
     layers = _text_config(base_model).num_hidden_layers
     return torch.stack([h[0].float() for h in out.hidden_states[:layers]])
+
+
+def slot_token_id(base_model: PreTrainedModel) -> int:
+    """The id fed at the slot columns (its embedding is overwritten at every generator layer): the pad id."""
+    pad = getattr(_text_config(base_model), "pad_token_id", None)
+    return pad if isinstance(pad, int) else 0
+
+
+def frequent_token_ids(base_model: PreTrainedModel, n: int, generator: torch.Generator | None = None) -> list[int]:
+    """n distinct ids drawn from the frequent part of the vocabulary, skipping the special ids.
+
+    Byte-pair vocabularies number their merges in order of frequency, so ids in [V/50, V/5) are common
+    words and word pieces (SmolLM2: ids 983-9,830), past the byte alphabet and special tokens at the
+    bottom: the same idea as prompt tuning's initialisation from the 5,000 most frequent tokens.
+    """
+    vocab = base_model.get_input_embeddings().weight.shape[0]
+    text = _text_config(base_model)
+    special = set()
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(text, key, None)
+        special.update(value if isinstance(value, list) else [value])
+    low, high = vocab // 50, max(vocab // 5, vocab // 50 + n)
+    pool = [i for i in range(low, min(high, vocab)) if i not in special]
+    if len(pool) < n:
+        pool = [i for i in range(vocab) if i not in special]
+    order = torch.randperm(len(pool), generator=generator)[:n].tolist()
+    return [pool[i] for i in order]
+
+
+def resolve_anchor(base_model: PreTrainedModel, config: IAPTConfig) -> None:
+    """Fill ``config.anchor_token_ids`` for an anchored config that has none (drawn with torch's global RNG)."""
+    if config.anchor == "none" or config.anchor_token_ids is not None:
+        return
+    n = config.num_soft_tokens
+    if config.anchor == "pad":
+        config.anchor_token_ids = [slot_token_id(base_model)] * n
+    else:
+        config.anchor_token_ids = frequent_token_ids(base_model, n)
+
+
+def anchor_states(base_model: PreTrainedModel, config: IAPTConfig) -> torch.Tensor | None:
+    """(layers, n, d): what an anchored adapter adds to its generators' output at each layer (None: zero start).
+
+    Derived from the base at load, never saved: the one definition IAPTModel and the serving engine share.
+    """
+    if config.anchor == "none":
+        return None
+    resolve_anchor(base_model, config)
+    return slot_states(base_model, config.anchor_token_ids)
 
 
 class IAPTModel(nn.Module):
@@ -177,14 +228,15 @@ class IAPTModel(nn.Module):
         self.base_model = base_model
         self.iapt_config = config
         self.num_soft_tokens = config.num_soft_tokens
-        pad = getattr(text_config, "pad_token_id", None)
-        self.slot_token_id = pad if isinstance(pad, int) else 0
+        self.slot_token_id = slot_token_id(base_model)
         device = base_model.get_input_embeddings().weight.device
         self.generators = nn.ModuleDict(
             {str(i): PromptGenerator(hidden_size, config).to(device) for i in layer_ids}
         )
-        if config.anchor:
-            self._set_anchors(base_model, layer_ids)
+        anchors = anchor_states(base_model, config)
+        if anchors is not None:
+            for i in layer_ids:  # what each generator's output is added to (IAPTConfig.anchor)
+                self.generators[str(i)].register_buffer("anchor", anchors[i], persistent=False)
         elif len(layer_ids) < len(decoder_layers):
             # With generators on some layers only, the slots flow on through the generator-less layers above.
             # Zero soft tokens would stay exactly zero there, and each norm's gradient at zero is 1/sqrt(eps):
@@ -200,12 +252,6 @@ class IAPTModel(nn.Module):
         for i in layer_ids:
             hook = functools.partial(self._before_layer, self.generators[str(i)])
             self._hooks.append(decoder_layers[i].register_forward_pre_hook(hook, with_kwargs=True))
-
-    def _set_anchors(self, base_model: PreTrainedModel, layer_ids: list[int]) -> None:
-        """IAPTConfig.anchor: each generator's output is added to what its slots hold in the bare backbone."""
-        states = slot_states(base_model, self.slot_token_id, self.num_soft_tokens)
-        for i in layer_ids:
-            self.generators[str(i)].register_buffer("anchor", states[i], persistent=False)
 
     # ------------------------------------------------------------------ hooks
     def _before_backbone(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -508,6 +554,14 @@ def _check_compatible(config: IAPTConfig, base_model: PreTrainedModel, directory
         "hidden size": config.base_hidden_size,
         "layer count": config.base_num_layers,
     }
+    anchor, anchor_ids = getattr(config, "anchor", "none"), getattr(config, "anchor_token_ids", None)
+    if anchor == "tokens" and anchor_ids is None:
+        raise ValueError(f"adapter {directory} is anchored on tokens (anchor='tokens') but records no "
+                         f"anchor_token_ids; add the ids it was trained with to its {CONFIG_NAME}")
+    vocab = base_model.get_input_embeddings().weight.shape[0]
+    if anchor_ids is not None and max(anchor_ids) >= vocab:
+        raise ValueError(f"adapter {directory} anchors its slots on token ids {anchor_ids}, but this "
+                         f"base has a vocabulary of {vocab}; load it on the base it was trained on")
     for what, have in base.items():
         want = saved[what]
         if want is not None and want != have:

@@ -9,6 +9,7 @@ import torch
 
 from iapt import IAPTModel
 from iapt.serving import Engine, QueueFull, Request, UnknownAdapter
+from iapt.model import anchor_states
 from iapt.serving.engine import AdapterBank, read_adapter
 from tests.tiny import tiny_lm
 
@@ -37,7 +38,10 @@ def test_stacked_generators_equal_each_tenants_own(adapters_dir):
     """One soft_prompts call over a mixed batch == every row's own PromptGenerator."""
     base = tiny_lm().eval()
     names = ["alice", "bob", "carol"]
-    bank = AdapterBank([read_adapter(base, adapters_dir / n) for n in names], 32, 2, torch.device("cpu"))
+    read = [read_adapter(base, adapters_dir / n) for n in names]
+    anchors = {a.name: s for a in read if (s := anchor_states(base, a.config)) is not None}
+    assert anchors, "the fixture's adapters use the default (anchored) start"
+    bank = AdapterBank(read, 32, 2, torch.device("cpu"), anchors)
     rows = ["alice", None, "bob", "carol", "alice"]
     index = torch.tensor([bank.index.get(r, 0) if r else 0 for r in rows])
     hidden = torch.randn(len(rows), 9, 32) * 3
@@ -52,7 +56,8 @@ def test_stacked_generators_equal_each_tenants_own(adapters_dir):
                 continue
             assert present[i]
             model = IAPTModel.from_pretrained(base, adapters_dir / name)
-            own = model.generators[str(layer)](hidden[i:i + 1], mask[i:i + 1])[0]
+            generator = model.generators[str(layer)]
+            own = generator(hidden[i:i + 1], mask[i:i + 1])[0] + generator.anchor  # what the slots receive
             model.unload()
             n = own.shape[0]
             torch.testing.assert_close(out[i, :n], own, atol=1e-5, rtol=1e-5)
@@ -63,9 +68,10 @@ def test_bank_grown_and_shrunk_equals_a_fresh_bank(adapters_dir):
     whatever the order, although the tenants differ in bottleneck, slot count and layers."""
     base = tiny_lm().eval()
     read = {n: read_adapter(base, adapters_dir / n) for n in ("alice", "bob", "carol")}
-    fresh = AdapterBank([read["alice"], read["carol"]], 32, 2, torch.device("cpu"))
-    grown = AdapterBank([], 32, 2, torch.device("cpu")).extended([read["carol"]]).extended([read["bob"]])
-    grown = grown.extended([read["alice"]]).without("bob")
+    anchors = {n: anchor_states(base, a.config) for n, a in read.items()}
+    fresh = AdapterBank([read["alice"], read["carol"]], 32, 2, torch.device("cpu"), anchors)
+    grown = AdapterBank([], 32, 2, torch.device("cpu")).extended([read["carol"]], anchors)
+    grown = grown.extended([read["bob"]], anchors).extended([read["alice"]], anchors).without("bob")
     assert grown.names == ["carol", "alice"] and set(grown.index) == {"carol", "alice"}
     hidden, mask = torch.randn(3, 7, 32), torch.ones(3, 7, dtype=torch.bool)
     for layer in range(2):
@@ -79,8 +85,8 @@ def test_bank_grown_and_shrunk_equals_a_fresh_bank(adapters_dir):
 def test_folder_load_builds_the_bank_once_and_keeps_one_copy(adapters_dir, tokenizer, monkeypatch):
     built = []
     original = AdapterBank.extended
-    monkeypatch.setattr(AdapterBank, "extended", lambda self, adapters: built.append(len(adapters))
-                        or original(self, adapters))
+    monkeypatch.setattr(AdapterBank, "extended", lambda self, adapters, anchors=None: built.append(len(adapters))
+                        or original(self, adapters, anchors))
     eng = Engine(tiny_lm().eval(), tokenizer, adapters_dir)
     try:
         assert built == [3], "one bank build for the whole folder"

@@ -49,7 +49,8 @@ from iapt.model import (
     _check_compatible,
     _find_layers,
     _text_config,
-    slot_states,
+    anchor_states,
+    slot_token_id,
 )
 
 logger = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ def read_adapter(base_model: PreTrainedModel, path: str | Path, name: str | None
 
 def _shapes(d: int, r: int, n: int) -> dict[str, tuple[int, ...]]:
     return {"down_weight": (r, d), "down_bias": (r,), "queries": (r, n), "numerator": (7,), "denominator": (5,),
-            "up_weight": (d, r), "up_bias": (d,)}
+            "up_weight": (d, r), "up_bias": (d,), "anchor": (n, d)}
 
 
 def _pad_to(t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -167,13 +168,16 @@ class AdapterBank:
     a row's own n are never written), and ``present`` says which rows have a generator at a layer.
     """
 
-    def __init__(self, adapters: Sequence[Adapter], hidden_size: int, num_layers: int, device: torch.device) -> None:
+    def __init__(self, adapters: Sequence[Adapter], hidden_size: int, num_layers: int, device: torch.device,
+                 anchors: Mapping[str, torch.Tensor] | None = None) -> None:
+        """``anchors``: name -> (layers, n, d) slot states of each anchored adapter (:func:`iapt.model.anchor_states`),
+        added to its generators' output; adapters without an entry start from zero."""
+        anchors = anchors or {}
         self.names = [a.name for a in adapters]
         self.index = {name: i + 1 for i, name in enumerate(self.names)}
         count = len(adapters) + 1
         self.num_slots = torch.tensor([0] + [a.config.num_soft_tokens for a in adapters], device=device)
         self.modes = [("attention", True)] + [(a.config.pooling, a.config.input_norm) for a in adapters]
-        self.anchored = torch.tensor([False] + [a.config.anchor for a in adapters], device=device)
         r = max([a.config.bottleneck for a in adapters], default=1)
         n = max([a.config.num_soft_tokens for a in adapters], default=1)
         shapes = _shapes(hidden_size, r, n)
@@ -185,11 +189,13 @@ class AdapterBank:
             for layer, weights in adapter.load_weights().items():  # one adapter's weights in memory at a time
                 bank = self.layers[layer]
                 bank["present"][a_idx] = True
+                if adapter.name in anchors:  # zero for unanchored rows: adding it changes nothing
+                    weights["anchor"] = anchors[adapter.name][layer]
                 for key, value in weights.items():
                     if value is not None:
                         bank[key][(a_idx, *(slice(0, s) for s in value.shape))] = value
 
-    def extended(self, adapters: Sequence[Adapter]) -> AdapterBank:
+    def extended(self, adapters: Sequence[Adapter], anchors: Mapping[str, torch.Tensor] | None = None) -> AdapterBank:
         """A new bank with ``adapters`` appended; this one is left as it is (a prefill may be reading it).
 
         Costs one copy of the bank, however many adapters are added: load a folder with one call, not one
@@ -198,7 +204,7 @@ class AdapterBank:
         if not adapters:
             return self
         added = AdapterBank(adapters, self.layers[0]["up_weight"].shape[1] if self.layers else 1,
-                            len(self.layers), self.num_slots.device)
+                            len(self.layers), self.num_slots.device, anchors)
         if not self.names:
             return added  # nothing to merge: no second copy
         merged = AdapterBank.__new__(AdapterBank)
@@ -206,7 +212,6 @@ class AdapterBank:
         merged.index = {name: i + 1 for i, name in enumerate(merged.names)}
         merged.num_slots = torch.cat([self.num_slots, added.num_slots[1:]])
         merged.modes = self.modes + added.modes[1:]
-        merged.anchored = torch.cat([self.anchored, added.anchored[1:]])
         merged.layers = []
         for mine, theirs in zip(self.layers, added.layers, strict=True):
             layer = {}
@@ -225,7 +230,6 @@ class AdapterBank:
         smaller.index = {n: i + 1 for i, n in enumerate(smaller.names)}
         smaller.num_slots = self.num_slots.index_select(0, rows)
         smaller.modes = [self.modes[i] for i in keep]
-        smaller.anchored = self.anchored.index_select(0, rows)
         smaller.layers = [{k: v.index_select(0, rows) for k, v in layer.items()} for layer in self.layers]
         return smaller
 
@@ -250,7 +254,7 @@ class AdapterBank:
                 hidden.index_select(0, rows), mask.index_select(0, rows), w["down_weight"], w["down_bias"],
                 w["queries"], w["numerator"], w["denominator"], w["up_weight"], w["up_bias"],
                 pooling=mode[0], input_norm=mode[1],
-            )
+            ) + bank["anchor"].index_select(0, idx)[:, :num_slots]
         return out, present
 
 
@@ -339,7 +343,6 @@ class _Prefill:
     pool: torch.Tensor  # (B, T) the prompt tokens, which the generators read
     columns: torch.Tensor  # (B, N) where each row's slots are
     valid: torch.Tensor  # (B, N) False past the row's own slot count
-    anchors: torch.Tensor | None = None  # the engine's slot states, for IAPTConfig.anchor adapters
 
 
 @dataclass
@@ -390,14 +393,12 @@ class Engine:
         self.base_name = base_name or getattr(base_model.config, "name_or_path", "") or "base"
         self.base_names = {self.base_name, getattr(base_model.config, "name_or_path", "") or self.base_name}
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
-        pad = getattr(text_config, "pad_token_id", None)
-        self.slot_token_id = pad if isinstance(pad, int) else 0  # what IAPTModel puts in its slots
+        self.slot_token_id = slot_token_id(base_model)  # what IAPTModel puts in its slots
         self.pad_token_id = self.slot_token_id
         self.eos_token_ids = _eos_ids(base_model, tokenizer)
 
         self._adapters: dict[str, Adapter] = {}
         self.bank = AdapterBank([], self.hidden_size, self.num_layers, self.device)
-        self._anchors: torch.Tensor | None = None  # (layers, n, d): slot states for IAPTConfig.anchor adapters
         self.load_errors: dict[str, str] = {}
         self._lock = threading.RLock()  # guards the queue, the registry and the bank
         self._wake = threading.Condition(self._lock)
@@ -458,25 +459,21 @@ class Engine:
     def _add(self, adapters: list[Adapter]) -> None:
         """Stack ``adapters`` into a new bank and swap it in. Reading and copying happen outside the lock, so
         requests keep being admitted meanwhile; if another load or unload swapped the bank first, redo."""
-        most = max([a.config.num_soft_tokens for a in adapters if a.config.anchor], default=0)
-        if most and (self._anchors is None or self._anchors.shape[1] < most):
-            anchors = slot_states(self.model, self.slot_token_id, max(most, 8))  # thread-safe: no hook of ours fires
-        else:
-            anchors = self._anchors
+        # Anchored adapters' slot states: a forward of the bare base on n tokens, safe beside the engine thread
+        # (the engine's hooks act on its own prefills only).
+        anchors = {a.name: states for a in adapters if (states := anchor_states(self.model, a.config)) is not None}
         while True:
             with self._lock:
                 for adapter in adapters:
                     self._check_name(adapter.name)
                 start = self.bank
-            bank = start.extended(adapters)
+            bank = start.extended(adapters, anchors)
             with self._lock:
                 if self.bank is not start:
                     continue
                 for adapter in adapters:
                     self._check_name(adapter.name)  # again: another thread may have loaded the name meanwhile
                 self.bank = bank
-                if anchors is not None and (self._anchors is None or anchors.shape[1] > self._anchors.shape[1]):
-                    self._anchors = anchors
                 for adapter in adapters:
                     self._adapters[adapter.name] = adapter
                     self.load_errors.pop(adapter.name, None)
@@ -688,7 +685,7 @@ class Engine:
             offsets = torch.arange(max(slots), device=self.device)
             columns = (torch.tensor(starts, device=self.device)[:, None] + offsets).clamp_max(width - 1)
             valid = offsets < torch.tensor(slots, device=self.device)[:, None]
-            self._prefill = _Prefill(threading.get_ident(), bank, index, pool, columns, valid, self._anchors)
+            self._prefill = _Prefill(threading.get_ident(), bank, index, pool, columns, valid)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         cache = DynamicCache()
         try:
@@ -709,9 +706,6 @@ class Engine:
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
             prompts, present = state.bank.soft_prompts(layer, state.index, hidden, state.pool, state.columns.shape[1])
-            if state.anchors is not None:  # IAPTConfig.anchor rows: the slots' own states + the generator's output
-                anchored = state.bank.anchored.index_select(0, state.index)[:, None, None]
-                prompts = prompts + anchored * state.anchors[layer, : prompts.shape[1]]
             columns = state.columns[..., None].expand(-1, -1, hidden.shape[-1])
             write = (state.valid & present[:, None])[..., None]  # rows without a generator here keep theirs
             hidden = hidden.scatter(1, columns, torch.where(write, prompts.to(hidden.dtype), hidden.gather(1, columns)))

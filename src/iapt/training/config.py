@@ -38,10 +38,15 @@ class TrainConfig:
     bottleneck: int = field(default=32, metadata={"help": "IAPT generator bottleneck r."})
     activation_init: str = field(default="gelu", metadata={"help": "Initial function of the rational activations."})
     pooling: str = field(default="attention", metadata={"help": "IAPT pooling: attention, mean or last."})
-    anchor: bool = field(default=False, metadata={"help": "Experimental IAPT option: soft tokens = the slots' own "
-                                                          "backbone states + the generator output (IAPTConfig.anchor)."})
+    anchor: str = field(default="tokens", metadata={"help": "IAPT start: tokens (soft tokens = the backbone's states "
+                                                          "of n frequent vocabulary tokens + the generator output), "
+                                                          "pad (n pad tokens), none (the paper's zero start); see "
+                                                          "IAPTConfig.anchor."})
     lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate of the generator weights."})
     rational_lr: float = field(default=1e-6, metadata={"help": "AdamW learning rate of the rational coefficients."})
+    rational_every: int = field(default=1, metadata={"help": "Bi-level: take the rational coefficients' dev step "
+                                                             "every k optimiser steps (each costs a forward and "
+                                                             "backward on a dev batch)."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (generator weights only)."})
     warmup_ratio: float = field(default=0.06, metadata={"help": "Linear warm-up, as a fraction of all steps."})
     epochs: float = field(default=3.0, metadata={"help": "Passes over the training data (the paper: up to 10)."})
@@ -72,6 +77,10 @@ class TrainConfig:
         if self.batch_size % self.gradient_accumulation_steps:
             raise ValueError(f"batch_size={self.batch_size} is not a multiple of "
                              f"gradient_accumulation_steps={self.gradient_accumulation_steps}")
+        if self.rational_every < 1:
+            raise ValueError(f"rational_every={self.rational_every} must be >= 1 (1 = a Θ step after every step)")
+        if isinstance(self.anchor, bool):  # recipes and run folders written when it was a flag
+            self.anchor = "pad" if self.anchor else "none"
         if self.max_length < 8:
             raise ValueError(f"max_length={self.max_length} is too small to hold an instruction and a response")
         if not 0 <= self.warmup_ratio < 1:

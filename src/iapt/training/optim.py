@@ -7,6 +7,7 @@ own AdamW and learning rate. ``joint`` updates both on the training batch; ``fro
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -47,7 +48,7 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
 
 def build_optimisers(
     model: nn.Module, mode: str, lr: float, rational_lr: float, weight_decay: float,
-    total_steps: int, warmup_steps: int,
+    total_steps: int, warmup_steps: int, rational_every: int = 1,
 ) -> Optimisers:
     omega, theta = split_parameters(model)
     if mode == "frozen":
@@ -65,4 +66,8 @@ def build_optimisers(
     if mode != "bilevel" or not theta:
         return Optimisers(weights, schedule)
     rational = torch.optim.AdamW(theta, lr=rational_lr, weight_decay=0.0)
-    return Optimisers(weights, schedule, rational, get_linear_schedule_with_warmup(rational, warmup_steps, total_steps))
+    # Θ steps every ``rational_every`` optimiser steps: its schedule counts those steps only.
+    every = max(1, rational_every)
+    rational_schedule = get_linear_schedule_with_warmup(rational, math.ceil(warmup_steps / every),
+                                                        max(1, math.ceil(total_steps / every)))
+    return Optimisers(weights, schedule, rational, rational_schedule)

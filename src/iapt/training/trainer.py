@@ -182,7 +182,7 @@ class Trainer:
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
         self.optim: Optimisers = build_optimisers(
             self.model, cfg.activation_mode, cfg.lr, cfg.rational_lr, cfg.weight_decay,
-            self.total_steps, int(cfg.warmup_ratio * self.total_steps),
+            self.total_steps, int(cfg.warmup_ratio * self.total_steps), cfg.rational_every,
         )
         self.model = self.accelerator.prepare(self.model)
         self.state = RunState()
@@ -290,7 +290,8 @@ class Trainer:
         self.optim.weights.step()
         self.optim.weights_schedule.step()
         self._zero_grad()
-        if self.optim.rational is not None:  # bi-level: Θ learns on held-out dev data
+        if self.optim.rational is not None and self.state.step % self.cfg.rational_every == 0:
+            # bi-level: Θ learns on held-out dev data (every k-th step: each costs a dev forward and backward)
             loss = self.model(**self._inputs(self._dev_batch())).loss
             self.accelerator.backward(loss)
             self.optim.rational.step()
