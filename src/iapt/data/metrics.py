@@ -103,16 +103,20 @@ def bleu(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> flo
     return float(sacrebleu.corpus_bleu(list(predictions), streams).score)
 
 
-def rouge_l(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-    """Mean ROUGE-L F-measure (percent), taking for each prediction its best reference."""
+def rouge_l_each(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> list[float]:
+    """ROUGE-L F-measure (percent) of each prediction against its best reference."""
     from rouge_score import rouge_scorer
 
     _check_lengths(predictions, references)
-    if not predictions:
-        return 0.0
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    total = sum(scorer.score_multi(list(refs), pred)["rougeL"].fmeasure for pred, refs in zip(predictions, references))
-    return 100.0 * total / len(predictions)
+    return [100.0 * scorer.score_multi(list(refs), pred)["rougeL"].fmeasure
+            for pred, refs in zip(predictions, references)]
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """Mean ROUGE-L F-measure (percent), taking for each prediction its best reference."""
+    each = rouge_l_each(predictions, references)
+    return sum(each) / len(each) if each else 0.0
 
 
 def _check_lengths(predictions: Sequence, references: Sequence) -> None:

@@ -231,6 +231,18 @@ class Task:
         return {"bleu": metric_fns.bleu(predictions, references), "rougeL": metric_fns.rouge_l(predictions, references)}
 
 
+    def score_each(self, predictions: Sequence[str], examples: Sequence[Example]) -> list[float]:
+        """The primary metric of every answer alone (percent), whose mean is ``score``'s: what paired bootstrap
+        intervals between methods resample. Accuracy: 0 or 100; squad: F1; e2e: ROUGE-L."""
+        if self.labels:
+            return [100.0 * (metric_fns.match_label(p, self.labels) == (ex.label or ex.response))
+                    for p, ex in zip(predictions, examples, strict=True)]
+        references = [list(ex.references) for ex in examples]
+        if "exact_match" in self.metrics:
+            return [100.0 * metric_fns.squad_f1(p, refs) for p, refs in zip(predictions, references, strict=True)]
+        return metric_fns.rouge_l_each(predictions, references)
+
+
 TASKS: dict[str, Task] = {
     task.name: task
     for task in [

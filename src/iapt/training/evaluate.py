@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from iapt.data import Collator, Example, encode_prompt, get_task
+from iapt.data.metrics import match_label
 
 
 @torch.no_grad()
@@ -66,11 +68,19 @@ def evaluate_task(
                                desc=f"{task}/{split}")
     seconds = time.perf_counter() - start
     scores = spec.score(answers, examples)
-    return {
+    report: dict[str, Any] = {
         "task": task,
         "split": split,
         "examples": len(examples),
         "metrics": scores,
+        "per_example": [round(v, 3) for v in spec.score_each(answers, examples)],
         "seconds": round(seconds, 2),
         "samples": [{"reference": ex.references[0], "answer": a} for ex, a in list(zip(examples, answers))[:5]],
     }
+    if spec.labels:  # a classifier is read beside the trivial answer: the gold majority and what it predicts
+        gold = Counter(ex.label or ex.response for ex in examples)
+        predicted = Counter(match_label(a, spec.labels) or "(none)" for a in answers)
+        report["majority_rate"] = round(100.0 * max(gold.values()) / len(examples), 2) if examples else 0.0
+        report["gold_labels"] = dict(gold.most_common())
+        report["predicted_labels"] = dict(predicted.most_common())
+    return report
