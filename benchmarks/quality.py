@@ -27,20 +27,24 @@ from iapt.training import TrainConfig, Trainer, evaluate_task
 
 PRIMARY = {"sentiment": "accuracy", "nli": "accuracy", "squad": "f1", "e2e": "rougeL"}
 DEFAULT_METHODS = ["iapt", "lora", "prompt-tuning", "prefix", "idpg", "lpt"]
-DEFAULT_ABLATIONS = ["iapt-anchor", "iapt-frozen-gelu", "iapt-frozen-relu", "iapt-joint"]
+DEFAULT_ABLATIONS = ["iapt-zero", "iapt-pad"]
+IAPT_PAPER_RATIO_BUDGET = 1_579_590  # IAPT at r = 45 on SmolLM2-135M: the paper's r/d = 320/4096 (MiLoRA's re-run)
 
 
 def method_settings(method: str) -> dict[str, Any]:
-    """Benchmark names → TrainConfig settings. IAPT variants chain modifiers after ``iapt``: ``anchor``, ``joint``,
-    ``frozen-<fn>``, ``pool-<mode>``, ``tokens-<n>`` (e.g. ``iapt-anchor-frozen-gelu``)."""
+    """Benchmark names → TrainConfig settings. IAPT variants chain modifiers after ``iapt``: ``zero`` (the paper's
+    zero start), ``pad`` (pad-token anchor; ``anchor`` is its old name), ``joint``, ``frozen-<fn>``, ``pool-<mode>``,
+    ``tokens-<n>`` (e.g. ``iapt-zero-frozen-gelu``)."""
     if method != "iapt" and not method.startswith("iapt-"):
         return {"method": method}
     settings: dict[str, Any] = {"method": "iapt", "activation_mode": "bilevel"}
     words = method.split("-")[1:]
     while words:
         word = words.pop(0)
-        if word == "anchor":
-            settings["anchor"] = True
+        if word in ("anchor", "pad"):  # "anchor": the name of the pad-token start before starts had modes
+            settings["anchor"] = "pad"
+        elif word == "zero":
+            settings["anchor"] = "none"
         elif word == "joint":
             settings["activation_mode"] = "joint"
         elif word in ("frozen", "pool", "tokens") and words:
@@ -52,7 +56,7 @@ def method_settings(method: str) -> dict[str, Any]:
             else:
                 settings["num_soft_tokens"] = int(value)
         else:
-            raise ValueError(f"unknown IAPT variant {method!r}: chain anchor, joint, frozen-<fn>, pool-<mode>, "
+            raise ValueError(f"unknown IAPT variant {method!r}: chain zero, pad, joint, frozen-<fn>, pool-<mode>, "
                              "tokens-<n> after 'iapt'")
     return settings
 
@@ -71,15 +75,30 @@ def cached_result(result_file: Path, lr: float) -> dict[str, Any] | None:
     return None
 
 
+def tuning_name(method: str, task: str, budget: int, lr: float) -> str:
+    return f"tune-{method}-{task}-b{budget}-lr{lr:g}"
+
+
 def run_cell(args: argparse.Namespace, base: Any, tokenizer: Any, method: str, task: str, seed: int,
-             budget: int, lr: float, test: bool = True) -> dict[str, Any]:
-    """Train one cell and (unless ``test`` is off, as for LR tuning) score its best adapter on the test split."""
-    name = f"{args.tag}-{method}-{task}-b{budget}-s{seed}" if test else f"tune-{method}-{task}-b{budget}-lr{lr:g}"
+             budget: int, lr: float, test: bool = True, tuning: bool = False) -> dict[str, Any]:
+    """Train one cell and (unless ``test`` is off) score its best adapter on the test split.
+
+    A tuning cell (``tuning``: the first task and seed, one LR of the grid) is scored too when ``test`` is on, so
+    the main-table cell of that task and seed is the tuning cell at the chosen LR, copied, not trained again.
+    """
+    name = tuning_name(method, task, budget, lr) if tuning else f"{args.tag}-{method}-{task}-b{budget}-s{seed}"
     cell = Path(args.work) / name
     result_file = Path(args.results) / f"{name}.json"  # kept in the repo: a run resumes on another machine
     done = cached_result(result_file, lr)
     if done is not None:
         return done
+    if not tuning and task == args.tasks[0] and seed == args.seeds[0]:
+        tuned_file = Path(args.results) / f"{tuning_name(method, task, budget, lr)}.json"
+        tuned_cell = json.loads(tuned_file.read_text()) if tuned_file.is_file() else {}
+        if "score" in tuned_cell and tuned_cell.get("seed") == seed:
+            result = {k: v for k, v in tuned_cell.items() if k != "tuning"} | {"method": method, "from_tuning": True}
+            atomic_write_text(result_file, json.dumps(result, indent=2) + "\n")
+            return result
     if cell.exists():
         import shutil
 
@@ -93,13 +112,16 @@ def run_cell(args: argparse.Namespace, base: Any, tokenizer: Any, method: str, t
     cfg = TrainConfig(model=args.model, task=task, out=str(cell), seed=seed, budget=sized, max_steps=args.steps,
                       batch_size=args.batch_size, lr=lr, max_length=args.max_length,
                       eval_every=args.eval_every or args.steps, max_train_examples=args.train_examples,
-                      max_dev_examples=args.dev_examples, progress=False, **method_settings(method))
+                      max_dev_examples=args.dev_examples, dtype=args.dtype, progress=False,
+                      **method_settings(method))
     started = time.perf_counter()
     trainer = Trainer(cfg, base, tokenizer)
     summary = trainer.run()
     result = {"method": method, "task": task, "seed": seed, "budget": budget, "lr": lr,
-              "params": summary["trainable_params"], "steps": summary["steps"],
+              "params": summary["trainable_params"], "steps": summary["steps"], "dtype": args.dtype,
               "dev_loss": summary["best_dev_loss"], "train_seconds": summary["train_seconds"]}
+    if tuning:
+        result["tuning"] = True
     if not test:
         result["seconds"] = round(time.perf_counter() - started, 1)
         atomic_write_text(result_file, json.dumps(result, indent=2) + "\n")
@@ -114,11 +136,23 @@ def run_cell(args: argparse.Namespace, base: Any, tokenizer: Any, method: str, t
     if hasattr(model, "unload"):
         model.unload()
     result.update(metrics=report["metrics"], score=report["metrics"][PRIMARY[task]],
-                  samples=report["samples"][:3], seconds=round(time.perf_counter() - started, 1))
+                  per_example=report["per_example"], samples=report["samples"][:3],
+                  seconds=round(time.perf_counter() - started, 1),
+                  **{k: report[k] for k in ("majority_rate", "gold_labels", "predicted_labels") if k in report})
     atomic_write_text(result_file, json.dumps(result, indent=2) + "\n")
     print(f"{method:18s} {task:10s} seed {seed}: {result['score']:.1f} ({result['params']:,d} params, "
           f"{result['seconds']:.0f} s)", flush=True)
     return result
+
+
+def is_tuning(r: dict[str, Any]) -> bool:
+    """A tuning cell: marked so (it may carry a test score too), or, in older files, one without a score."""
+    return bool(r.get("tuning", "score" not in r))
+
+
+def is_scored(r: dict[str, Any]) -> bool:
+    """A cell of the tables: scored on test, not a tuning cell (the chosen LR's tuning cell is copied into one)."""
+    return "score" in r and not is_tuning(r)
 
 
 def load_results(results: Path) -> list[dict[str, Any]]:
@@ -134,7 +168,7 @@ def choose_lrs(args: argparse.Namespace, results: list[dict[str, Any]]) -> dict[
         if parent in args.fixed_lr:
             chosen[method] = args.fixed_lr[parent]
             continue
-        tuned = [r for r in results if "score" not in r and r["method"] == parent and r["budget"] == args.budget
+        tuned = [r for r in results if is_tuning(r) and r["method"] == parent and r["budget"] == args.budget
                  and r["lr"] in args.lr_grid]
         chosen[method] = min(tuned, key=lambda r: r["dev_loss"])["lr"] if tuned else args.lr
     return chosen
@@ -147,8 +181,15 @@ def tuned_methods(args: argparse.Namespace) -> list[str]:
 
 def missing_tuning(args: argparse.Namespace, results: list[dict[str, Any]]) -> set[tuple[str, float]]:
     """The (method, LR) tuning cells of this run not finished yet; LRs are chosen only when none is."""
-    done = {(r["method"], r["lr"]) for r in results if "score" not in r and r["budget"] == args.budget}
+    done = {(r["method"], r["lr"]) for r in results if is_tuning(r) and r["budget"] == args.budget}
     return {(m, lr) for m in tuned_methods(args) for lr in args.lr_grid} - done
+
+
+def missing_cells(args: argparse.Namespace, results: list[dict[str, Any]], seeds: Sequence[int]
+                  ) -> set[tuple[str, str, int]]:
+    """The main-table cells of ``seeds`` not finished yet."""
+    done = {(r["method"], r["task"], r["seed"]) for r in results if is_scored(r) and r["budget"] == args.budget}
+    return {(m, t, s) for m in args.methods for t in args.tasks for s in seeds} - done
 
 
 def tuning_method(method: str, tuned_separately: Sequence[str] = ()) -> str:
@@ -160,13 +201,108 @@ def tuning_method(method: str, tuned_separately: Sequence[str] = ()) -> str:
     return max(parents, key=len) if parents else "iapt"
 
 
+def paired_interval(ours: Sequence[Sequence[Sequence[float]]], theirs: Sequence[Sequence[Sequence[float]]],
+                    draws: int = 4000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean difference ours − theirs, averaged over tasks, with a 95% percentile bootstrap interval.
+
+    ``ours[t][s]`` holds the per-example scores of seed s on task t (every seed scores the same test examples,
+    in the same order). Each draw resamples, per task, the test examples (shared by both methods: the pairing)
+    and each method's seeds, and averages the task differences: the interval covers example and seed noise.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    point = float(np.mean([np.mean(a) - np.mean(b) for a, b in zip(ours, theirs, strict=True)]))
+    total = np.zeros(draws)
+    for a_seeds, b_seeds in zip(ours, theirs, strict=True):
+        a, b = np.asarray(a_seeds, dtype=float), np.asarray(b_seeds, dtype=float)  # (seeds, examples)
+        if a.shape[1] != b.shape[1]:
+            raise ValueError(f"paired scores need the same test examples: {a.shape[1]} vs {b.shape[1]}")
+        examples = rng.integers(0, a.shape[1], size=(draws, a.shape[1]))
+        a_pick = rng.integers(0, a.shape[0], size=(draws, a.shape[0]))
+        b_pick = rng.integers(0, b.shape[0], size=(draws, b.shape[0]))
+        a_means = a[:, examples].mean(-1)  # (seeds, draws): each seed's mean over the drawn examples
+        b_means = b[:, examples].mean(-1)
+        columns = np.arange(draws)
+        total += a_means[a_pick.T, columns].mean(0) - b_means[b_pick.T, columns].mean(0)
+    total /= len(ours)
+    low, high = np.percentile(total, [2.5, 97.5])
+    return point, float(low), float(high)
+
+
+def per_example(results: list[dict[str, Any]], method: str, task: str, budget: int) -> list[list[float]]:
+    """Per-example test scores of ``method`` on ``task``, one list per seed (seed order)."""
+    mine = sorted((r for r in results if is_scored(r) and r["method"] == method and r["task"] == task
+                   and r["budget"] == budget and "per_example" in r), key=lambda r: r["seed"])
+    return [r["per_example"] for r in mine]
+
+
+def difference(args: argparse.Namespace, results: list[dict[str, Any]], ours: str, theirs: str,
+               tasks: Sequence[str]) -> tuple[float, float, float] | None:
+    """IAPT − baseline over ``tasks`` with its interval, or None while a task lacks either method."""
+    a = [per_example(results, ours, t, args.budget) for t in tasks]
+    b = [per_example(results, theirs, t, args.budget) for t in tasks]
+    if not all(a) or not all(b):
+        return None
+    return paired_interval(a, b)
+
+
+def needs_more_seeds(args: argparse.Namespace, results: list[dict[str, Any]]) -> list[str]:
+    """Methods that get every seed: IAPT, LoRA, and each baseline whose interval against IAPT on the mean still
+    contains 0 after the first seed (or cannot be computed yet)."""
+    ours = args.methods[0]
+    keep = [ours] + [m for m in args.always_seeded if m in args.methods and m != ours]
+    for method in args.methods:
+        if method in keep:
+            continue
+        diff = difference(args, results, ours, method, args.tasks)
+        if diff is None or diff[1] <= 0 <= diff[2]:
+            keep.append(method)
+    return keep
+
+
+def differences_table(args: argparse.Namespace, results: list[dict[str, Any]]) -> list[str]:
+    ours = args.methods[0]
+    lines = [f"| {ours} − baseline | " + " | ".join(args.tasks) + " | mean |",
+             "|---|" + "---:|" * (len(args.tasks) + 1)]
+    for method in args.methods[1:]:
+        cells = []
+        for tasks in [[t] for t in args.tasks] + [args.tasks]:
+            diff = difference(args, results, ours, method, tasks)
+            cells.append("—" if diff is None else f"{diff[0]:+.1f} [{diff[1]:+.1f}, {diff[2]:+.1f}]")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def labels_table(args: argparse.Namespace, results: list[dict[str, Any]], methods: Sequence[str]) -> list[str]:
+    """What each method answers on the classification tasks (first seed), beside the gold distribution."""
+    lines = []
+    for task in args.tasks:
+        cells = {m: r for r in results if is_scored(r) and r["task"] == task and r["seed"] == args.seeds[0]
+                 and r["budget"] == args.budget and "predicted_labels" in r for m in [r["method"]] if m in methods}
+        if not cells:
+            continue
+        gold = next(iter(cells.values()))["gold_labels"]
+        names = list(gold) + ["(none)"]
+        lines += ["", f"**{task}** (seed {args.seeds[0]}, {sum(gold.values())} test examples): answers per label; "
+                  "(none) = names no label or several", "",
+                  "| | accuracy | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names),
+                  "| gold | | " + " | ".join(str(gold.get(n, 0)) for n in names) + " |"]
+        for method in methods:
+            if method in cells:
+                pred = cells[method]["predicted_labels"]
+                lines.append(f"| {method} | {cells[method]['score']:.1f} | "
+                             + " | ".join(str(pred.get(n, 0)) for n in names) + " |")
+    return lines
+
+
 def table(args: argparse.Namespace, results: list[dict[str, Any]], methods: list[str],
           seeds: Sequence[int] | None = None) -> list[str]:
     tasks = args.tasks
     lines = ["| method | trainable params | LR | seeds | " + " | ".join(tasks) + " | mean |",
              "|---|---:|---:|---:|" + "---:|" * (len(tasks) + 1)]
     for method in methods:
-        mine = [r for r in results if "score" in r and r["method"] == method and r["budget"] == args.budget
+        mine = [r for r in results if is_scored(r) and r["method"] == method and r["budget"] == args.budget
                 and r["task"] in tasks and (seeds is None or r["seed"] in seeds)]
         if not mine:
             continue
@@ -174,7 +310,7 @@ def table(args: argparse.Namespace, results: list[dict[str, Any]], methods: list
         for task in tasks:
             vals = sorted(r["score"] for r in mine if r["task"] == task)
             if vals:
-                scores.append(statistics.median(vals))
+                scores.append(statistics.mean(vals))
                 spread = f" ({vals[0]:.1f}–{vals[-1]:.1f})" if len(vals) > 1 else ""
                 cells.append(f"{scores[-1]:.1f}{spread}")
             else:
@@ -184,20 +320,27 @@ def table(args: argparse.Namespace, results: list[dict[str, Any]], methods: list
         seed_count = str(max(counts)) if min(counts) == max(counts) else f"{min(counts)}–{max(counts)}"
         lines.append(f"| {method} | {mine[0]['params']:,d} | {mine[0]['lr']:g} | {seed_count} | "
                      + " | ".join(cells) + f" | {mean} |")
+    majority = {r["task"]: r["majority_rate"] for r in results if is_scored(r) and "majority_rate" in r}
+    if majority:  # the trivial answer, beside every accuracy
+        lines.append("| *majority class* | | | | " + " | ".join(f"*{majority[t]:.1f}*" if t in majority else ""
+                                                           for t in tasks) + " | |")
     return lines
 
 
 def write_report(args: argparse.Namespace, results: list[dict[str, Any]]) -> str:
-    tests = [r for r in results if "score" in r]
-    tunes = [r for r in results if "score" not in r]
+    tests = [r for r in results if is_scored(r)]
+    tunes = [r for r in results if is_tuning(r)]
     cell_minutes = sum(r["seconds"] for r in results) / 60
+    dtypes = sorted({r.get("dtype", "float32") for r in results}) or [args.dtype]
+    train_note = f", the first {args.train_examples} training examples" if args.train_examples else ""
     lines = [f"## {args.model} — budget {args.budget:,d} trainable parameters", "",
-             (f"Test score, median over seeds (range in brackets); sentiment/nli: accuracy, squad: F1, e2e: ROUGE-L, "
-             f"in percent. Each cell: {args.steps} optimiser steps of {args.batch_size} examples, max length "
-             f"{args.max_length}, the adapter with the best dev loss ({args.dev_examples} dev examples), scored by "
-             f"greedy generation on the first {args.test_examples} test examples. "
-             f"{len(tests)} scored cells + {len(tunes)} LR-tuning cells, {cell_minutes:.0f} min of cell time on "
-             f"{platform.machine()} (torch threads per worker: {args.threads}, float32, torch {torch.__version__})."), "",
+             (f"Test score, mean over seeds (range in brackets); sentiment/nli: accuracy, squad: F1, e2e: ROUGE-L, "
+             f"in percent. Each cell: {args.steps} optimiser steps of {args.batch_size} examples{train_note}, max "
+             f"length {args.max_length}, the adapter with the best dev loss ({args.dev_examples} dev examples), "
+             f"scored by greedy generation on the first {args.test_examples} test examples (fewer where the split "
+             f"is smaller). {len(tests)} scored cells + {len(tunes)} LR-tuning cells, {cell_minutes:.0f} min of "
+             f"cell time on {platform.machine()} (torch threads per worker: {args.threads}, backbone "
+             f"{'/'.join(dtypes)}, torch {torch.__version__})."), "",
              ]
     if args.fixed_lr:
         lines += ["LRs given, not tuned in this run (`--fixed-lr`): "
@@ -207,6 +350,14 @@ def write_report(args: argparse.Namespace, results: list[dict[str, Any]]) -> str
                   + ", ".join(f"{k} {v}" for k, v in args.cap.items()) + ".", ""]
     lines += ["### Methods at the budget", ""]
     lines += table(args, results, args.methods)
+    lines += ["", f"### {args.methods[0]} − each baseline: mean difference [95% bootstrap interval]", "",
+              "Paired by test example; the interval resamples test examples and seeds (each method's own seeds); "
+              "the mean column averages the task differences. An interval above 0 is a win, one containing 0 is "
+              "not a difference.", ""]
+    lines += differences_table(args, results)
+    spread = labels_table(args, results, args.methods + args.ablations)
+    if spread:
+        lines += ["", "### Predicted labels (classification tasks)"] + spread
     if args.ablations:
         own = [m for m in args.ablations if tuning_method(m, args.tune_ablations) != "iapt"]  # the LR column says
         lines += ["", "### IAPT ablations (seed " + str(args.seeds[0]) + "; IAPT's LR"
@@ -214,7 +365,8 @@ def write_report(args: argparse.Namespace, results: list[dict[str, Any]]) -> str
         lines += table(args, results, ["iapt"] + args.ablations, seeds=args.seeds[:1])
     if tunes:
         lines += ["", (f"### LR tuning (task {args.tasks[0]}, seed {args.seeds[0]}, dev loss after {args.steps} "
-                       "steps; lowest chosen)"), "", "| method | " + " | ".join(f"{lr:g}" for lr in args.lr_grid) + " |",
+                       "steps; lowest chosen; the chosen LR's cell is that task's seed-1 table cell)"), "",
+                  "| method | " + " | ".join(f"{lr:g}" for lr in args.lr_grid) + " |",
                   "|---|" + "---:|" * len(args.lr_grid)]
         for method in dict.fromkeys(args.methods + args.tune_ablations):  # fixed LRs too: their earlier tuning
             row = {r["lr"]: r["dev_loss"] for r in tunes if r["method"] == method}
@@ -247,7 +399,7 @@ def plot_budgets(args: argparse.Namespace, results: list[dict[str, Any]], path: 
     for method in ("iapt", "lora"):
         by_params: dict[int, dict[str, float]] = {}
         for r in results:
-            if "score" in r and r["method"] == method and r["seed"] == args.seeds[0] and r["task"] in args.sweep_tasks:
+            if is_scored(r) and r["method"] == method and r["seed"] == args.seeds[0] and r["task"] in args.sweep_tasks:
                 by_params.setdefault(r["params"], {})[r["task"]] = r["score"]
         xs = sorted(x for x, row in by_params.items() if len(row) == len(args.sweep_tasks))
         if xs:
@@ -317,31 +469,37 @@ def main() -> None:
     p.add_argument("--ablations", nargs="*", default=DEFAULT_ABLATIONS,
                    help="IAPT variants, run on every task with the first seed only, at IAPT's tuned LR")
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    p.add_argument("--budget", type=int, default=1_128_360, help="trainable parameters (IAPT r=32 on SmolLM2-135M)")
+    p.add_argument("--always-seeded", nargs="*", default=["lora"],
+                   help="methods run on every seed besides the first method; the other baselines get seeds after "
+                        "the first only while their interval against the first method contains 0")
+    p.add_argument("--budget", type=int, default=IAPT_PAPER_RATIO_BUDGET,
+                   help="trainable parameters (default: IAPT r=45 on SmolLM2-135M, the paper's bottleneck ratio)")
     p.add_argument("--lr", type=float, default=1e-3, help="LR of every method when --lr-grid is empty")
     p.add_argument("--lr-grid", nargs="*", type=float, default=[3e-4, 1e-3, 3e-3],
                    help="LRs tried per method on the first task and seed (dev loss, no test); the lowest wins")
     p.add_argument("--sweep-budgets", nargs="*", type=int, default=[],
                    help="extra budgets for the IAPT-vs-LoRA plot (first seed, --sweep-tasks)")
     p.add_argument("--sweep-tasks", nargs="+", default=["sentiment", "e2e"])
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=192)
     p.add_argument("--eval-every", type=int, default=None, help="dev loss every N steps (default: at the end only)")
-    p.add_argument("--train-examples", type=int, default=None)
-    p.add_argument("--dev-examples", type=int, default=64)
+    p.add_argument("--train-examples", type=int, default=1000, help="the first N training examples (one epoch = "
+                                                                    "N / batch size steps)")
+    p.add_argument("--dev-examples", type=int, default=100)
     p.add_argument("--test-examples", type=int, default=200)
     p.add_argument("--eval-batch-size", type=int, default=20)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", default="bfloat16", help="backbone dtype (adapters train in float32 either way)")
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cap", nargs="*", default=["prompt-tuning=100"],
                    help="METHOD=SIZE: never larger than this (prompt tuning at IAPT's budget would be 1,959 tokens "
                         "per sequence: 13+ GB and ~15x the compute here); the table shows the exact count")
-    p.add_argument("--workers", type=int, default=1, help="processes taking cells in parallel (threads each: --threads)")
+    p.add_argument("--workers", type=int, default=2, help="processes taking cells in parallel (threads each: --threads)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--work", default="runs/quality", help="run folders (adapters, checkpoints, logs)")
     p.add_argument("--results", default="benchmarks/quality-results",
                    help="one JSON per finished cell (commit it: a run resumes from it anywhere)")
-    p.add_argument("--tune-ablations", nargs="*", default=["iapt-anchor"],
+    p.add_argument("--tune-ablations", nargs="*", default=["iapt-zero"],
                    help="ablations that get their own LR tuning instead of IAPT's LR")
     p.add_argument("--fixed-lr", nargs="*", default=[],
                    help="METHOD=LR: use this LR instead of tuning one (e.g. LRs tuned by an earlier, shorter run)")
@@ -370,30 +528,36 @@ def main() -> None:
         procs = [subprocess.Popen([sys.executable, *sys.argv, "--worker"], env=env) for _ in range(args.workers)]
         raise SystemExit(max(p.wait() for p in procs))
 
-    def cell(method: str, task: str, seed: int, budget: int, lr: float, test: bool = True) -> None:
-        base, tokenizer = load_model(args.model)  # a fresh, untouched backbone per cell
-        run_cell(args, base, tokenizer, method, task, seed, budget, lr, test)
+    def cell(method: str, task: str, seed: int, budget: int, lr: float, test: bool = True,
+             tuning: bool = False) -> None:
+        base, tokenizer = load_model(args.model, dtype=args.dtype)  # a fresh, untouched backbone per cell
+        run_cell(args, base, tokenizer, method, task, seed, budget, lr, test, tuning)
         results = load_results(results_dir)
         write_between_markers(Path(args.report), write_report(args, results))
         if args.sweep_budgets:
             plot_budgets(args, results, Path(args.report).with_suffix(".png"))
 
-    # Order: LR tuning, then whole seeds of the main table (so an interrupted run leaves complete seeds), then
-    # the ablations, then the budget sweep. Several workers (--workers k, one thread each, use a small machine
-    # better than one process with k threads) take the next unclaimed cell, each claim a lock folder.
-    def main_table(seeds: Sequence[int]) -> Iterator[tuple[str, str, int, int, str | float, bool]]:
+    # Order: LR tuning (each tuning cell scored, so the chosen LR's cell is the first task's seed-1 cell), the
+    # first seed of the main table, then the other seeds for the methods that need them (IAPT, LoRA, and each
+    # baseline whose interval against IAPT still contains 0), then the ablations, then the budget sweep. Several
+    # workers (--workers k, one thread each, use a small machine better than one process with k threads) take
+    # the next unclaimed cell, each claim a lock folder.
+    def main_table(seeds: Sequence[int], methods: Sequence[str]
+                   ) -> Iterator[tuple[str, str, int, int, str | float, bool]]:
         for seed in seeds:
             for task in args.tasks:
-                for method in args.methods:
+                for method in methods:
                     yield method, task, seed, args.budget, "tuned", True
 
     def cells() -> Iterator[tuple[str, str, int, int, str | float, bool]]:
         for method in tuned_methods(args):
             for lr in args.lr_grid:
-                yield method, args.tasks[0], args.seeds[0], args.budget, lr, False
+                yield method, args.tasks[0], args.seeds[0], args.budget, lr, True
         yield "", "", 0, 0, "wait", False  # every worker needs every LR choice before going on
-        first = args.seeds[: args.seeds_first or len(args.seeds)]
-        yield from main_table(first)
+        first = args.seeds[: args.seeds_first or 1]
+        yield from main_table(first, args.methods)
+        yield "", "", 0, 0, "wait-seeds", False  # which baselines need more seeds depends on every first-seed cell
+        yield from main_table(args.seeds[len(first):], needs_more_seeds(args, load_results(results_dir)))
         for task in args.tasks:
             for method in args.ablations:
                 yield method, task, args.seeds[0], args.budget, "tuned", True
@@ -401,9 +565,9 @@ def main() -> None:
             for task in args.sweep_tasks:
                 for method in ("iapt", "lora"):
                     yield method, task, args.seeds[0], budget, "tuned", True
-        yield from main_table(args.seeds[len(first):])
 
     lrs: dict[str, float] = {}
+    first_seed = args.seeds[: args.seeds_first or 1]
     for method, task, seed, budget, lr, test in cells():
         if lr == "wait":
             while missing_tuning(args, load_results(results_dir)):
@@ -411,9 +575,14 @@ def main() -> None:
             lrs = choose_lrs(args, load_results(results_dir))
             print("chosen LRs:", lrs, flush=True)
             continue
+        if lr == "wait-seeds":
+            while missing_cells(args, load_results(results_dir), first_seed):
+                time.sleep(5)
+            continue
+        tuning = lr != "tuned"
         lr = lrs[method] if lr == "tuned" else lr
-        if claim(work, f"{method}-{task}-{seed}-{budget}-{lr:g}-{test}"):
-            cell(method, task, seed, budget, lr, test)
+        if claim(work, f"{method}-{task}-{seed}-{budget}-{lr:g}-{test}-{tuning}"):
+            cell(method, task, seed, budget, lr, test, tuning)
     print(write_report(args, load_results(results_dir)))
 
 

@@ -28,7 +28,7 @@ def args(**kw) -> argparse.Namespace:
             "seeds": [1, 2, 3], "budget": 1000, "lr": 1e-3, "lr_grid": [1e-4, 1e-3], "sweep_budgets": [],
             "sweep_tasks": ["sentiment"], "steps": 20, "batch_size": 4, "max_length": 64, "dev_examples": 8,
             "test_examples": 10, "cap": {}, "tune_ablations": [], "fixed_lr": {},
-            "threads": 1}
+            "threads": 1, "dtype": "float32", "train_examples": None, "always_seeded": ["lora"]}
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -122,8 +122,10 @@ def test_ablation_names_map_to_train_settings(quality):
     assert quality.method_settings("iapt-tokens-8") == {"method": "iapt", "activation_mode": "bilevel",
                                                          "num_soft_tokens": 8}
     assert quality.method_settings("iapt-pool-mean")["pooling"] == "mean"
-    assert quality.method_settings("iapt-anchor-frozen-gelu") == {"method": "iapt", "anchor": True,
+    assert quality.method_settings("iapt-anchor-frozen-gelu") == {"method": "iapt", "anchor": "pad",
                                                                    "activation_mode": "frozen", "activation_init": "gelu"}
+    assert quality.method_settings("iapt-zero")["anchor"] == "none"
+    assert quality.method_settings("iapt-pad")["anchor"] == "pad"
     assert quality.method_settings("lora") == {"method": "lora"}
     with pytest.raises(ValueError, match="unknown IAPT variant"):
         quality.method_settings("iapt-anchr")
@@ -174,3 +176,59 @@ def test_malformed_method_values_are_a_usage_error(quality):
     for bad in ("iapt", "iapt=fast", "=1e-3"):
         with pytest.raises(SystemExit):
             quality.method_values(parser, "--fixed-lr", [bad], float)
+
+
+def test_paired_interval_covers_zero_for_a_method_against_itself_and_finds_a_real_gap(quality):
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    a = [list(rng.integers(0, 2, 200) * 100.0) for _ in range(3)]  # one task, 3 seeds, 200 examples
+    point, low, high = quality.paired_interval([a], [a])
+    assert point == 0 and low <= 0 <= high
+    better = [[100.0 if rng.random() < 0.7 else 0.0 for _ in range(200)] for _ in range(3)]
+    worse = [[100.0 if rng.random() < 0.4 else 0.0 for _ in range(200)] for _ in range(2)]
+    point, low, high = quality.paired_interval([better], [worse])
+    assert 20 < point < 40 and 0 < low < point < high
+    with pytest.raises(ValueError, match="same test examples"):
+        quality.paired_interval([better], [[[0.0] * 10]])
+
+
+def with_examples(r: dict, each: list[float], **kw) -> dict:
+    return {**r, "per_example": each, "score": sum(each) / len(each), **kw}
+
+
+def test_report_shows_majority_rate_label_spread_and_differences(quality):
+    gold = {"negative": 6, "positive": 4}
+    constant = [100.0] * 6 + [0.0] * 4  # "negative" to every example: the majority rate, not learning
+    results = [with_examples(scored("iapt", "sentiment", s, 0), [100.0] * 9 + [0.0], majority_rate=60.0,
+                             gold_labels=gold, predicted_labels={"negative": 5, "positive": 5}) for s in (1, 2, 3)]
+    results += [with_examples(scored("lora", "sentiment", 1, 0), constant, majority_rate=60.0, gold_labels=gold,
+                              predicted_labels={"negative": 10})]
+    report = quality.write_report(args(tasks=["sentiment"], ablations=[]), results)
+    assert "| *majority class* | | | | *60.0* | |" in report
+    assert "| lora | 60.0 | 10 | 0 | 0 |" in report, "the constant predictor's spread is shown"
+    diff_row = next(line for line in report.splitlines() if line.startswith("| lora | +"))
+    assert diff_row.startswith("| lora | +30.0 [")
+
+
+def test_baselines_get_more_seeds_only_while_their_interval_contains_zero(quality):
+    a = args(tasks=["sentiment"], methods=["iapt", "lora", "idpg", "lpt"])
+    win = [100.0] * 190 + [0.0] * 10
+    results = [with_examples(scored("iapt", "sentiment", 1, 0), win)]
+    results += [with_examples(scored("lora", "sentiment", 1, 0), win)]
+    results += [with_examples(scored("idpg", "sentiment", 1, 0), [0.0] * 200)]  # clearly below IAPT
+    results += [with_examples(scored("lpt", "sentiment", 1, 0), win[:-1] + [100.0])]  # level with IAPT
+    assert quality.needs_more_seeds(a, results) == ["iapt", "lora", "lpt"]
+    assert quality.missing_cells(a, results, [1]) == set()
+    assert quality.missing_cells(a, results, [2]) == {(m, "sentiment", 2) for m in a.methods}
+
+
+def test_the_chosen_lrs_tuning_cell_is_the_first_seeds_table_cell(quality, tmp_path):
+    tuned_cell = with_examples(tuned("iapt", 1e-3, 0.9), [100.0, 0.0], tuning=True, metrics={})
+    (tmp_path / "tune-iapt-sentiment-b1000-lr0.001.json").write_text(json.dumps(tuned_cell))
+    a = args(results=str(tmp_path), work=str(tmp_path / "work"), tag="q")
+    result = quality.run_cell(a, None, None, "iapt", "sentiment", 1, 1000, 1e-3)  # would fail if it trained
+    assert result["from_tuning"] and result["score"] == 50.0 and "tuning" not in result
+    results = quality.load_results(tmp_path)
+    assert [quality.is_scored(r) for r in results] == [True, False]  # the copy counts, the tuning cell does not
+    assert quality.choose_lrs(a, results)["iapt"] == 1e-3
