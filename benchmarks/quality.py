@@ -27,14 +27,15 @@ from iapt.training import TrainConfig, Trainer, evaluate_task
 
 PRIMARY = {"sentiment": "accuracy", "nli": "accuracy", "squad": "f1", "e2e": "rougeL"}
 DEFAULT_METHODS = ["iapt", "lora", "prompt-tuning", "prefix", "idpg", "lpt"]
-DEFAULT_ABLATIONS = ["iapt-zero", "iapt-pad"]
+DEFAULT_ABLATIONS = ["iapt-zero", "iapt-vocab", "iapt-every-1", "iapt-fp32"]
 IAPT_PAPER_RATIO_BUDGET = 1_579_590  # IAPT at r = 45 on SmolLM2-135M: the paper's r/d = 320/4096 (MiLoRA's re-run)
 
 
 def method_settings(method: str) -> dict[str, Any]:
     """Benchmark names → TrainConfig settings. IAPT variants chain modifiers after ``iapt``: ``zero`` (the paper's
-    zero start), ``pad`` (pad-token anchor; ``anchor`` is its old name), ``joint``, ``frozen-<fn>``, ``pool-<mode>``,
-    ``tokens-<n>`` (e.g. ``iapt-zero-frozen-gelu``)."""
+    zero start), ``pad`` (pad-token anchor; ``anchor`` is its old name), ``vocab`` (anchored on vocabulary tokens),
+    ``fp32`` (float32 backbone), ``joint``, ``frozen-<fn>``, ``pool-<mode>``, ``tokens-<n>`` (soft-token count),
+    ``every-<k>`` (Θ step every k steps), e.g. ``iapt-zero-frozen-gelu``."""
     if method != "iapt" and not method.startswith("iapt-"):
         return {"method": method}
     settings: dict[str, Any] = {"method": "iapt", "activation_mode": "bilevel"}
@@ -45,19 +46,25 @@ def method_settings(method: str) -> dict[str, Any]:
             settings["anchor"] = "pad"
         elif word == "zero":
             settings["anchor"] = "none"
+        elif word == "vocab":
+            settings["anchor"] = "tokens"
+        elif word == "fp32":  # the bf16 check: the same cell with a float32 backbone
+            settings["dtype"] = "float32"
         elif word == "joint":
             settings["activation_mode"] = "joint"
-        elif word in ("frozen", "pool", "tokens") and words:
+        elif word in ("frozen", "pool", "tokens", "every") and words:
             value = words.pop(0)
             if word == "frozen":
                 settings.update(activation_mode="frozen", activation_init=value)
             elif word == "pool":
                 settings["pooling"] = value
+            elif word == "every":
+                settings["rational_every"] = int(value)
             else:
                 settings["num_soft_tokens"] = int(value)
         else:
-            raise ValueError(f"unknown IAPT variant {method!r}: chain zero, pad, joint, frozen-<fn>, pool-<mode>, "
-                             "tokens-<n> after 'iapt'")
+            raise ValueError(f"unknown IAPT variant {method!r}: chain zero, pad, vocab, fp32, joint, frozen-<fn>, "
+                             "pool-<mode>, tokens-<n>, every-<k> after 'iapt'")
     return settings
 
 
@@ -109,16 +116,17 @@ def run_cell(args: argparse.Namespace, base: Any, tokenizer: Any, method: str, t
 
         if size_for_budget(method, base, budget) > args.cap[method]:
             sized = count_for(method, base, args.cap[method])
+    settings = method_settings(method)
+    dtype = settings.pop("dtype", args.dtype)
     cfg = TrainConfig(model=args.model, task=task, out=str(cell), seed=seed, budget=sized, max_steps=args.steps,
                       batch_size=args.batch_size, lr=lr, max_length=args.max_length,
                       eval_every=args.eval_every or args.steps, max_train_examples=args.train_examples,
-                      max_dev_examples=args.dev_examples, dtype=args.dtype, progress=False,
-                      **method_settings(method))
+                      max_dev_examples=args.dev_examples, dtype=dtype, progress=False, **settings)
     started = time.perf_counter()
     trainer = Trainer(cfg, base, tokenizer)
     summary = trainer.run()
     result = {"method": method, "task": task, "seed": seed, "budget": budget, "lr": lr,
-              "params": summary["trainable_params"], "steps": summary["steps"], "dtype": args.dtype,
+              "params": summary["trainable_params"], "steps": summary["steps"], "dtype": dtype,
               "dev_loss": summary["best_dev_loss"], "train_seconds": summary["train_seconds"]}
     if tuning:
         result["tuning"] = True
@@ -297,8 +305,8 @@ def labels_table(args: argparse.Namespace, results: list[dict[str, Any]], method
 
 
 def table(args: argparse.Namespace, results: list[dict[str, Any]], methods: list[str],
-          seeds: Sequence[int] | None = None) -> list[str]:
-    tasks = args.tasks
+          seeds: Sequence[int] | None = None, tasks: Sequence[str] | None = None) -> list[str]:
+    tasks = list(tasks or args.tasks)
     lines = ["| method | trainable params | LR | seeds | " + " | ".join(tasks) + " | mean |",
              "|---|---:|---:|---:|" + "---:|" * (len(tasks) + 1)]
     for method in methods:
@@ -362,7 +370,12 @@ def write_report(args: argparse.Namespace, results: list[dict[str, Any]]) -> str
         own = [m for m in args.ablations if tuning_method(m, args.tune_ablations) != "iapt"]  # the LR column says
         lines += ["", "### IAPT ablations (seed " + str(args.seeds[0]) + "; IAPT's LR"
                   + (f", except {', '.join(own)}: their own tuned LR" if own else "") + ")", ""]
-        lines += table(args, results, ["iapt"] + args.ablations, seeds=args.seeds[:1])
+        ablation_tasks = args.ablation_tasks or args.tasks
+        lines += table(args, results, ["iapt"] + args.ablations, seeds=args.seeds[:1], tasks=ablation_tasks)
+        lines += ["", f"iapt − ablation over {', '.join(ablation_tasks)} (iapt: all its seeds; the ablation: "
+                  "its one seed, so its seed noise is not in the interval): "
+                  + "; ".join(f"{m} {d[0]:+.1f} [{d[1]:+.1f}, {d[2]:+.1f}]" for m in args.ablations
+                              if (d := difference(args, results, "iapt", m, ablation_tasks)) is not None)]
     if tunes:
         lines += ["", (f"### LR tuning (task {args.tasks[0]}, seed {args.seeds[0]}, dev loss after {args.steps} "
                        "steps; lowest chosen; the chosen LR's cell is that task's seed-1 table cell)"), "",
@@ -468,6 +481,8 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
     p.add_argument("--ablations", nargs="*", default=DEFAULT_ABLATIONS,
                    help="IAPT variants, run on every task with the first seed only, at IAPT's tuned LR")
+    p.add_argument("--ablation-tasks", nargs="*", default=["sentiment", "squad"],
+                   help="tasks the ablations run on (first seed); empty = all of --tasks")
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument("--always-seeded", nargs="*", default=["lora"],
                    help="methods run on every seed besides the first method; the other baselines get seeds after "
@@ -530,7 +545,8 @@ def main() -> None:
 
     def cell(method: str, task: str, seed: int, budget: int, lr: float, test: bool = True,
              tuning: bool = False) -> None:
-        base, tokenizer = load_model(args.model, dtype=args.dtype)  # a fresh, untouched backbone per cell
+        dtype = method_settings(method).get("dtype", args.dtype)
+        base, tokenizer = load_model(args.model, dtype=dtype)  # a fresh, untouched backbone per cell
         run_cell(args, base, tokenizer, method, task, seed, budget, lr, test, tuning)
         results = load_results(results_dir)
         write_between_markers(Path(args.report), write_report(args, results))
@@ -558,7 +574,7 @@ def main() -> None:
         yield from main_table(first, args.methods)
         yield "", "", 0, 0, "wait-seeds", False  # which baselines need more seeds depends on every first-seed cell
         yield from main_table(args.seeds[len(first):], needs_more_seeds(args, load_results(results_dir)))
-        for task in args.tasks:
+        for task in args.ablation_tasks or args.tasks:
             for method in args.ablations:
                 yield method, task, args.seeds[0], args.budget, "tuned", True
         for budget in args.sweep_budgets:

@@ -28,7 +28,8 @@ def args(**kw) -> argparse.Namespace:
             "seeds": [1, 2, 3], "budget": 1000, "lr": 1e-3, "lr_grid": [1e-4, 1e-3], "sweep_budgets": [],
             "sweep_tasks": ["sentiment"], "steps": 20, "batch_size": 4, "max_length": 64, "dev_examples": 8,
             "test_examples": 10, "cap": {}, "tune_ablations": [], "fixed_lr": {},
-            "threads": 1, "dtype": "float32", "train_examples": None, "always_seeded": ["lora"]}
+            "threads": 1, "dtype": "float32", "train_examples": None, "always_seeded": ["lora"],
+            "ablation_tasks": []}
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -126,6 +127,9 @@ def test_ablation_names_map_to_train_settings(quality):
                                                                    "activation_mode": "frozen", "activation_init": "gelu"}
     assert quality.method_settings("iapt-zero")["anchor"] == "none"
     assert quality.method_settings("iapt-pad")["anchor"] == "pad"
+    assert quality.method_settings("iapt-vocab")["anchor"] == "tokens"
+    assert quality.method_settings("iapt-every-1")["rational_every"] == 1
+    assert quality.method_settings("iapt-fp32")["dtype"] == "float32"
     assert quality.method_settings("lora") == {"method": "lora"}
     with pytest.raises(ValueError, match="unknown IAPT variant"):
         quality.method_settings("iapt-anchr")
