@@ -14,10 +14,15 @@ from tests.tiny import left_padded_batch, make_base, tiny_lm, tiny_tokenizer
 from tests.training.test_trainer import config
 
 
-def test_default_start_is_the_backbone_reading_real_tokens_first(family):
-    """A fresh default adapter = the bare model with n recorded vocabulary tokens in front of every row."""
+def test_default_start_is_pad_anchored():
+    cfg = get_iapt_model(make_base("llama"), IAPTConfig(bottleneck=8)).iapt_config
+    assert cfg.anchor == "pad" and cfg.anchor_token_ids == [0] * cfg.num_soft_tokens
+
+
+def test_token_start_is_the_backbone_reading_real_tokens_first(family):
+    """A fresh token-anchored adapter = the bare model with n recorded vocabulary tokens in front of every row."""
     torch.manual_seed(0)
-    model = get_iapt_model(make_base(family), IAPTConfig(bottleneck=8))
+    model = get_iapt_model(make_base(family), IAPTConfig(bottleneck=8, anchor="tokens"))
     cfg = model.iapt_config
     assert cfg.anchor == "tokens" and len(cfg.anchor_token_ids) == cfg.num_soft_tokens
     assert len(set(cfg.anchor_token_ids)) == cfg.num_soft_tokens
@@ -33,7 +38,7 @@ def test_default_start_is_the_backbone_reading_real_tokens_first(family):
 
 def test_anchor_ids_are_recorded_and_reload_to_the_same_model(tmp_path):
     torch.manual_seed(5)
-    model = get_iapt_model(make_base("llama"), IAPTConfig(bottleneck=8))
+    model = get_iapt_model(make_base("llama"), IAPTConfig(bottleneck=8, anchor="tokens"))
     with torch.no_grad():
         for g in model.generators.values():
             g.up.weight.normal_(std=0.05)

@@ -41,14 +41,14 @@ class IAPTConfig:
                           "function far outside the range its initial fit is valid on."},
     )
     anchor: str = field(
-        default="tokens",
-        metadata={"help": "What the soft tokens start from. 'tokens' (default): soft tokens = the bare backbone's "
-                          "own states of n real vocabulary tokens at the slots (``anchor_token_ids``, computed from "
-                          "the base at load, not saved) + the generator's output; a fresh adapter is then exactly "
-                          "the backbone with those n tokens in front. 'pad': the same with n pad tokens. 'none': "
-                          "the paper's zero start, where the layer's RMS norm turns the first tiny update into a "
-                          "full-size vector of arbitrary direction (the loss spike of docs/METHOD.md). Old files' "
-                          "true/false read as 'pad'/'none'."},
+        default="pad",
+        metadata={"help": "What the soft tokens start from. 'pad' (default): soft tokens = the bare backbone's own "
+                          "states of n pad tokens at the slots (computed from the base at load, not saved) + the "
+                          "generator's output; a fresh adapter is then exactly the backbone with n pad tokens in "
+                          "front. 'tokens': the same with n frequent vocabulary tokens (``anchor_token_ids``). "
+                          "'none': the paper's zero start, where the layer's RMS norm turns the first update, however "
+                          "small, into a full-size vector of arbitrary direction (the loss spike of docs/METHOD.md). "
+                          "Old files' true/false read as 'pad'/'none'."},
     )
     anchor_token_ids: list[int] | None = field(
         default=None,

@@ -326,11 +326,17 @@ def test_anchored_adapters_serve_like_offline_generate(tmp_path, tokenizer):
         torch.nn.init.normal_(generator.up.weight, std=0.05)
     anchored.save_pretrained(tmp_path / "anchored")
     anchored.unload()
-    save_adapter(base, tmp_path / "plain", 12, bottleneck=8)
-    engine = Engine(base, tokenizer, tmp_path, max_batch_size=4)
+    on_tokens = get_iapt_model(base, IAPTConfig(bottleneck=8, anchor="tokens", num_soft_tokens=3))
+    for generator in on_tokens.generators.values():
+        torch.nn.init.normal_(generator.up.weight, std=0.05)
+    on_tokens.save_pretrained(tmp_path / "on-tokens")  # its own anchor ids: per-tenant anchors in one bank
+    on_tokens.unload()
+    save_adapter(base, tmp_path / "plain", 12, bottleneck=8, anchor="none")  # the zero start beside them
+    engine = Engine(base, tokenizer, tmp_path, max_batch_size=5)
     try:
-        requests = [Request(p, a, max_tokens=8) for p, a in zip(prompts(4, seed=3), ["anchored", "plain", None,
-                                                                                    "anchored"], strict=True)]
+        requests = [Request(p, a, max_tokens=8) for p, a in zip(prompts(5, seed=3), ["anchored", "plain", None,
+                                                                                    "on-tokens", "anchored"],
+                                                                strict=True)]
         handles = engine.generate_many(requests)
         assert_offline_equal(base, tmp_path, requests, handles)
     finally:

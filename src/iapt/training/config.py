@@ -38,13 +38,13 @@ class TrainConfig:
     bottleneck: int = field(default=32, metadata={"help": "IAPT generator bottleneck r."})
     activation_init: str = field(default="gelu", metadata={"help": "Initial function of the rational activations."})
     pooling: str = field(default="attention", metadata={"help": "IAPT pooling: attention, mean or last."})
-    anchor: str = field(default="tokens", metadata={"help": "IAPT start: tokens (soft tokens = the backbone's states "
-                                                          "of n frequent vocabulary tokens + the generator output), "
-                                                          "pad (n pad tokens), none (the paper's zero start); see "
-                                                          "IAPTConfig.anchor."})
+    anchor: str = field(default="pad", metadata={"help": "IAPT start: pad (soft tokens = the backbone's states of n "
+                                                       "pad tokens + the generator output), tokens (n frequent "
+                                                       "vocabulary tokens), none (the paper's zero start, which "
+                                                       "spikes the loss); see IAPTConfig.anchor."})
     lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate of the generator weights."})
     rational_lr: float = field(default=1e-6, metadata={"help": "AdamW learning rate of the rational coefficients."})
-    rational_every: int = field(default=1, metadata={"help": "Bi-level: take the rational coefficients' dev step "
+    rational_every: int = field(default=5, metadata={"help": "Bi-level: take the rational coefficients' dev step "
                                                              "every k optimiser steps (each costs a forward and "
                                                              "backward on a dev batch)."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (generator weights only)."})
