@@ -66,6 +66,15 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:
     return _DTYPES[name]
 
 
+def fast_dtype(device: str | torch.device = "cpu") -> str:
+    """'bfloat16' where the hardware computes it natively (CUDA with bf16; CPUs with AVX-512 BF16 or AMX), else
+    'float32'. On such a CPU a bf16 backbone runs forward and backward about 2x faster (benchmarks/RESULTS.md)."""
+    if torch.device(device).type == "cuda":
+        return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return "bfloat16" if any(check is not None and check() for check in checks) else "float32"
+
+
 def cache_root() -> Path:
     """The user cache folder: ``$IAPT_CACHE``, else ``$XDG_CACHE_HOME/iapt``, else ``~/.cache/iapt``."""
     if os.environ.get("IAPT_CACHE"):
