@@ -60,3 +60,19 @@ def test_example_tenants_through_the_openai_client(served):
         finally:
             model.unload()
         assert text == tokenizer.decode(offline[0, ids.shape[1]:], skip_special_tokens=True), name
+
+
+def test_the_readmes_example_review_gets_the_right_label(served):
+    """The README's curl request to the sentiment tenant, and its opposite, answered with the right label."""
+    import re
+
+    srv, _, _ = served
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    review = re.search(r'"content": "Review: (.*?)\\n\\nIs the sentiment', readme).group(1)
+    reviews = openai.OpenAI(api_key="sk-reviews", base_url=srv.url + "/v1", max_retries=0, timeout=120)
+    question = "\n\nIs the sentiment of this review positive, negative, neutral or ambivalent? Answer with one word."
+    for text, label in ((review, "negative"), ("Lovely hotel, friendly staff and a great breakfast. We will come "
+                                                "back!", "positive")):
+        answer = reviews.chat.completions.create(model="sentiment", max_tokens=8, temperature=0, messages=[
+            {"role": "user", "content": f"Review: {text}{question}"}])
+        assert answer.choices[0].message.content.strip().lower().startswith(label), (text, answer)
