@@ -211,3 +211,13 @@ def test_saved_dataset(tmp_path: Path) -> None:
     datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(str(tmp_path / "dd"))
     assert load_examples(tmp_path / "dd") == [Example("a", "b")]
     assert load_examples(tmp_path / "dd", split="test") == [Example("a", "b")]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_binary_line_names_file_and_line(tmp_path: Path, suffix: str) -> None:
+    good = {".jsonl": b'{"prompt": "a", "response": "b"}\n', ".json": b'[{"prompt": "a", "response": "b"},\n',
+            ".csv": b"prompt,response\n"}[suffix]
+    path = tmp_path / f"data{suffix}"
+    path.write_bytes(good + b'{"prompt": "caf\xff", "response": "b"}\n')
+    with pytest.raises(DataError, match=rf"data\{suffix}, line 2: not UTF-8 text \(byte 0xff at column 16\)"):
+        load_examples(path)

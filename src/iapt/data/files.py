@@ -14,6 +14,7 @@ or item/row number (JSON list, dataset) and the problem, so it can be fixed rath
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -123,8 +124,9 @@ def _parse_messages(messages: Any, where: str) -> Example:
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:  # bytes: a line that is not UTF-8 is reported with its number
+        for lineno, raw in enumerate(f, 1):
+            line = _decode_line(raw, path, lineno)
             if not line.strip():
                 continue
             try:
@@ -133,8 +135,28 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
                 raise DataError(f"{path}, line {lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
 
 
+def _decode_line(raw: bytes, path: Path, lineno: int) -> str:
+    try:
+        return raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}, line {lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                        f"{e.start + 1}); save the file as UTF-8") from None
+
+
+def _read_text(path: Path) -> str:
+    """The whole file as UTF-8; a bad byte is reported with its line, not only its offset."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        lineno = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{path}, line {lineno}: not UTF-8 text (byte 0x{data[e.start]:02x} at column "
+                        f"{column}); save the file as UTF-8") from None
+
+
 def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    text = path.read_text(encoding="utf-8-sig")
+    text = _read_text(path)
     if not text.strip():
         raise DataError(f"{path}: the file contains no examples")
     try:
@@ -151,7 +173,7 @@ def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8-sig", newline="") as f:
+    with io.StringIO(_read_text(path), newline="") as f:
         reader = csv.DictReader(f)
         _ = reader.fieldnames  # read the header now, so line_num counts from it
         start = reader.line_num + 1
