@@ -171,3 +171,35 @@ def test_recipe_file_with_overrides(tmp_path):
     recipe.write_text("learning_rate: 0.01\n")
     with pytest.raises(ValueError, match="learning_rate"):
         TrainConfig.from_yaml(recipe)
+
+
+def test_temporaries_left_by_a_killed_write_are_removed_on_start_and_resume(tmp_path):
+    """kill -9 during an atomic write leaves ``.NAME.XXXXXXXX.tmp``; the next start or resume removes it."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".metrics.jsonl.k2j4_9zq.tmp").write_text("half")
+    (out / "notes.tmp").write_text("the user's")  # not our naming: kept
+    cfg = config(tmp_path, max_steps=3, eval_every=3)
+    run(cfg)
+    assert not (out / ".metrics.jsonl.k2j4_9zq.tmp").exists() and (out / "notes.tmp").is_file()
+    (out / ".checkpoint.pt.a1b2c3d4.tmp").write_bytes(b"\x80half a pickle")
+    (out / ".adapter.q9w8e7r6.tmp").mkdir()
+    (out / ".adapter.q9w8e7r6.tmp" / "adapter_config.json").write_text("{")
+    (out / ".adapter.old").mkdir()
+    cfg.resume = True
+    run(cfg)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    assert (out / "notes.tmp").is_file()
+
+
+def test_bad_data_fails_before_the_model_loads(tmp_path, monkeypatch):
+    import iapt.models
+
+    def no_download(*_a, **_k):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(iapt.models, "load_model", no_download)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"prompt": "a", "response": "b"}\n\xff\xfe\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl, line 2: not UTF-8"):
+        Trainer(config(tmp_path, data=str(bad)))

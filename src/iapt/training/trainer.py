@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import random
+import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +37,10 @@ from iapt.training.optim import Optimisers, build_optimisers
 CHECKPOINT = "checkpoint.pt"
 CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
+# What iapt.io's atomic writes leave when killed: ".NAME.XXXXXXXX.tmp" (tempfile's 8 random characters), ".NAME.old"
+_STALE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp|\..+\.old")
+
+logger = logging.getLogger(__name__)
 
 
 class EpochSampler(Sampler[int]):
@@ -160,12 +167,13 @@ class Trainer:
         self.out = Path(cfg.out)
         self.accelerator = Accelerator()
         self._check_run_folder()
+        self._remove_stale_temporaries()
+        train, dev = load_splits(cfg)  # before the model: a bad data file fails in a second, not after a download
         if base is None:
             from iapt.models import load_model
 
             base, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
         self.tokenizer = tokenizer
-        train, dev = load_splits(cfg)
         self.train_data = encode(tokenizer, train, cfg, "training")
         self.dev_data = encode(tokenizer, dev, cfg, "dev")
 
@@ -209,6 +217,19 @@ class Trainer:
         elif (self.out / CHECKPOINT).exists():
             raise FileExistsError(f"{self.out} already holds a run: pass --resume to continue it, or choose another "
                                   f"--out (nothing was overwritten)")
+
+    def _remove_stale_temporaries(self) -> None:
+        """Delete what a killed atomic write left in the run folder (``.NAME.XXXXXXXX.tmp`` files or folders,
+        ``.NAME.old`` folders: the naming of :mod:`iapt.io`); nothing else is touched."""
+        if not self.accelerator.is_main_process or not self.out.is_dir():
+            return
+        for path in self.out.iterdir():
+            if _STALE.fullmatch(path.name):
+                logger.info("removing %s, left by an interrupted write", path)
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
 
     def _open_tensorboard(self) -> Any:
         if not self.accelerator.is_main_process:
