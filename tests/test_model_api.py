@@ -168,7 +168,8 @@ def test_corrupt_adapter_files_are_named(tmp_path):
     with pytest.raises(ValueError, match="adapter_config.json.*not valid JSON"):
         IAPTModel.from_pretrained(make_base("llama"), path)
     (path / "adapter_config.json").write_text(json.dumps({"bottleneck": 8, "colour": "red"}))
-    with pytest.raises(ValueError, match="colour"):
+    # a key from a newer version is dropped with a warning naming it (PEFT's policy); the weights are still refused
+    with pytest.warns(UserWarning, match="colour"), pytest.raises(ValueError, match="corrupt"):
         IAPTModel.from_pretrained(make_base("llama"), path)
 
 

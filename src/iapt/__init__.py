@@ -3,7 +3,10 @@
 from iapt.config import IAPTConfig
 from iapt.generator import PromptGenerator, generator_parameter_count
 from iapt.model import SUPPORTED_LAYER_PATHS, IAPTModel, get_iapt_model
+from iapt.peft_method import register as _register_with_peft
 from iapt.rational import RationalActivation
+
+_register_with_peft()  # get_peft_model(model, IAPTConfig()) and PeftModel.from_pretrained know IAPT
 
 __all__ = [
     "IAPTConfig",

@@ -1,13 +1,21 @@
-"""IAPTConfig: everything that defines an IAPT adapter, saved as ``adapter_config.json``."""
+"""IAPTConfig: everything that defines an IAPT adapter, saved as ``adapter_config.json``.
+
+It is a PEFT ``PeftConfig`` (task type CAUSAL_LM, PEFT's fields and version stamp), so ``get_peft_model`` and
+``PeftModel.from_pretrained`` take it (``iapt.peft_method``); unknown keys written by a newer version are ignored
+with a warning, as PEFT does.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from peft import PeftConfig
 
 from iapt.rational import RATIONAL_INITS
 
@@ -18,7 +26,7 @@ ANCHORS = ("tokens", "pad", "none")
 
 
 @dataclass
-class IAPTConfig:
+class IAPTConfig(PeftConfig):
     """Configuration of an IAPT adapter (Instruction-Aware Prompt Tuning, arXiv 2405.18203)."""
 
     num_soft_tokens: int = field(default=4, metadata={"help": "Soft tokens written at every layer (n; paper: 4)."})
@@ -76,8 +84,10 @@ class IAPTConfig:
         default=None, metadata={"help": "Recorded on install: the base's number of layers, checked on load."}
     )
     peft_type: str = field(default="IAPT", metadata={"help": "Method tag, as PEFT writes it."})
+    task_type: str | None = field(default="CAUSAL_LM", metadata={"help": "PEFT task type (IAPT: causal LMs)."})
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # PEFT's checks: a known task type; stamps peft_version
         if self.num_soft_tokens < 1:
             raise ValueError(f"num_soft_tokens must be >= 1, got {self.num_soft_tokens}")
         if self.bottleneck < 1:
@@ -107,11 +117,13 @@ class IAPTConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> IAPTConfig:
+        """From a saved config; keys this version does not know (a newer one wrote them) are dropped, with a warning."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown IAPTConfig fields {unknown}; known fields are {sorted(known)}")
-        return cls(**data)
+            warnings.warn(f"ignoring IAPTConfig fields this version does not know: {unknown} (written by a newer "
+                          f"iapt or PEFT?); upgrade to use them", stacklevel=2)
+        return cls(**{k: v for k, v in data.items() if k in known})
 
     def save(self, directory: str | os.PathLike) -> Path:
         from iapt.io import atomic_write_text
