@@ -341,3 +341,95 @@ def test_anchored_adapters_serve_like_offline_generate(tmp_path, tokenizer):
         assert_offline_equal(base, tmp_path, requests, handles)
     finally:
         engine.close()
+
+
+# ------------------------------------------------------------------------------------------ red-team regressions
+def test_tiny_temperatures_are_greedy_and_fail_no_one(engine, reference, adapters_dir):
+    """temperature 1e-37 overflowed float32 in the shared step and failed a neighbour's greedy request."""
+    p = prompts(3, seed=11)
+    greedy = Request(p[0], "alice", max_tokens=6)
+    handles = engine.generate_many([greedy, Request(p[1], "bob", max_tokens=6, temperature=1e-37, seed=1),
+                                    Request(p[2], None, max_tokens=6, temperature=5e-324, seed=2)])
+    assert [h.finish_reason for h in handles] == ["length"] * 3, [h.error for h in handles]
+    assert handles[0].tokens == expected(reference, adapters_dir, greedy)
+    assert handles[1].tokens == expected(reference, adapters_dir, Request(p[1], "bob", max_tokens=6))
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            engine.submit(Request([5], temperature=bad))
+
+
+def test_a_row_with_non_finite_logits_fails_alone(engine, reference, adapters_dir, monkeypatch):
+    """Sampling is per row: one row's NaN logits fail its own request, never the batch."""
+    forward = engine.model.forward
+
+    def poisoned(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        if kwargs["input_ids"].shape == (2, 1):  # a decode step with both rows
+            out.logits[1] = float("nan")
+        return out
+
+    monkeypatch.setattr(engine.model, "forward", poisoned)
+    p = prompts(2, seed=12)
+    greedy = Request(p[0], "alice", max_tokens=6, ignore_eos=True)
+    handles = engine.generate_many([greedy, Request(p[1], "carol", max_tokens=6, temperature=0.9, seed=3,
+                                                    ignore_eos=True)])
+    assert handles[0].finish_reason == "length" and handles[0].tokens == expected(reference, adapters_dir, greedy)
+    assert handles[1].finish_reason == "error" and handles[1].code == "invalid_output" and "finite" in handles[1].error
+
+
+def test_seed_out_of_range_is_refused(engine):
+    for seed in (2**64, -(2**63) - 1):
+        with pytest.raises(ValueError, match="seed"):
+            engine.submit(Request([5], temperature=1.0, seed=seed))
+    assert engine.generate_many([Request([5, 6], temperature=1.0, seed=2**64 - 1, max_tokens=2)])[0].tokens
+
+
+def test_request_queued_for_an_unloaded_adapter_says_model_not_found(engine):
+    queued = engine.submit(Request([5, 6, 7], "bob", max_tokens=3))
+    engine.unload_adapter("bob")
+    engine.step()
+    assert queued.finish_reason == "error" and queued.code == "model_not_found"
+
+
+def test_non_finite_adapter_weights_are_refused_at_load(adapters_dir, tmp_path, tokenizer):
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "nan"
+    shutil.copytree(adapters_dir / "alice", bad)
+    weights = bad / "adapter_model.safetensors"
+    state = load_file(weights)
+    state["1.up.weight"][0, 0] = float("nan")
+    save_file(state, weights)
+    with pytest.raises(ValueError, match=r"tensor '1\.up\.weight' has NaN or infinite values"):
+        read_adapter(tiny_lm().eval(), bad)
+    eng = Engine(tiny_lm().eval(), tokenizer, tmp_path)
+    try:
+        assert "nan" not in eng.adapters and "NaN" in eng.load_errors["nan"]
+    finally:
+        eng.close()
+
+
+def test_adapter_size_limits_and_the_bank_shrinks_on_unload(engine, adapters_dir, tmp_path, reference):
+    """A huge adapter is refused (the limit named); one under the limits is loaded, and its unload gives the
+    bank's memory back: the bank is again the size of one built from the remaining adapters."""
+    from tests.serving.conftest import save_adapter
+
+    base = tiny_lm()
+    save_adapter(base, tmp_path / "huge", 5, bottleneck=2048)
+    save_adapter(base, tmp_path / "many", 6, bottleneck=8, num_soft_tokens=80)
+    save_adapter(base, tmp_path / "wide", 7, bottleneck=256, num_soft_tokens=16)
+    with pytest.raises(ValueError, match="r=2048; this server's limit is max_bottleneck=512"):
+        engine.load_adapter("huge", tmp_path / "huge")
+    with pytest.raises(ValueError, match="80 soft tokens; this server's limit is max_soft_tokens=64"):
+        engine.load_adapter("many", tmp_path / "many")
+
+    def size(bank: AdapterBank) -> int:
+        return sum(t.numel() for layer in bank.layers for t in layer.values())
+
+    before = size(engine.bank)
+    engine.load_adapter("wide", tmp_path / "wide")
+    assert engine.bank.layers[0]["up_weight"].shape[-1] == 256 and size(engine.bank) > 10 * before
+    engine.unload_adapter("wide")
+    assert size(engine.bank) == before and engine.bank.layers[0]["queries"].shape[1:] == (8, 4)
+    r = Request(prompts(1, seed=13)[0], "carol", max_tokens=6)
+    assert engine.generate_many([r])[0].tokens == expected(reference, adapters_dir, r)

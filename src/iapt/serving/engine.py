@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import math
 import queue
 import threading
 import time
@@ -55,6 +56,10 @@ from iapt.model import (
 
 logger = logging.getLogger(__name__)
 
+# Temperatures below this are greedy: dividing logits by ~1e-37 overflows float32 to inf and NaN.
+MIN_TEMPERATURE = 1e-2
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+
 _WEIGHTS = ("down_weight", "down_bias", "queries", "numerator", "denominator", "up_weight", "up_bias")
 
 
@@ -72,6 +77,10 @@ class UnknownAdapter(KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "unknown adapter"
+
+
+class AdapterTooLarge(ValueError):
+    """The adapter's bottleneck or slot count is above the engine's limit (HTTP 400)."""
 
 
 # ------------------------------------------------------------------------------------------ adapters
@@ -141,8 +150,20 @@ def read_adapter(base_model: PreTrainedModel, path: str | Path, name: str | None
             "shape of " + ", ".join(f"{k} is {found[k]}, expected {expected[k]}" for k in wrong[:3]) if wrong else "",
         ) if part)
         raise ValueError(f"adapter weights {weights_file} do not match its config: {detail}")
+    _check_finite(weights_file, sorted(expected))
     name = name or (directory.parent.name if directory.name == "adapter" else directory.name)
     return Adapter(name, directory, config, layer_ids, weights_file)
+
+
+def _check_finite(weights_file: Path, keys: list[str]) -> None:
+    """Refuse NaN/Inf weights at load: served, they would fail every sampled request of that tenant."""
+    try:
+        with safe_open(str(weights_file), framework="pt") as f:
+            for key in keys:  # one tensor in memory at a time
+                if not torch.isfinite(f.get_tensor(key)).all():
+                    raise ValueError(f"adapter weights {weights_file}: tensor {key!r} has NaN or infinite values")
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"adapter weights {weights_file} are corrupt or unreadable: {exc}") from None
 
 
 def _shapes(d: int, r: int, n: int) -> dict[str, tuple[int, ...]]:
@@ -177,6 +198,7 @@ class AdapterBank:
         self.index = {name: i + 1 for i, name in enumerate(self.names)}
         count = len(adapters) + 1
         self.num_slots = torch.tensor([0] + [a.config.num_soft_tokens for a in adapters], device=device)
+        self.bottlenecks = [0] + [a.config.bottleneck for a in adapters]
         self.modes = [("attention", True)] + [(a.config.pooling, a.config.input_norm) for a in adapters]
         r = max([a.config.bottleneck for a in adapters], default=1)
         n = max([a.config.num_soft_tokens for a in adapters], default=1)
@@ -211,6 +233,7 @@ class AdapterBank:
         merged.names = self.names + added.names
         merged.index = {name: i + 1 for i, name in enumerate(merged.names)}
         merged.num_slots = torch.cat([self.num_slots, added.num_slots[1:]])
+        merged.bottlenecks = self.bottlenecks + added.bottlenecks[1:]
         merged.modes = self.modes + added.modes[1:]
         merged.layers = []
         for mine, theirs in zip(self.layers, added.layers, strict=True):
@@ -222,15 +245,25 @@ class AdapterBank:
         return merged
 
     def without(self, name: str) -> AdapterBank:
-        """A new bank without adapter ``name`` (weights kept at the bank's padded size, which stays exact)."""
+        """A new bank without adapter ``name``, padded only to the largest r and n the others need.
+
+        Cut down, not just copied: after a large adapter is unloaded its memory (and the cost of gathering
+        its padding at every prefill) is given back.
+        """
         keep = [0] + [i for n, i in self.index.items() if n != name]
         rows = torch.tensor(keep, device=self.num_slots.device)
         smaller = AdapterBank.__new__(AdapterBank)
         smaller.names = [n for n in self.names if n != name]
         smaller.index = {n: i + 1 for i, n in enumerate(smaller.names)}
         smaller.num_slots = self.num_slots.index_select(0, rows)
+        smaller.bottlenecks = [self.bottlenecks[i] for i in keep]
         smaller.modes = [self.modes[i] for i in keep]
-        smaller.layers = [{k: v.index_select(0, rows) for k, v in layer.items()} for layer in self.layers]
+        r = max(smaller.bottlenecks[1:], default=1)
+        n = max(smaller.num_slots[1:].tolist(), default=1)
+        cut = {"down_weight": (slice(0, r),), "down_bias": (slice(0, r),), "queries": (slice(0, r), slice(0, n)),
+               "up_weight": (slice(None), slice(0, r)), "anchor": (slice(0, n),)}
+        smaller.layers = [{k: v[(slice(None), *cut.get(k, ()))].index_select(0, rows) for k, v in layer.items()}
+                          for layer in self.layers]  # index_select copies only the view: the rest is freed
         return smaller
 
     def soft_prompts(
@@ -276,11 +309,16 @@ class Request:
 
 @dataclass
 class Event:
-    """A new token, or the end of a request (``finish_reason`` set: stop, length, cancelled or error)."""
+    """A new token, or the end of a request (``finish_reason`` set: stop, length, cancelled or error).
+
+    ``code`` says why an error happened when the caller can act on it: ``"model_not_found"`` (the adapter was
+    unloaded while the request waited) or ``"invalid_output"`` (this row's numbers were not finite).
+    """
 
     token: int | None = None
     finish_reason: str | None = None
     error: str | None = None
+    code: str | None = None
 
 
 @dataclass
@@ -292,6 +330,7 @@ class RequestHandle:
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
+    code: str | None = None
     submitted: float = field(default_factory=time.monotonic)
     _events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, repr=False)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -322,7 +361,7 @@ class RequestHandle:
         if event.token is not None:
             self.tokens.append(event.token)
         else:
-            self.finish_reason, self.error = event.finish_reason, event.error
+            self.finish_reason, self.error, self.code = event.finish_reason, event.error, event.code
         self._events.put(event)
         if event.finish_reason is not None:
             self._done.set()
@@ -354,6 +393,7 @@ class _Running:
     mask: torch.Tensor  # (B, L) over everything in the cache
     last: torch.Tensor  # (B,) token fed at the next decode step
     generators: list[torch.Generator | None]
+    failed: dict[int, str] = field(default_factory=dict)  # row -> why its last token could not be sampled
 
 
 # ------------------------------------------------------------------------------------------ engine
@@ -380,7 +420,11 @@ class Engine:
         max_batch_size: int = 32,
         max_queue: int = 256,
         layers_path: str | None = None,
+        max_bottleneck: int = 512,
+        max_soft_tokens: int = 64,
     ) -> None:
+        """``max_bottleneck`` / ``max_soft_tokens``: the largest r and n an adapter may have. Every adapter in the
+        bank is padded to the largest loaded, so one huge adapter would slow and enlarge every tenant's prefill."""
         _check_base(base_model)
         self.model = base_model.eval()
         self.tokenizer = tokenizer
@@ -393,6 +437,7 @@ class Engine:
         self.base_name = base_name or getattr(base_model.config, "name_or_path", "") or "base"
         self.base_names = {self.base_name, getattr(base_model.config, "name_or_path", "") or self.base_name}
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        self.max_bottleneck, self.max_soft_tokens = max_bottleneck, max_soft_tokens
         self.slot_token_id = slot_token_id(base_model)  # what IAPTModel puts in its slots
         self.pad_token_id = self.slot_token_id
         self.eos_token_ids = _eos_ids(base_model, tokenizer)
@@ -436,7 +481,7 @@ class Engine:
         for name, path in paths.items():
             try:
                 self._check_name(name)
-                read.append(read_adapter(self.model, path, name))
+                read.append(self._check_size(read_adapter(self.model, path, name)))
             except (ValueError, FileNotFoundError, OSError) as exc:
                 self.load_errors[name] = str(exc)
                 logger.warning("skipping adapter %s: %s", path, exc)
@@ -446,8 +491,18 @@ class Engine:
     def load_adapter(self, name: str, path: str | Path) -> Adapter:
         """Load an adapter at run time; raises ValueError (wrong base, bad files, name taken) and keeps serving."""
         self._check_name(name)
-        adapter = read_adapter(self.model, path, name)  # outside the lock: file I/O
+        adapter = self._check_size(read_adapter(self.model, path, name))  # outside the lock: file I/O
         self._add([adapter])
+        return adapter
+
+    def _check_size(self, adapter: Adapter) -> Adapter:
+        r, n = adapter.config.bottleneck, adapter.config.num_soft_tokens
+        if r > self.max_bottleneck:
+            raise AdapterTooLarge(f"adapter {adapter.name!r} has bottleneck r={r}; this server's limit is "
+                                  f"max_bottleneck={self.max_bottleneck}")
+        if n > self.max_soft_tokens:
+            raise AdapterTooLarge(f"adapter {adapter.name!r} has {n} soft tokens; this server's limit is "
+                                  f"max_soft_tokens={self.max_soft_tokens}")
         return adapter
 
     def _check_name(self, name: str) -> None:
@@ -480,12 +535,25 @@ class Engine:
                 return
 
     def unload_adapter(self, name: str) -> None:
-        """Forget an adapter. Its running requests finish (decoding needs no adapter); queued ones fail."""
-        with self._lock:
-            if name not in self._adapters:
-                raise UnknownAdapter(f"no adapter named {name!r} is loaded")
-            del self._adapters[name]
-            self.bank = self.bank.without(name)
+        """Forget an adapter. Its running requests finish (decoding needs no adapter); queued ones fail (404).
+
+        The smaller bank is built outside the lock (a copy of the bank: seconds for a large one), so requests
+        keep being admitted meanwhile; if another load or unload swapped the bank first, redo.
+        """
+        while True:
+            with self._lock:
+                if name not in self._adapters:
+                    raise UnknownAdapter(f"no adapter named {name!r} is loaded")
+                start = self.bank
+            smaller = start.without(name)
+            with self._lock:
+                if self.bank is not start:
+                    continue
+                if name not in self._adapters:
+                    raise UnknownAdapter(f"no adapter named {name!r} is loaded")
+                del self._adapters[name]
+                self.bank = smaller
+                return
 
     @property
     def adapters(self) -> dict[str, Adapter]:
@@ -528,8 +596,10 @@ class Engine:
             raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
         if r.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
-        if r.temperature < 0 or not 0 < r.top_p <= 1:
-            raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+        if not (math.isfinite(r.temperature) and r.temperature >= 0) or not 0 < r.top_p <= 1:
+            raise ValueError("temperature must be a number >= 0 and top_p in (0, 1]")
+        if r.seed is not None and (not isinstance(r.seed, int) or not SEED_RANGE[0] <= r.seed <= SEED_RANGE[1]):
+            raise ValueError(f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
         adapter = self._adapters.get(r.adapter or "")
         total = len(r.prompt) + r.max_tokens + (adapter.config.num_soft_tokens if adapter else 0)
         if self.max_positions and total > self.max_positions:
@@ -644,7 +714,8 @@ class Engine:
         for h in handles:
             name = h.request.adapter
             if name is not None and name not in self.base_names and name not in bank.index:
-                h._emit(Event(finish_reason="error", error=f"adapter {name!r} was unloaded before the request ran"))
+                h._emit(Event(finish_reason="error", error=f"adapter {name!r} was unloaded before the request ran",
+                              code="model_not_found"))
             else:
                 ready.append(h)
         if not ready:
@@ -695,7 +766,7 @@ class Engine:
             self._prefill = None
         gens = [_generator(h.request) for h in handles]
         running = _Running(handles, cache, mask, ids[:, -1], gens)
-        running.last = self._sample(out.logits[:, -1], running)
+        running.last, running.failed = self._sample(out.logits[:, -1], running)
         return running
 
     def _make_hook(self, layer: int) -> Callable:
@@ -740,7 +811,7 @@ class Engine:
         positions = run.mask.sum(-1, keepdim=True) - 1
         out = self.model(input_ids=run.last[:, None], attention_mask=run.mask, position_ids=positions,
                          past_key_values=run.cache, use_cache=True)
-        run.last = self._sample(out.logits[:, -1], run)
+        run.last, run.failed = self._sample(out.logits[:, -1], run)
         self._keep_rows(self._deliver(run))
 
     def _deliver(self, run: _Running) -> list[int]:
@@ -748,6 +819,9 @@ class Engine:
         keep = []
         now = time.monotonic()
         for i, (h, token) in enumerate(zip(run.handles, run.last.tolist(), strict=True)):
+            if i in run.failed:  # this row alone: its neighbours' tokens are unaffected
+                h._emit(Event(finish_reason="error", error=run.failed[i], code="invalid_output"))
+                continue
             h._emit(Event(token=token))
             r = h.request
             stop = (not r.ignore_eos and token in self.eos_token_ids) or token in r.stop_token_ids
@@ -770,20 +844,32 @@ class Engine:
             return
         self._running = _select(run, keep) if keep else None
 
-    def _sample(self, logits: torch.Tensor, run: _Running) -> torch.Tensor:
-        """Greedy for temperature 0, else temperature + top-p sampling with each request's own generator."""
+    def _sample(self, logits: torch.Tensor, run: _Running) -> tuple[torch.Tensor, dict[int, str]]:
+        """Greedy below MIN_TEMPERATURE, else temperature + top-p sampling with each request's own generator.
+
+        Row by row, so one row's numbers cannot fail another: a row whose logits or probabilities are not
+        finite is returned in the second value (row -> why) and only its request fails.
+        """
         tokens = logits.argmax(-1)
+        failed: dict[int, str] = {}
+        rows = logits.float()
+        bad = rows.isnan().any(-1) | rows.isposinf().any(-1) | rows.isneginf().all(-1)
+        for i in bad.nonzero().flatten().tolist():
+            failed[i] = "the model's output for this request is not finite (NaN or infinite logits)"
         for i, (h, g) in enumerate(zip(run.handles, run.generators, strict=True)):
             r = h.request
-            if r.temperature == 0:
+            if g is None or i in failed:
                 continue
-            probs = torch.softmax(logits[i].float() / r.temperature, -1)
+            probs = torch.softmax(rows[i] / r.temperature, -1)
             if r.top_p < 1:
                 sorted_p, order = probs.sort(descending=True)
                 sorted_p[(sorted_p.cumsum(0) - sorted_p) >= r.top_p] = 0
                 probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+            if not (torch.isfinite(probs).all() and probs.sum() > 0):
+                failed[i] = f"sampling at temperature {r.temperature} gave no valid probabilities"
+                continue
             tokens[i] = torch.multinomial(probs, 1, generator=g).item()
-        return tokens
+        return tokens, failed
 
     # -------------------------------------------------------------------- stats
     def stats(self) -> dict[str, Any]:
@@ -835,7 +921,8 @@ def _select(run: _Running, keep: list[int]) -> _Running:
 
 
 def _generator(r: Request) -> torch.Generator | None:
-    if r.temperature == 0:
+    """Each sampled request's own generator; None (greedy) below MIN_TEMPERATURE."""
+    if r.temperature < MIN_TEMPERATURE:
         return None
     g = torch.Generator()
     if r.seed is not None:
