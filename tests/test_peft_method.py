@@ -90,3 +90,46 @@ def test_unknown_config_keys_from_a_newer_version_are_ignored_with_a_warning(tmp
         loaded = IAPTModel.from_pretrained(base, tmp_path / "a")
     assert any("feature_of_2027" in str(w.message) for w in caught)
     assert loaded.iapt_config.bottleneck == 8
+
+
+def test_transformers_trainer_checkpoints_hold_the_adapter_only_and_resume(tmp_path):
+    """transformers.Trainer on the PEFT model: checkpoints are adapter folders, and a resumed run continues with
+    the same losses as the uninterrupted one."""
+    from transformers import Trainer, TrainingArguments, TrainerCallback
+
+    from tests.tiny import tiny_lm, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    rows = []
+    for word, answer in [("apple", " yes"), ("zebra", " nah"), ("melon", " yes"), ("wagon", " nah")] * 4:
+        prompt = tok(f"first letter early? {word}", add_special_tokens=False).input_ids
+        reply = tok(answer, add_special_tokens=False).input_ids
+        rows.append({"input_ids": prompt + reply, "attention_mask": [1] * (len(prompt) + len(reply)),
+                     "labels": [-100] * len(prompt) + reply})  # -100 on the instruction: what IAPT pools
+
+    class Losses(TrainerCallback):
+        def __init__(self) -> None:
+            self.seen: list[float] = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.seen.append(float(logs["loss"]))
+
+    def trainer(model, losses):
+        args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=4, save_steps=2, logging_steps=1,
+                                 per_device_train_batch_size=4, learning_rate=1e-2, report_to=[], use_cpu=True,
+                                 seed=3, data_seed=3)
+        return Trainer(model=model, args=args, train_dataset=rows, callbacks=[losses])
+
+    torch.manual_seed(0)
+    whole = Losses()
+    trainer(get_peft_model(tiny_lm(), IAPTConfig(bottleneck=4)), whole).train()
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    assert (checkpoint / "adapter_model.safetensors").is_file()
+    assert not (checkpoint / "model.safetensors").exists(), "no copy of the backbone in a checkpoint"
+    torch.manual_seed(0)
+    resumed = Losses()
+    trainer(get_peft_model(tiny_lm(), IAPTConfig(bottleneck=4)), resumed).train(resume_from_checkpoint=str(checkpoint))
+    assert len(whole.seen) == 4 and resumed.seen == pytest.approx(whole.seen[2:], rel=1e-5)
+    ours = IAPTModel.from_pretrained(tiny_lm(), checkpoint)  # a Trainer checkpoint is an IAPT adapter folder
+    assert ours.iapt_config.bottleneck == 4
