@@ -21,19 +21,25 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any, Self
+from typing import Annotated, Any, Self
 
 import jinja2
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from iapt.serving.auth import KeyRing, Principal
 from iapt.serving.engine import Engine, Event, QueueFull, Request, RequestHandle, UnknownAdapter
+
+_KINDS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
+          429: "rate_limit_error"}
 
 logger = logging.getLogger(__name__)
 
@@ -43,34 +49,90 @@ class APIError(Exception):
     """An error answered in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
 
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, code: str | int | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.kind, self.headers = status, message, kind, headers
+        self.code = status if code is None else code
 
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.kind, "param": None, "code": self.status}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+    def response(self) -> Response:
+        body = {"error": {"message": self.message, "type": self.kind, "param": None, "code": self.code}}
+        # ASCII JSON: a message quoting the client's text (a model name, say) may hold a lone surrogate
+        return Response(json.dumps(body), status_code=self.status, headers=self.headers, media_type="application/json")
+
+
+def _model_not_found(model: str) -> APIError:
+    """OpenAI's answer for a model that does not exist *or* is not the caller's: the two are not told apart,
+    so a tenant cannot find out which adapters other tenants have."""
+    return APIError(404, f"The model `{model}` does not exist or you do not have access to it.",
+                    code="model_not_found")
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int | str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error the server sends (4xx and 5xx), in OpenAI's shape."""
+
+    error: ErrorDetail
 
 
 # ------------------------------------------------------------------------------------------ bodies
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # accept (and ignore) OpenAI fields we do not implement
+def _lone_surrogate(value: Any, where: str = "body") -> str | None:
+    """Where a string holds a lone surrogate (JSON allows "\\ud800", UTF-8 and the tokenizer do not)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"{where}: the text has a lone surrogate (invalid Unicode) at position {exc.start}"
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if (found := _lone_surrogate(k, where) or _lone_surrogate(v, f"{where}.{k}")) is not None:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            if (found := _lone_surrogate(v, f"{where}.{i}")) is not None:
+                return found
+    return None
 
+
+class _Strict(BaseModel):
+    """Bodies: finite numbers only, and no lone surrogates anywhere (both reached the model as a 500)."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # unknown OpenAI fields are ignored
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        if (problem := _lone_surrogate(data)) is not None:
+            raise ValueError(problem)
+        return data
+
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+Text = Annotated[str, Field(min_length=1)]
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # int64; seed + choice index stays within what torch takes
+
+
+class _Body(_Strict):
     model: str
-    max_tokens: int | None = None
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="below 0.01: greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     logprobs: Any = None
     ignore_eos: bool = False  # vLLM's extension; handy for benchmarks
 
 
 class CompletionBody(_Body):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: Text | TokenIds | Annotated[list[Text], Field(min_length=1)] | Annotated[list[TokenIds], Field(min_length=1)]
     echo: bool = False
     best_of: int | None = None
 
@@ -83,15 +145,15 @@ class ChatMessage(BaseModel):
 
 class ChatBody(_Body):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: int | None = Field(None, ge=1)
 
 
-class LoadAdapterBody(BaseModel):
+class LoadAdapterBody(_Strict):
     lora_name: str = Field(min_length=1)
     lora_path: str = Field(min_length=1)
 
 
-class UnloadAdapterBody(BaseModel):
+class UnloadAdapterBody(_Strict):
     lora_name: str = Field(min_length=1)
 
 
@@ -142,7 +204,8 @@ class _Text:
 class _BodyLimit:
     """Refuse request bodies over ``limit`` bytes (413) before they are read into memory.
 
-    A chunked body without Content-Length that grows past the limit is cut off as a disconnect.
+    A chunked body (no Content-Length) is read here, up to the limit, and answered 413 as soon as it
+    passes it; the app then receives it whole.
     """
 
     def __init__(self, app: Any, limit: int) -> None:
@@ -151,10 +214,31 @@ class _BodyLimit:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length", b"0")
+        too_large = APIError(413, f"the request body is over {self.limit} bytes").response()
+        headers = dict(scope["headers"])
+        if b"content-length" not in headers:
+            body, more = b"", True
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return None  # the client went away
+                body += message.get("body", b"")
+                more = message.get("more_body", False)
+                if len(body) > self.limit:
+                    return await too_large(scope, receive, send)
+            replayed = False
+
+            async def replay() -> dict:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
+            return await self.app(scope, replay, send)
+        length = headers[b"content-length"]
         if not length.isdigit() or int(length) > self.limit:
-            response = APIError(413, f"the request body is over {self.limit} bytes").response()
-            return await response(scope, receive, send)
+            return await too_large(scope, receive, send)
         seen = 0
 
         async def limited() -> dict:
@@ -193,8 +277,14 @@ def create_app(
     max_n: int = 8,
     max_body_bytes: int = 1 << 20,
     manage_engine: bool = True,
+    docs: bool = True,
+    disconnect_poll_s: float = 0.25,
 ) -> FastAPI:
-    """The FastAPI app. With ``manage_engine`` its lifespan starts and stops the engine's thread."""
+    """The FastAPI app. With ``manage_engine`` its lifespan starts and stops the engine's thread.
+
+    ``docs``: serve ``/openapi.json`` and ``/docs`` (to holders of a valid key, like the API itself);
+    ``disconnect_poll_s``: how often a waiting handler checks that its client is still there.
+    """
     keys = keys or KeyRing(None)
     tokenizer = engine.tokenizer
     if tokenizer is None:
@@ -214,23 +304,39 @@ def create_app(
             if manage_engine:
                 engine.stop()
 
-    app = FastAPI(title="iapt serve", lifespan=lifespan)
+    app = FastAPI(title="iapt serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(_BodyLimit, limit=max_body_bytes)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: HTTPRequest, exc: StarletteHTTPException) -> Response:
+        """Starlette's own errors (no such route, wrong method, a body that does not parse) in OpenAI's shape."""
+        status = exc.status_code
+        if status == 404:
+            message = f"no such endpoint: {request.method} {request.url.path}"
+        elif status == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        elif status == 400:
+            message = "the request body could not be parsed as JSON (too deeply nested, or not UTF-8)"
+        else:
+            message = str(exc.detail)
+        _count(request, status)
+        headers = dict(exc.headers or {})
+        return APIError(status, message, _KINDS.get(status, "invalid_request_error"), headers or None).response()
+
     @app.exception_handler(APIError)
-    async def _api_error(request: HTTPRequest, exc: APIError) -> JSONResponse:
+    async def _api_error(request: HTTPRequest, exc: APIError) -> Response:
         _count(request, exc.status)
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(request: HTTPRequest, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: HTTPRequest, exc: RequestValidationError) -> Response:
         problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}"
                              for e in exc.errors())
         _count(request, 400)
         return APIError(400, f"invalid request: {problems}").response()
 
     @app.exception_handler(Exception)
-    async def _unexpected(request: HTTPRequest, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: HTTPRequest, exc: Exception) -> Response:
         logger.exception("unhandled error on %s", request.url.path)
         _count(request, 500)
         return APIError(500, f"internal error: {type(exc).__name__}", "server_error").response()
@@ -251,13 +357,11 @@ def create_app(
         return principal
 
     def _check_model(request: HTTPRequest, principal: Principal, model: str) -> str | None:
-        """Resolve ``model``: None for the base, else the adapter name; 404 unknown, 403 not yours."""
+        """Resolve ``model``: None for the base, else the adapter name; 404 whether unknown or not yours."""
         is_base = model in engine.base_names
-        if not is_base and model not in engine.adapters:
-            raise APIError(404, f"the model {model!r} does not exist", "not_found_error")
+        if (not is_base and model not in engine.adapters) or not principal.may_use(model, is_base):
+            raise _model_not_found(model)
         request.state.model = model
-        if not principal.may_use(model, is_base):
-            raise APIError(403, f"your API key may not use the model {model!r}", "permission_error")
         return None if is_base else model
 
     def _check_common(body: _Body, prompts: list[list[int]], adapter: str | None, chat: bool) -> int:
@@ -279,7 +383,7 @@ def create_app(
                 slots = loaded.config.num_soft_tokens if loaded else 0
                 room = engine.max_positions - slots - max(len(p) for p in prompts)
                 max_tokens = max(1, min(max_tokens, room))
-        if max_tokens < 1:
+        if max_tokens < 1:  # the schema says so too; kept for callers that bypass it
             raise APIError(400, "max_tokens must be at least 1")
         if max_tokens > max_tokens_limit:
             raise APIError(400, f"max_tokens={max_tokens} is above this server's limit of {max_tokens_limit}")
@@ -292,6 +396,8 @@ def create_app(
         return [_tokenize(p) if isinstance(p, str) else list(p) for p in items]
 
     def _tokenize(text: str, special: bool = True) -> list[int]:
+        if (problem := _lone_surrogate(text, "prompt")) is not None:  # bodies are checked; this is the backstop
+            raise APIError(400, problem)
         return list(tokenizer(text, add_special_tokens=special).input_ids)
 
     async def _generate(request: HTTPRequest, body: _Body, prompts: list[list[int]], adapter: str | None,
@@ -315,17 +421,17 @@ def create_app(
         except QueueFull as exc:
             raise APIError(429, str(exc), "rate_limit_error",
                            {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}) from None
-        except UnknownAdapter as exc:
-            raise APIError(404, str(exc), "not_found_error") from None
+        except UnknownAdapter:
+            raise _model_not_found(body.model) from None
         except ValueError as exc:
             raise APIError(400, str(exc)) from None
         texts = [_Text(tokenizer, stop) for _ in handles]
         meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": body.model}
         usage = {"prompt_tokens": sum(len(p) for p in prompts)}
-        _count(request, 200)
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
+            _count(request, 200)  # the status line goes out now; an error later is an event in the stream
             return StreamingResponse(_stream(request, handles, texts, events, meta, usage, chat, include_usage),
                                      media_type="text/event-stream")
         try:
@@ -333,9 +439,12 @@ def create_app(
                 pass
         finally:
             _cancel_unfinished(handles)
+        if getattr(request.state, "disconnected", False):
+            _count(request, 499)  # nginx's "client closed request": nobody reads this answer
+            return Response(status_code=499)
         failed = next((h for h in handles if h.finish_reason == "error"), None)
         if failed is not None:
-            raise APIError(500, f"generation failed: {failed.error}", "server_error")
+            raise _failure(failed, body.model)
         choices = []
         for i, (h, t) in enumerate(zip(handles, texts, strict=True)):
             reason = t.finish_reason or _reason(h)
@@ -345,19 +454,28 @@ def create_app(
                            {"index": i, "text": content, "logprobs": None, "finish_reason": reason})
         usage = _usage(usage, handles)
         obj = "chat.completion" if chat else "text_completion"
+        _count(request, 200)
         return JSONResponse({**meta, "object": obj, "choices": choices, "usage": usage})
 
     async def _events(request: HTTPRequest, handles: list[RequestHandle], texts: list[_Text],
                       events: asyncio.Queue) -> AsyncIterator[tuple[int, str, str | None, str | None]]:
-        """Yield (choice, new text, finish reason, error) until every choice is done; polls for disconnects."""
+        """Yield (choice, new text, finish reason, error) until every choice is done.
+
+        Checks every ``disconnect_poll_s`` that the client is still there, whether or not tokens arrive (a
+        running request sends them continuously), and stops if it is not: the caller cancels the rows.
+        """
         done = [False] * len(handles)
+        checked = time.monotonic()
         while not all(done):
-            try:
-                i, event = await asyncio.wait_for(events.get(), timeout=0.5)
-            except TimeoutError:
+            if time.monotonic() - checked >= disconnect_poll_s:
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     logger.info("client went away; cancelling %d request(s)", len(handles))
+                    request.state.disconnected = True
                     return
+            try:
+                i, event = await asyncio.wait_for(events.get(), timeout=disconnect_poll_s)
+            except TimeoutError:
                 continue
             if done[i]:
                 continue
@@ -393,8 +511,7 @@ def create_app(
                     yield chunk(i, None, None, first=True)
             async for i, piece, reason, error in _events(request, handles, texts, events):
                 if error is not None:
-                    yield _sse({"error": {"message": f"generation failed: {error}", "type": "server_error",
-                                          "param": None, "code": 500}})
+                    yield _sse(json.loads(_failure(handles[i], meta["model"]).response().body))
                     return
                 if piece or reason:
                     yield chunk(i, piece, reason)
@@ -405,19 +522,21 @@ def create_app(
             _cancel_unfinished(handles)
 
     # -------------------------------------------------------------------- routes
-    @app.get("/health")
+    @app.get("/health", responses={200: {"model": Health}, 503: {"model": Health}, **_errors(413)})
     async def health() -> JSONResponse:
+        """Open to all, so it says only whether the engine runs; the numbers are in /metrics (admin)."""
         ok = engine.is_running or not manage_engine
-        return JSONResponse({"status": "ok" if ok else "engine stopped", **engine.stats()},
-                            status_code=200 if ok else 503)
+        return JSONResponse({"status": "ok" if ok else "engine stopped"}, status_code=200 if ok else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format"},
+        **_errors(401, 403, 413)})
     async def metrics(request: HTTPRequest) -> Response:
         if not keys.open:
             _auth(request, admin=True)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses={200: {"model": ModelList}, **_errors(401, 413)})
     async def models(request: HTTPRequest) -> JSONResponse:
         principal = _auth(request)
         created = int(time.time())
@@ -425,13 +544,13 @@ def create_app(
         if principal.may_use(engine.base_name, True):
             data.append({"id": engine.base_name, "object": "model", "created": created, "owned_by": "iapt",
                          "root": engine.base_name, "parent": None})
-        for name, adapter in sorted(engine.adapters.items()):
+        for name in sorted(engine.adapters):  # no file paths: they tell a tenant about the server
             if principal.may_use(name, False):
                 data.append({"id": name, "object": "model", "created": created, "owned_by": "iapt",
-                             "root": str(adapter.path), "parent": engine.base_name})
+                             "root": name, "parent": engine.base_name})
         return JSONResponse({"object": "list", "data": data})
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=_GENERATE)
     async def completions(request: HTTPRequest, body: CompletionBody) -> Response:
         principal = _auth(request)
         adapter = _check_model(request, principal, body.model)
@@ -439,7 +558,7 @@ def create_app(
             raise APIError(400, "echo and best_of > 1 are not supported by this server")
         return await _generate(request, body, _encode_prompts(body.prompt), adapter, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_GENERATE)
     async def chat_completions(request: HTTPRequest, body: ChatBody) -> Response:
         principal = _auth(request)
         adapter = _check_model(request, principal, body.model)
@@ -452,7 +571,7 @@ def create_app(
             raise APIError(400, f"the chat template rejected the messages: {exc}") from None
         return await _generate(request, body, [_tokenize(text, special=False)], adapter, chat=True)
 
-    @app.post("/v1/load_adapter")
+    @app.post("/v1/load_adapter", responses={200: {"model": AdapterStatus}, **_errors(400, 401, 403, 413)})
     async def load_adapter(request: HTTPRequest, body: LoadAdapterBody) -> JSONResponse:
         _auth(request, admin=True)
         try:
@@ -461,16 +580,105 @@ def create_app(
             raise APIError(400, f"adapter {body.lora_name!r} not loaded: {exc}") from None
         return JSONResponse({"status": "loaded", "name": body.lora_name})
 
-    @app.post("/v1/unload_adapter")
+    @app.post("/v1/unload_adapter", responses={200: {"model": AdapterStatus}, **_errors(400, 401, 403, 404, 413)})
     async def unload_adapter(request: HTTPRequest, body: UnloadAdapterBody) -> JSONResponse:
         _auth(request, admin=True)
-        try:
-            engine.unload_adapter(body.lora_name)
+        try:  # off the event loop: copying a large bank takes a while, and /health must answer meanwhile
+            await asyncio.to_thread(engine.unload_adapter, body.lora_name)
         except UnknownAdapter as exc:
             raise APIError(404, str(exc), "not_found_error") from None
         return JSONResponse({"status": "unloaded", "name": body.lora_name})
 
+    def openapi() -> dict[str, Any]:
+        """The schema as the server behaves: 400 (not FastAPI's 422) for a bad body, this server's limits."""
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version="1", routes=app.routes)
+            for item in schema["paths"].values():
+                for op in item.values():
+                    op["responses"].pop("422", None)
+            components = schema.setdefault("components", {})
+            for name in ("HTTPValidationError", "ValidationError"):
+                components.get("schemas", {}).pop(name, None)
+            components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            schema["security"] = [{"bearer": []}]
+            for name in ("CompletionBody", "ChatBody"):
+                props = components["schemas"][name]["properties"]
+                props["n"]["maximum"] = max_n
+                for option in props["seed"]["anyOf"]:  # pydantic writes these bounds as floats (2^63 rounded up)
+                    if option.get("type") == "integer":
+                        option["minimum"], option["maximum"] = SEED_MIN, SEED_MAX
+                for field in ("max_tokens", "max_completion_tokens"):
+                    if field in props:
+                        for option in props[field].get("anyOf", [props[field]]):
+                            if option.get("type") == "integer":
+                                option["maximum"] = max_tokens_limit
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    if docs:
+        @app.get("/openapi.json", include_in_schema=False)
+        async def openapi_json(request: HTTPRequest) -> JSONResponse:
+            _auth(request)
+            return JSONResponse(app.openapi())
+
+        @app.get("/docs", include_in_schema=False)
+        async def docs_page(request: HTTPRequest) -> HTMLResponse:
+            _auth(request)
+            from fastapi.openapi.docs import get_swagger_ui_html
+
+            return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} docs")
+
     return app
+
+
+class Health(BaseModel):
+    status: str
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: str
+    created: int
+    owned_by: str
+    root: str
+    parent: str | None
+
+
+class ModelList(BaseModel):
+    object: str
+    data: list[ModelCard]
+
+
+class AdapterStatus(BaseModel):
+    status: str
+    name: str
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    described = {400: "invalid request (the message says which field and why)", 401: "missing or invalid API key",
+                 403: "needs an admin key", 404: "no such model, or not this key's",
+                 413: "request body over the server's limit", 429: "the queue is full; retry after Retry-After",
+                 500: "the engine failed on this request alone (others are unaffected)"}
+    out: dict[int | str, dict[str, Any]] = {s: {"model": ErrorResponse, "description": described[s]} for s in statuses}
+    if 429 in out:
+        out[429]["headers"] = {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}
+    return out
+
+
+_GENERATE: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the completion; with stream=true, server-sent events",
+          "content": {"application/json": {"schema": {"type": "object", "required": ["id", "object", "choices"]}},
+                      "text/event-stream": {"schema": {"type": "string"}}}},
+    **_errors(400, 401, 404, 413, 429, 500),
+}
+
+
+def _failure(handle: RequestHandle, model: str) -> APIError:
+    """The error for a request the engine ended with an error: 404 if its adapter went away meanwhile."""
+    if handle.code == "model_not_found":
+        return _model_not_found(model)
+    return APIError(500, f"generation failed: {handle.error}", "server_error", code=handle.code)
 
 
 def _content(content: str | list[dict[str, Any]] | None) -> str:
@@ -553,6 +761,9 @@ def serve(
     max_tokens_limit: int = 1024,
     dtype: str = "float32",
     log_level: str = "info",
+    max_bottleneck: int = 512,
+    max_soft_tokens: int = 64,
+    docs: bool = True,
 ) -> None:
     """Load the backbone and every adapter under ``adapters_dir``, then serve the OpenAI-compatible API."""
     import uvicorn
@@ -564,10 +775,10 @@ def serve(
         logger.warning("no --keys file: the API is open to anyone who can reach %s:%d", host, port)
     base, tokenizer = load_model(model, dtype=dtype)
     engine = Engine(base, tokenizer, adapters_dir, base_name=model, max_batch_size=max_batch_size,
-                    max_queue=max_queue)
+                    max_queue=max_queue, max_bottleneck=max_bottleneck, max_soft_tokens=max_soft_tokens)
     for name, error in engine.load_errors.items():
         logger.warning("adapter %s not loaded: %s", name, error)
-    app = create_app(engine, keys, max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit)
+    app = create_app(engine, keys, max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit, docs=docs)
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level)
     finally:
