@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,18 @@ def _instruction_mask(
     if labels is not None:
         return (labels == -100) & attended
     return attended
+
+
+def _warn_if_nothing_pooled(pooled: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    """A row with tokens but nothing to pool would train prompts that know nothing of the instruction: say so."""
+    empty = attention_mask.bool().any(1) & ~pooled.any(1)
+    if bool(empty.any()):
+        warnings.warn(
+            f"IAPT: {int(empty.sum())} of {len(empty)} rows have no instruction token to pool: every token of them is "
+            "labelled. The generators pool the unlabelled (-100) tokens; train on prompt/completion data (labels "
+            "-100 on the prompt), set assistant_only_loss / completion_only_loss in TRL, or pass instruction_mask.",
+            stacklevel=3,
+        )
 
 
 def _slot_layout(attention_mask: torch.Tensor, n: int, after_padding: bool = True
@@ -385,6 +398,9 @@ class IAPTModel(nn.Module):
                 inputs_embeds = _insert_slots(inputs_embeds, source_columns, is_slot, 0.0)
             # Project only columns n: (every token's column, see _before_layer): no logits for n slots.
             kwargs.setdefault("logits_to_keep", length)
+        if kwargs.get("fused_lm_head") and not decoding:
+            return self._fused_forward(input_ids, inputs_embeds, full_mask, labels, pooled, source_columns, is_slot,
+                                       past_key_values, position_ids, kwargs)
         labelled_only = bool(kwargs.pop("labelled_logits_only", False)) and labels is not None and not decoding
         if labelled_only:
             # Training fast path: project onto the vocabulary only the positions that predict a label. With
@@ -394,6 +410,8 @@ class IAPTModel(nn.Module):
         loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch",) if k in kwargs}
         if labels is not None:
             kwargs.setdefault("use_cache", False)  # training needs no cache
+            if instruction_mask is None:
+                _warn_if_nothing_pooled(pooled, attention_mask)
         with self._slots(pooled, None if decoding else is_slot):
             out = self.base_model(
                 input_ids=input_ids, attention_mask=full_mask, inputs_embeds=inputs_embeds,
@@ -414,6 +432,30 @@ class IAPTModel(nn.Module):
             out.loss = self.base_model.loss_function(
                 logits=out.logits, labels=labels, vocab_size=out.logits.shape[-1], **loss_kwargs
             )
+        return out
+
+    def _fused_forward(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
+                       full_mask: torch.Tensor, labels: torch.Tensor | None, pooled: torch.Tensor,
+                       source_columns: torch.Tensor, is_slot: torch.Tensor, past_key_values: Any,
+                       position_ids: torch.Tensor | None, kwargs: dict[str, Any]) -> ModelOutput:
+        """TRL's fused LM head (``SFTTrainer`` patches the backbone's forward and calls it with ``fused_lm_head=True``):
+        the labels get -100 at the slots, the backbone's fused loss counts the real labels only, and its per-token
+        outputs (``(B, T + n - 1)``: position j predicts j + 1) lose the n slot columns, as logits do."""
+        n = self.num_soft_tokens
+        for key in ("labels", "shift_labels"):
+            value = labels if key == "labels" else kwargs.get(key)
+            if value is not None:
+                kwargs[key] = _insert_slots(value, source_columns, is_slot, -100)
+        if labels is not None:
+            _warn_if_nothing_pooled(pooled, full_mask[:, n:] if full_mask.shape[1] > n else full_mask)
+        kwargs.setdefault("use_cache", False)
+        with self._slots(pooled, is_slot):
+            out = self.base_model(input_ids=input_ids, attention_mask=full_mask, inputs_embeds=inputs_embeds,
+                                  past_key_values=past_key_values, position_ids=position_ids, **kwargs)
+        width = full_mask.shape[1] - (0 if kwargs.get("shift_labels") is not None else 1)
+        for key, value in out.items():
+            if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == width:
+                out[key] = value[:, n:]
         return out
 
     @torch.no_grad()
