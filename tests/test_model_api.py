@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -234,3 +236,51 @@ def test_generators_on_some_layers_start_nonzero_and_train():
     assert all(torch.isfinite(p.grad).all() for p in model.generators.parameters())
     with pytest.raises(ValueError, match="layers 0..1"):
         get_iapt_model(make_base("llama"), IAPTConfig(layers=[2]))
+
+
+def test_peft_style_model_api(tmp_path, monkeypatch):
+    """num_parameters counts the generators, get_base_model / disable_adapter behave as in PEFT, push_to_hub
+    uploads the adapter folder only, and saved files are readable by others (0644 under umask 022)."""
+    torch.manual_seed(0)
+    model = get_iapt_model(make_base("llama"), IAPTConfig(bottleneck=8))
+    assert model.num_parameters(only_trainable=True) == model.expected_parameter_count()
+    assert model.num_parameters() == model.expected_parameter_count() + model.base_model.num_parameters()
+    assert model.get_base_model() is model.base_model
+    with torch.no_grad():
+        for g in model.generators.values():
+            g.up.weight.normal_(std=0.2)
+    ids, mask, _ = left_padded_batch()
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask).logits
+        with model.disable_adapter():
+            bare = model(ids, attention_mask=mask).logits
+            bare_gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                                      pad_token_id=0)
+        torch.testing.assert_close(bare, model.base_model(ids, attention_mask=mask).logits)
+        assert not torch.allclose(bare, ours)
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits, ours)  # back on after the block
+        assert torch.equal(bare_gen, model.base_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3,
+                                                               do_sample=False, pad_token_id=0))
+    uploaded = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            uploaded["repo"] = repo_id
+
+        def upload_folder(self, repo_id, folder_path, commit_message, **kwargs):
+            uploaded["files"] = sorted(p.name for p in Path(folder_path).iterdir())
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    model.push_to_hub("me/my-adapter")
+    assert uploaded == {"repo": "me/my-adapter", "files": ["adapter_config.json", "adapter_model.safetensors"]}
+    old = os.umask(0o022)
+    try:
+        model.save_pretrained(tmp_path / "a")
+    finally:
+        os.umask(old)
+    assert {oct(p.stat().st_mode & 0o777) for p in (tmp_path / "a").iterdir()} == {"0o644"}

@@ -8,6 +8,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish(path: str | os.PathLike, mode: int) -> None:
+    """mkstemp/mkdtemp create 0600/0700 (private while half-written); the finished file gets the mode a plain
+    ``open()`` / ``mkdir`` would give (0644 / 0755 under the usual umask 022), so other users and containers
+    can read saved adapters."""
+    os.chmod(path, mode & ~_umask())
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` on a temporary sibling of ``path``, fsync it, then rename it over ``path``."""
     path = Path(path)
@@ -18,6 +31,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        _publish(tmp, 0o666)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -46,6 +60,7 @@ def replace_dir(build: Callable[[Path], None], final: str | os.PathLike) -> Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _publish(tmp, 0o777)
     old = None
     if final.exists():
         old = final.with_name(f".{final.name}.old")

@@ -217,6 +217,7 @@ class IAPTModel(nn.Module):
     """A causal LM whose frozen layers each read ``n`` soft tokens written by their own prompt generator."""
 
     slots_after_padding = True  # [padding | slots | tokens]; subclasses that index slots as columns 0..n-1: False
+    _disabled = False  # True inside disable_adapter(): forward and generate run the bare backbone
 
     def __init__(self, base_model: PreTrainedModel, config: IAPTConfig | None = None) -> None:
         super().__init__()
@@ -368,6 +369,12 @@ class IAPTModel(nn.Module):
         returned by an earlier call) this is a decode step: pass the attention mask of everything so far,
         without slots, and no generator runs.
         """
+        if self._disabled:  # disable_adapter(): the bare backbone, on the same inputs
+            for key in ("labelled_logits_only", "fused_lm_head"):
+                kwargs.pop(key, None)
+            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                                   inputs_embeds=inputs_embeds, past_key_values=past_key_values,
+                                   position_ids=position_ids, **kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         source = input_ids if input_ids is not None else inputs_embeds
@@ -471,6 +478,8 @@ class IAPTModel(nn.Module):
         Pad on the left. Returns the prompt followed by the new tokens, as transformers does; the slots
         never appear. ``max_length`` / ``min_length`` count real tokens only.
         """
+        if self._disabled:
+            return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         if input_ids is None:
             raise ValueError("IAPTModel.generate needs input_ids (inputs_embeds-only generation is not supported)")
         if input_ids.dim() == 1:
@@ -510,6 +519,40 @@ class IAPTModel(nn.Module):
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return trainable, sum(p.numel() for p in self.parameters())
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """transformers' count, over backbone and generators (the backbone's own would say 0 trainable)."""
+        embeddings = {id(p) for p in self.base_model.get_input_embeddings().parameters()} if exclude_embeddings \
+            else set()
+        return sum(p.numel() for p in self.parameters()
+                   if (p.requires_grad or not only_trainable) and id(p) not in embeddings)
+
+    def get_base_model(self) -> PreTrainedModel:
+        """The backbone (PEFT's name for it); calling it runs the bare model."""
+        return self.base_model
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Inside, forward and generate run the bare backbone (PEFT's ``disable_adapter``)."""
+        was = self._disabled
+        self._disabled = True
+        try:
+            yield
+        finally:
+            self._disabled = was
+
+    def push_to_hub(self, repo_id: str, commit_message: str = "Upload IAPT adapter", private: bool | None = None,
+                    token: str | None = None, **kwargs: Any) -> Any:
+        """Upload the adapter folder (config + generator weights), never the backbone."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message, **kwargs)
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
