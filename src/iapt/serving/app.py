@@ -601,6 +601,7 @@ def create_app(
                 components.get("schemas", {}).pop(name, None)
             components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
             schema["security"] = [{"bearer": []}]
+            schema["paths"]["/health"]["get"]["security"] = []  # open to all, by design
             for name in ("CompletionBody", "ChatBody"):
                 props = components["schemas"][name]["properties"]
                 props["n"]["maximum"] = max_n
