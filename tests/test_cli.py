@@ -80,3 +80,22 @@ def test_bad_input_is_one_clear_line(setup, capsys, argv, message, monkeypatch):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_training_arguments_names_are_accepted(setup, monkeypatch):
+    """transformers' TrainingArguments names map to the same settings as the short flags."""
+    from iapt import cli
+
+    seen = {}
+    monkeypatch.setattr("iapt.training.train", lambda cfg: seen.setdefault("cfg", cfg) and {})
+    tmp_path, model_dir = setup
+    code = main(["train", "--model", str(model_dir), "--task", "sentiment", "--output-dir", str(tmp_path / "r"),
+                 "--learning-rate", "3e-4", "--per-device-train-batch-size", "2", "--gradient-accumulation-steps",
+                 "3", "--num-train-epochs", "2", "--bf16", "--logging-steps", "5", "--max-grad-norm", "0.5",
+                 "--eval-steps", "7", "--save-steps", "14"])
+    cfg = seen["cfg"]
+    assert code == 0
+    assert (cfg.out, cfg.lr, cfg.batch_size, cfg.epochs, cfg.dtype) == (str(tmp_path / "r"), 3e-4, 6, 2.0, "bfloat16")
+    assert (cfg.logging_steps, cfg.max_grad_norm, cfg.eval_every, cfg.save_every) == (5, 0.5, 7, 14)
+    assert main(["train", "--task", "sentiment", "--bf16", "--dtype", "float32"]) == 2  # contradiction: clear error
+    assert cli.TRAINING_ARGUMENT_ALIASES["lr"] == ["--learning-rate"]

@@ -15,19 +15,56 @@ from typing import Any
 from iapt.data import DataError
 
 
-def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+# transformers' TrainingArguments names for the same settings, so `--learning-rate 3e-4 --output-dir runs/x` works.
+TRAINING_ARGUMENT_ALIASES: dict[str, list[str]] = {
+    "lr": ["--learning-rate"],
+    "out": ["--output-dir"],
+    "epochs": ["--num-train-epochs"],
+    "eval_every": ["--eval-steps"],
+    "save_every": ["--save-steps"],
+    "max_train_examples": ["--max-train-samples"],
+}
+
+
+def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type,
+                         aliases: dict[str, list[str]] | None = None) -> None:
     """One --flag per dataclass field, with the field's help text: the command line is the config."""
     hints = typing.get_type_hints(cls)
+    aliases = aliases or {}
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
+        names = [flag, *aliases.get(f.name, [])]
         kind = hints[f.name]
         args = typing.get_args(kind)
         base = next((a for a in args if a is not type(None)), kind) if isinstance(kind, types.UnionType) else kind
         help_text = f.metadata.get("help", "") + f" (default: {f.default})"
         if base is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
         else:
-            parser.add_argument(flag, type=base, default=None, help=help_text, metavar=f.name.upper())
+            parser.add_argument(*names, dest=f.name, type=base, default=None, help=help_text,
+                                metavar=f.name.upper())
+
+
+def _add_training_argument_flags(parser: argparse.ArgumentParser) -> None:
+    """TrainingArguments flags that are not a plain rename of one of ours."""
+    parser.add_argument("--per-device-train-batch-size", type=int, default=None, metavar="N",
+                        help="transformers' name: examples per micro-batch; batch size = N x "
+                             "gradient accumulation steps")
+    parser.add_argument("--bf16", action="store_const", const="bfloat16", dest="bf16_dtype", default=None,
+                        help="transformers' name for --dtype bfloat16")
+
+
+def _training_argument_values(ns: argparse.Namespace, given: dict[str, Any]) -> dict[str, Any]:
+    if getattr(ns, "bf16_dtype", None):
+        if given.get("dtype") not in (None, "bfloat16", "bf16"):
+            raise ValueError(f"--bf16 and --dtype {given['dtype']} contradict each other; pass one")
+        given["dtype"] = "bfloat16"
+    if getattr(ns, "per_device_train_batch_size", None):
+        if "batch_size" in given:
+            raise ValueError("pass --batch-size (per optimiser step) or --per-device-train-batch-size, not both")
+        given["batch_size"] = ns.per_device_train_batch_size * given.get("gradient_accumulation_steps", 1)
+    return given
 
 
 def _given(ns: argparse.Namespace, cls: type) -> dict[str, Any]:
@@ -53,7 +90,7 @@ def cmd_data(ns: argparse.Namespace) -> int:
 def cmd_train(ns: argparse.Namespace) -> int:
     from iapt.training import TrainConfig, train
 
-    overrides = _given(ns, TrainConfig)
+    overrides = _training_argument_values(ns, _given(ns, TrainConfig))
     cfg = TrainConfig.from_yaml(ns.recipe, **overrides) if ns.recipe else TrainConfig.from_dict(overrides)
     summary = train(cfg)
     if cfg.eval_test and cfg.task:
@@ -171,7 +208,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
     serve(model=ns.model, adapters_dir=ns.adapters, host=ns.host, port=ns.port, keys_file=ns.keys,
           max_batch_size=ns.max_batch_size, max_queue=ns.max_queue, max_prompt_tokens=ns.max_prompt_tokens,
-          max_tokens_limit=ns.max_tokens_limit, dtype=ns.dtype, log_level=ns.log_level)
+          max_tokens_limit=ns.max_tokens_limit, dtype=ns.dtype, log_level=ns.log_level,
+          max_bottleneck=ns.max_bottleneck, max_soft_tokens=ns.max_soft_tokens, docs=not ns.no_docs)
     return 0
 
 
@@ -191,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Every setting is a flag and may also come from a YAML --recipe; flags win. "
                                    "Runs on accelerate: `accelerate launch -m iapt.cli train ...` for several GPUs.")
     p.add_argument("--recipe", help="YAML file of settings (flags override it)")
-    _add_dataclass_flags(p, TrainConfig)
+    _add_dataclass_flags(p, TrainConfig, TRAINING_ARGUMENT_ALIASES)
+    _add_training_argument_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="score an adapter (or the bare backbone) on a task by generation")
@@ -234,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
     p.add_argument("--max-prompt-tokens", type=int, default=2048, help="longer prompts get 400")
     p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-bottleneck", type=int, default=512, help="largest adapter bottleneck r the server loads")
+    p.add_argument("--max-soft-tokens", type=int, default=64, help="largest soft-token count n the server loads")
+    p.add_argument("--no-docs", action="store_true", help="serve no /docs or /openapi.json")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)

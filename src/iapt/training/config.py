@@ -48,6 +48,9 @@ class TrainConfig:
                                                              "every k optimiser steps (each costs a forward and "
                                                              "backward on a dev batch)."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (generator weights only)."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the generator weights' gradient norm to this "
+                                                              "(0 = no clipping)."})
+    logging_steps: int = field(default=10, metadata={"help": "Log the training loss every N optimiser steps."})
     warmup_ratio: float = field(default=0.06, metadata={"help": "Linear warm-up, as a fraction of all steps."})
     epochs: float = field(default=3.0, metadata={"help": "Passes over the training data (the paper: up to 10)."})
     max_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimiser steps."})
@@ -77,6 +80,9 @@ class TrainConfig:
         if self.batch_size % self.gradient_accumulation_steps:
             raise ValueError(f"batch_size={self.batch_size} is not a multiple of "
                              f"gradient_accumulation_steps={self.gradient_accumulation_steps}")
+        if self.logging_steps < 1 or self.max_grad_norm < 0:
+            raise ValueError(f"logging_steps={self.logging_steps} must be >= 1 and max_grad_norm="
+                             f"{self.max_grad_norm} >= 0")
         if self.rational_every < 1:
             raise ValueError(f"rational_every={self.rational_every} must be >= 1 (1 = a Θ step after every step)")
         if isinstance(self.anchor, bool):  # recipes and run folders written when it was a flag

@@ -307,7 +307,8 @@ class Trainer:
             self.accelerator.backward(loss)
             total += loss.item()
         params = [p for g in self.optim.weights.param_groups for p in g["params"]]
-        self.accelerator.clip_grad_norm_(params, 1.0)
+        if self.cfg.max_grad_norm > 0:
+            self.accelerator.clip_grad_norm_(params, self.cfg.max_grad_norm)
         self.optim.weights.step()
         self.optim.weights_schedule.step()
         self._zero_grad()
@@ -386,7 +387,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
                 self.state.elapsed = time.perf_counter() - started
-                if self.state.step % 10 == 0 or self.state.step == 1:
+                if self.state.step % cfg.logging_steps == 0 or self.state.step == 1:
                     now = time.perf_counter()
                     self._log({"step": self.state.step, "epoch": self.state.epoch, "train_loss": loss, "lr": lr,
                                "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
