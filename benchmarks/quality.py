@@ -369,7 +369,7 @@ def write_report(args: argparse.Namespace, results: list[dict[str, Any]]) -> str
     if args.ablations:
         own = [m for m in args.ablations if tuning_method(m, args.tune_ablations) != "iapt"]  # the LR column says
         lines += ["", "### IAPT ablations (seed " + str(args.seeds[0]) + "; IAPT's LR"
-                  + (f", except {', '.join(own)}: their own tuned LR" if own else "") + ")", ""]
+                  + (f", except {', '.join(own)}: their own LR (tuned, or fixed by --fixed-lr)" if own else "") + ")", ""]
         ablation_tasks = args.ablation_tasks or args.tasks
         lines += table(args, results, ["iapt"] + args.ablations, seeds=args.seeds[:1], tasks=ablation_tasks)
         lines += ["", f"iapt − ablation over {', '.join(ablation_tasks)} (iapt: all its seeds; the ablation: "
