@@ -99,3 +99,32 @@ def test_training_arguments_names_are_accepted(setup, monkeypatch):
     assert (cfg.logging_steps, cfg.max_grad_norm, cfg.eval_every, cfg.save_every) == (5, 0.5, 7, 14)
     assert main(["train", "--task", "sentiment", "--bf16", "--dtype", "float32"]) == 2  # contradiction: clear error
     assert cli.TRAINING_ARGUMENT_ALIASES["lr"] == ["--learning-rate"]
+
+
+def test_eval_on_your_own_file_with_a_chosen_metric(setup, capsys):
+    tmp_path, model_dir = setup
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Is {w} a fruit?", "output": a}) + "\n"
+                            for w, a in [("apple", "yes"), ("stone", "no"), ("pear", "yes")]))
+    for metric in ("accuracy", "exact_match", "f1", "rougeL", "bleu"):
+        assert main(["eval", "--base-only", "--model", str(model_dir), "--data", str(data), "--metric", metric,
+                     "--max-new-tokens", "4", "--no-progress"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["examples"] == 3 and 0.0 <= report["metrics"][metric] <= 100.0
+        assert len(report["per_example"]) == (0 if metric == "bleu" else 3)
+        if metric == "accuracy":
+            assert report["majority_rate"] == pytest.approx(66.67) and report["gold_labels"] == {"yes": 2, "no": 1}
+    assert main(["eval", "--base-only", "--model", str(model_dir), "--data", str(data)]) == 2
+    assert "--metric" in capsys.readouterr().err
+
+
+def test_score_answers_per_metric():
+    from iapt.data import Example
+    from iapt.training.evaluate import score_answers
+
+    examples = [Example(prompt="q1", response="Paris"), Example(prompt="q2", response="the blue house")]
+    assert score_answers("exact_match", ["paris.", "a red house"], examples) == (50.0, [100.0, 0.0])
+    f1, each = score_answers("f1", ["paris", "blue house"], examples)
+    assert each == [100.0, 100.0] and f1 == 100.0  # SQuAD normalisation drops articles and punctuation
+    accuracy, _ = score_answers("accuracy", ["It is Paris.", "no idea"], examples, labels=["Paris", "the blue house"])
+    assert accuracy == 50.0

@@ -329,3 +329,23 @@ def test_real_model_answers_a_chat_question(real):
         out = real.model.generate(**inputs, max_new_tokens=20, do_sample=False)
     answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     assert answer and "paris" in answer.lower(), answer
+
+
+def test_a_hub_id_loads_from_the_local_cache_only(tmp_path, monkeypatch):
+    """Hub ids work offline when the Hugging Face cache holds a snapshot, and are refused clearly when not."""
+    import huggingface_hub.constants
+
+    from iapt.models import load_model
+    from tests.tiny import tiny_lm, tiny_tokenizer
+
+    snapshot = tmp_path / "hub" / "models--someone--tiny" / "snapshots" / "abc123"
+    tiny_lm().save_pretrained(snapshot)
+    tiny_tokenizer().save_pretrained(snapshot)
+    (tmp_path / "hub" / "models--someone--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someone--tiny" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, tokenizer = load_model("someone/tiny")
+    assert model.config.hidden_size == 32 and tokenizer.pad_token == "<pad>"
+    with pytest.raises(ValueError, match="nor in the Hugging Face cache"):
+        load_model("someone/not-cached")

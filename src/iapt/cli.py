@@ -127,8 +127,20 @@ def _evaluate(adapter, model_name, task, split, limit, batch_size, max_length, p
 def cmd_eval(ns: argparse.Namespace) -> int:
     if (ns.adapter is None) == (not ns.base_only):
         raise ValueError("pass --adapter RUN_OR_ADAPTER_FOLDER, or --base-only for the zero-shot backbone")
-    report = _evaluate(ns.adapter, ns.model, ns.task, ns.split, ns.limit, ns.batch_size, ns.max_length,
-                       not ns.no_progress, ns.dtype)
+    if (ns.task is None) == (ns.data is None):
+        raise ValueError("pass --task (a built-in task) or --data FILE --metric M (your own test file)")
+    if ns.data is not None:
+        from iapt.training.evaluate import evaluate_file
+
+        if ns.metric is None:
+            raise ValueError("--data needs --metric: exact_match, accuracy, f1, rougeL or bleu")
+        model, tokenizer = _load_for_eval(ns.adapter, ns.model, ns.dtype)
+        report = evaluate_file(model, tokenizer, ns.data, ns.metric, ns.limit, ns.batch_size, ns.max_length,
+                               ns.max_new_tokens, ns.labels, not ns.no_progress)
+        report.update(adapter=None if ns.adapter is None else str(ns.adapter), model=ns.model)
+    else:
+        report = _evaluate(ns.adapter, ns.model, ns.task, ns.split, ns.limit, ns.batch_size, ns.max_length,
+                           not ns.no_progress, ns.dtype)
     text = json.dumps(report, indent=2)
     if ns.out:
         from iapt.io import atomic_write_text
@@ -237,7 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="run folder (holding adapter/) or adapter folder")
     p.add_argument("--base-only", action="store_true", help="score the zero-shot backbone")
     p.add_argument("--model", default="default", help="base model: 'default' or a local folder")
-    p.add_argument("--task", required=True, help="built-in task (iapt data list)")
+    p.add_argument("--task", help="built-in task (iapt data list)")
+    p.add_argument("--data", help="your own test file instead of --task (JSONL/JSON/CSV or a saved datasets folder, "
+                                  "the training formats)")
+    p.add_argument("--metric", choices=["exact_match", "accuracy", "f1", "rougeL", "bleu"],
+                   help="with --data: how answers are scored")
+    p.add_argument("--labels", nargs="+", help="with --metric accuracy: the label set (default: the responses seen)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="with --data: generated tokens per answer")
     p.add_argument("--split", default="test", choices=["train", "dev", "test"])
     p.add_argument("--limit", type=int, help="score only the first N examples")
     p.add_argument("--batch-size", type=int, default=16)

