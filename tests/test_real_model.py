@@ -57,3 +57,39 @@ def test_zero_soft_tokens_keep_the_model_answering(tmp_path):
     model.save_pretrained(tmp_path)
     again = IAPTModel.from_pretrained(model.unload(), tmp_path)
     assert torch.equal(again.generate(input_ids=ids, max_new_tokens=12, do_sample=False), out)
+
+
+def test_a_peft_user_script_runs_unchanged_on_the_default_model(tmp_path):
+    """get_peft_model -> transformers.Trainer -> save -> PeftModel.from_pretrained -> generate, with IAPTConfig."""
+    from peft import PeftModel, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    import iapt
+
+    base, tokenizer = load_default()
+    model = get_peft_model(base, iapt.IAPTConfig(bottleneck=8))
+    rows = []
+    for review, label in [("Great stay, lovely staff.", "positive"), ("Dirty room, rude staff.", "negative")] * 2:
+        prompt = encode_prompt(tokenizer, f"Review: {review}\n\nPositive or negative?").input_ids
+        answer = tokenizer(label + tokenizer.eos_token, add_special_tokens=False).input_ids
+        rows.append({"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer})
+    width = max(len(r["input_ids"]) for r in rows)
+    for r in rows:  # right-pad to one length (the default collator stacks)
+        pad = width - len(r["input_ids"])
+        r["attention_mask"] = [1] * len(r["input_ids"]) + [0] * pad
+        r["input_ids"] = r["input_ids"] + [tokenizer.pad_token_id] * pad
+        r["labels"] = r["labels"] + [-100] * pad
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2,
+                             learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no")
+    Trainer(model=model, args=args, train_dataset=rows).train()
+    model.save_pretrained(tmp_path / "adapter")
+    batch_in = batch(tokenizer)
+    with torch.no_grad():
+        expected = model.generate(input_ids=batch_in["input_ids"], attention_mask=batch_in["attention_mask"],
+                                  max_new_tokens=6, do_sample=False)
+    bare = model.base_model.unload()
+    loaded = PeftModel.from_pretrained(bare, str(tmp_path / "adapter"))
+    with torch.no_grad():
+        again = loaded.generate(input_ids=batch_in["input_ids"], attention_mask=batch_in["attention_mask"],
+                                max_new_tokens=6, do_sample=False)
+    assert torch.equal(again, expected)

@@ -74,3 +74,20 @@ def test_every_token_labelled_is_a_loud_warning_not_silent(tmp_path):
                                             {"role": "assistant", "content": a}]} for w, a in PAIRS])
     with pytest.warns(UserWarning, match="no instruction token to pool"):
         sft(tmp_path, data).train()
+
+
+def test_chat_messages_with_assistant_only_loss_pool_the_user_turns(tmp_path):
+    """With a template that marks the assistant's turns, TRL labels those only: the user turns are pooled."""
+    tok = tiny_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'assistant' %}<assistant>{% generation %}"
+                         "{{ m['content'] }}\n{% endgeneration %}{% else %}<{{ m['role'] }}>{{ m['content'] }}\n"
+                         "{% endif %}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    data = Dataset.from_list([{"messages": [{"role": "user", "content": f"first letter early? {w}"},
+                                            {"role": "assistant", "content": a}]} for w, a in PAIRS])
+    args = trl.SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=2, per_device_train_batch_size=4, report_to=[],
+                         use_cpu=True, learning_rate=1e-2, save_strategy="no", assistant_only_loss=True)
+    trainer = trl.SFTTrainer(model=tiny_lm(), args=args, train_dataset=data, processing_class=tok,
+                             peft_config=IAPTConfig(bottleneck=4))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="IAPT: .* no instruction token")
+        trainer.train()
