@@ -59,6 +59,10 @@ logger = logging.getLogger(__name__)
 # Temperatures below this are greedy: dividing logits by ~1e-37 overflows float32 to inf and NaN.
 MIN_TEMPERATURE = 1e-2
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+# Penalty ranges that keep every logit finite in float32 (a penalty of 1e-30 would divide logits into inf).
+REPETITION_PENALTY_RANGE = (0.01, 10.0)
+FREQUENCY_PENALTY_RANGE = PRESENCE_PENALTY_RANGE = (-2.0, 2.0)  # OpenAI's
+MAX_LOGPROBS = 20  # top logprobs per token, as OpenAI's chat API (and vLLM's default --max-logprobs)
 
 _WEIGHTS = ("down_weight", "down_bias", "queries", "numerator", "denominator", "up_weight", "up_bias")
 
@@ -305,6 +309,26 @@ class Request:
     stop_token_ids: Sequence[int] = ()
     ignore_eos: bool = False
     on_event: Callable[[Event], None] | None = None  # called from the engine thread; must not block
+    top_k: int = 0  # 0 or -1: off (vLLM's -1); k: sample among the k most likely tokens
+    repetition_penalty: float = 1.0  # HF / vLLM: prompt and output tokens' logits / p (> 0) or * p (< 0)
+    frequency_penalty: float = 0.0  # OpenAI: logit -= f * count of the token in the output so far
+    presence_penalty: float = 0.0  # OpenAI: logit -= p if the token is in the output so far
+    logprobs: int | None = None  # None: none; k >= 0: each token's logprob and the k most likely ones
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty changes this request's logits (neutral requests skip that work)."""
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model (before penalties, temperature, top-k/top-p:
+    vLLM's default ``raw_logprobs``), and the ``Request.logprobs`` most likely tokens', most likely first."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -319,6 +343,7 @@ class Event:
     finish_reason: str | None = None
     error: str | None = None
     code: str | None = None
+    logprob: TokenLogprob | None = None  # with ``token``, when the request asked for logprobs
 
 
 @dataclass
@@ -328,6 +353,7 @@ class RequestHandle:
     id: int
     request: Request
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, if the request asked for them
     finish_reason: str | None = None
     error: str | None = None
     code: str | None = None
@@ -360,6 +386,8 @@ class RequestHandle:
     def _emit(self, event: Event) -> None:
         if event.token is not None:
             self.tokens.append(event.token)
+            if event.logprob is not None:
+                self.logprobs.append(event.logprob)
         else:
             self.finish_reason, self.error, self.code = event.finish_reason, event.error, event.code
         self._events.put(event)
@@ -394,6 +422,7 @@ class _Running:
     last: torch.Tensor  # (B,) token fed at the next decode step
     generators: list[torch.Generator | None]
     failed: dict[int, str] = field(default_factory=dict)  # row -> why its last token could not be sampled
+    logprobs: dict[int, TokenLogprob] = field(default_factory=dict)  # row -> its last token's, if asked for
 
 
 # ------------------------------------------------------------------------------------------ engine
@@ -600,6 +629,16 @@ class Engine:
             raise ValueError("temperature must be a number >= 0 and top_p in (0, 1]")
         if r.seed is not None and (not isinstance(r.seed, int) or not SEED_RANGE[0] <= r.seed <= SEED_RANGE[1]):
             raise ValueError(f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
+        if not isinstance(r.top_k, int) or r.top_k < -1:
+            raise ValueError("top_k must be an integer >= 1, or 0 / -1 for no top-k")
+        for name, (low, high) in (("repetition_penalty", REPETITION_PENALTY_RANGE),
+                                  ("frequency_penalty", FREQUENCY_PENALTY_RANGE),
+                                  ("presence_penalty", PRESENCE_PENALTY_RANGE)):
+            value = getattr(r, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):
+                raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}")
+        if r.logprobs is not None and (not isinstance(r.logprobs, int) or not 0 <= r.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (top logprobs per token)")
         adapter = self._adapters.get(r.adapter or "")
         total = len(r.prompt) + r.max_tokens + (adapter.config.num_soft_tokens if adapter else 0)
         if self.max_positions and total > self.max_positions:
@@ -766,7 +805,7 @@ class Engine:
             self._prefill = None
         gens = [_generator(h.request) for h in handles]
         running = _Running(handles, cache, mask, ids[:, -1], gens)
-        running.last, running.failed = self._sample(out.logits[:, -1], running)
+        running.last, running.failed, running.logprobs = self._sample(out.logits[:, -1], running)
         return running
 
     def _make_hook(self, layer: int) -> Callable:
@@ -811,7 +850,7 @@ class Engine:
         positions = run.mask.sum(-1, keepdim=True) - 1
         out = self.model(input_ids=run.last[:, None], attention_mask=run.mask, position_ids=positions,
                          past_key_values=run.cache, use_cache=True)
-        run.last, run.failed = self._sample(out.logits[:, -1], run)
+        run.last, run.failed, run.logprobs = self._sample(out.logits[:, -1], run)
         self._keep_rows(self._deliver(run))
 
     def _deliver(self, run: _Running) -> list[int]:
@@ -822,7 +861,7 @@ class Engine:
             if i in run.failed:  # this row alone: its neighbours' tokens are unaffected
                 h._emit(Event(finish_reason="error", error=run.failed[i], code="invalid_output"))
                 continue
-            h._emit(Event(token=token))
+            h._emit(Event(token=token, logprob=run.logprobs.get(i)))
             r = h.request
             stop = (not r.ignore_eos and token in self.eos_token_ids) or token in r.stop_token_ids
             if stop or len(h.tokens) >= r.max_tokens:
@@ -844,32 +883,45 @@ class Engine:
             return
         self._running = _select(run, keep) if keep else None
 
-    def _sample(self, logits: torch.Tensor, run: _Running) -> tuple[torch.Tensor, dict[int, str]]:
-        """Greedy below MIN_TEMPERATURE, else temperature + top-p sampling with each request's own generator.
+    def _sample(self, logits: torch.Tensor, run: _Running
+                ) -> tuple[torch.Tensor, dict[int, str], dict[int, TokenLogprob]]:
+        """Each row's next token with its own parameters: penalties, then greedy below MIN_TEMPERATURE, else
+        temperature, top-k and top-p sampling with the request's own generator (vLLM's order).
 
-        Row by row, so one row's numbers cannot fail another: a row whose logits or probabilities are not
-        finite is returned in the second value (row -> why) and only its request fails.
+        Row by row, so one row's numbers cannot fail another, and rows of one batch may differ in every
+        parameter: a row whose logits or probabilities are not finite is returned in the second value
+        (row -> why) and only its request fails. Rows that asked for logprobs get them in the third value.
+        A row with neutral parameters takes exactly the path it took before they existed.
         """
         tokens = logits.argmax(-1)
         failed: dict[int, str] = {}
+        logprobs: dict[int, TokenLogprob] = {}
         rows = logits.float()
         bad = rows.isnan().any(-1) | rows.isposinf().any(-1) | rows.isneginf().all(-1)
         for i in bad.nonzero().flatten().tolist():
             failed[i] = "the model's output for this request is not finite (NaN or infinite logits)"
         for i, (h, g) in enumerate(zip(run.handles, run.generators, strict=True)):
             r = h.request
-            if g is None or i in failed:
+            if i in failed or (g is None and not r.penalized and r.logprobs is None):
                 continue
-            probs = torch.softmax(rows[i] / r.temperature, -1)
-            if r.top_p < 1:
-                sorted_p, order = probs.sort(descending=True)
-                sorted_p[(sorted_p.cumsum(0) - sorted_p) >= r.top_p] = 0
-                probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
-            if not (torch.isfinite(probs).all() and probs.sum() > 0):
-                failed[i] = f"sampling at temperature {r.temperature} gave no valid probabilities"
-                continue
-            tokens[i] = torch.multinomial(probs, 1, generator=g).item()
-        return tokens, failed
+            row = _penalize(rows[i], r, h.tokens) if r.penalized else rows[i]
+            if g is None:
+                tokens[i] = row.argmax()
+            else:
+                if 0 < r.top_k < row.shape[0]:  # keep the k largest logits (ties at the k-th kept too)
+                    row = row.masked_fill(row < row.topk(r.top_k).values[-1], float("-inf"))
+                probs = torch.softmax(row / r.temperature, -1)
+                if r.top_p < 1:
+                    sorted_p, order = probs.sort(descending=True)
+                    sorted_p[(sorted_p.cumsum(0) - sorted_p) >= r.top_p] = 0
+                    probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+                if not (torch.isfinite(probs).all() and probs.sum() > 0):
+                    failed[i] = f"sampling at temperature {r.temperature} gave no valid probabilities"
+                    continue
+                tokens[i] = torch.multinomial(probs, 1, generator=g).item()
+            if r.logprobs is not None:
+                logprobs[i] = _logprob(rows[i], int(tokens[i]), r.logprobs)
+        return tokens, failed, logprobs
 
     # -------------------------------------------------------------------- stats
     def stats(self) -> dict[str, Any]:
@@ -897,6 +949,32 @@ class Engine:
 
 
 # ------------------------------------------------------------------------------------------ helpers
+def _penalize(logits: torch.Tensor, r: Request, output: Sequence[int]) -> torch.Tensor:
+    """One row's logits ``(V,)`` with ``r``'s penalties, as vLLM applies them: the repetition penalty (HF's
+    ``RepetitionPenaltyLogitsProcessor``) over prompt and output tokens, frequency and presence penalties
+    (OpenAI's) over the output so far. Returns a new tensor; ``logits`` is left as it is."""
+    vocab = logits.shape[0]
+    out = logits.clone()
+    if r.repetition_penalty != 1.0:
+        seen = torch.tensor([t for t in itertools.chain(r.prompt, output) if 0 <= t < vocab],
+                            dtype=torch.long, device=out.device).unique()
+        values = out.gather(0, seen)
+        out.scatter_(0, seen, torch.where(values > 0, values / r.repetition_penalty, values * r.repetition_penalty))
+    if output and (r.frequency_penalty != 0.0 or r.presence_penalty != 0.0):
+        counts = torch.bincount(torch.tensor(list(output), dtype=torch.long, device=out.device),
+                                minlength=vocab)[:vocab].to(out.dtype)
+        out -= r.frequency_penalty * counts + r.presence_penalty * (counts > 0).to(out.dtype)
+    return out
+
+
+def _logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """``token``'s log-probability under the raw logits ``(V,)`` and the ``top`` most likely tokens'."""
+    logp = torch.log_softmax(logits, -1)
+    best = logp.topk(top) if top else None
+    pairs = list(zip(best.indices.tolist(), best.values.tolist(), strict=True)) if best is not None else []
+    return TokenLogprob(token, float(logp[token]), pairs)
+
+
 def _pad_left(t: torch.Tensor, length: int) -> torch.Tensor:
     """Pad the sequence dim (-2 for K/V ``(B, H, L, D)``, -1 for masks ``(B, L)``) on the left with zeros."""
     dim = -1 if t.dim() == 2 else -2
