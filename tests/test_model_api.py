@@ -284,3 +284,21 @@ def test_peft_style_model_api(tmp_path, monkeypatch):
     finally:
         os.umask(old)
     assert {oct(p.stat().st_mode & 0o777) for p in (tmp_path / "a").iterdir()} == {"0o644"}
+
+
+def test_text_generation_pipeline_takes_an_iapt_model(caplog):
+    from transformers import pipeline
+    from transformers.utils import logging as hf_logging
+
+    from tests.tiny import tiny_lm, tiny_tokenizer
+
+    model = get_iapt_model(tiny_lm(), IAPTConfig(bottleneck=4))
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            generator = pipeline("text-generation", model=model, tokenizer=tiny_tokenizer())
+    finally:
+        hf_logging.disable_propagation()
+    assert "not supported for text-generation" not in caplog.text
+    out = generator("hello", max_new_tokens=3, do_sample=False)
+    assert out[0]["generated_text"].startswith("hello")

@@ -223,6 +223,9 @@ class IAPTModel(nn.Module):
         super().__init__()
         config = IAPTConfig() if config is None else config
         _check_base(base_model)
+        from iapt.peft_method import register_with_pipelines
+
+        register_with_pipelines()
         text_config = _text_config(base_model)
         hidden_size, num_layers = text_config.hidden_size, text_config.num_hidden_layers
         decoder_layers = _find_layers(base_model, config)

@@ -154,3 +154,16 @@ def register() -> None:
     if peft_type in PEFT_TYPE_TO_CONFIG_MAPPING:
         return
     register_peft_method(name=PEFT_NAME, config_cls=IAPTConfig, model_cls=IAPTTuner, prefix=_KEY_PREFIX)
+
+
+def register_with_pipelines() -> None:
+    """Let ``pipeline("text-generation", model=iapt_model)`` run without its "not supported" warning (it checks the
+    model's class name against a list that holds PEFT's wrappers). Called when an IAPTModel is built: importing
+    the pipelines is too slow for ``import iapt``."""
+    try:
+        from transformers.pipelines.base import SUPPORTED_PEFT_TASKS
+    except ImportError:
+        return
+    names = SUPPORTED_PEFT_TASKS.setdefault("text-generation", [])
+    if "IAPTModel" not in names:
+        names.append("IAPTModel")
