@@ -97,7 +97,9 @@ def cmd_train(ns: argparse.Namespace) -> int:
         report = _evaluate(Path(cfg.out) / "adapter", cfg.model, cfg.task, "test", cfg.eval_limit,
                            cfg.eval_batch_size, cfg.max_length, cfg.progress, cfg.dtype)
         summary["test"] = report["metrics"]
-        (Path(cfg.out) / "eval_test.json").write_text(json.dumps(report, indent=2) + "\n")
+        from iapt.io import atomic_write_text
+
+        atomic_write_text(Path(cfg.out) / "eval_test.json", json.dumps(report, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     return 0
 

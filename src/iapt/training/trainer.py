@@ -112,7 +112,7 @@ def encode(tokenizer: Any, examples: list, cfg: TrainConfig, what: str) -> list[
         raise DataError(f"no {what} example of {source} fits in max_length={cfg.max_length}: {report}. "
                         f"Raise --max-length.")
     if report.num_dropped:
-        print(f"warning: {what} data: {report}")
+        logger.warning("%s data: %s", what, report)
     return encoded
 
 
