@@ -246,9 +246,7 @@ def test_peft_style_model_api(tmp_path, monkeypatch):
     assert model.num_parameters(only_trainable=True) == model.expected_parameter_count()
     assert model.num_parameters() == model.expected_parameter_count() + model.base_model.num_parameters()
     assert model.get_base_model() is model.base_model
-    with torch.no_grad():
-        for g in model.generators.values():
-            g.up.weight.normal_(std=0.2)
+    randomize_up_projections(model)
     ids, mask, _ = left_padded_batch()
     with torch.no_grad():
         ours = model(ids, attention_mask=mask).logits

@@ -10,6 +10,7 @@ import torch
 from iapt import IAPTConfig, IAPTModel, get_iapt_model
 from iapt.model import anchor_states, frequent_token_ids
 from iapt.training import TrainConfig, Trainer, train
+from tests.test_model import randomize_up_projections
 from tests.tiny import left_padded_batch, make_base, tiny_lm, tiny_tokenizer
 from tests.training.test_trainer import config
 
@@ -39,9 +40,7 @@ def test_token_start_is_the_backbone_reading_real_tokens_first(family):
 def test_anchor_ids_are_recorded_and_reload_to_the_same_model(tmp_path):
     torch.manual_seed(5)
     model = get_iapt_model(make_base("llama"), IAPTConfig(bottleneck=8, anchor="tokens"))
-    with torch.no_grad():
-        for g in model.generators.values():
-            g.up.weight.normal_(std=0.05)
+    randomize_up_projections(model)
     ids, mask, _ = left_padded_batch()
     with torch.no_grad():
         before = model(ids, attention_mask=mask).logits
