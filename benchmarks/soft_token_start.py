@@ -64,6 +64,33 @@ def report(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def plot(args: argparse.Namespace, path: Path) -> None:
+    """Training loss per step: one panel per LR, one colour per start, solid = 1-step warm-up, dashed = longer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(f.read_text()) for f in sorted(Path(args.results).glob("*.json"))]
+    lrs = sorted({r["lr"] for r in rows})
+    fig, axes = plt.subplots(1, len(lrs), figsize=(4 * len(lrs), 3.2), sharey=True, squeeze=False)
+    colours = {"none": "tab:red", "pad": "tab:blue", "tokens": "tab:green"}
+    for ax, lr in zip(axes[0], lrs):
+        for r in rows:
+            if r["lr"] == lr:
+                ax.plot(range(1, len(r["losses"]) + 1), r["losses"], color=colours[r["anchor"]],
+                        linestyle="-" if r["warmup"] <= 1 else "--",
+                        label=f"{r['anchor']}, warm-up {r['warmup']}")
+        ax.set_title(f"LR {lr:g}", fontsize=9)
+        ax.set_xlabel("optimiser step")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("training loss (batch of 4)")
+    axes[0][-1].legend(fontsize=7)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
@@ -90,6 +117,7 @@ def main() -> None:
     Path(args.results).mkdir(parents=True, exist_ok=True)
     if args.report:
         print(report(args))
+        plot(args, Path(args.results).parent / "start.png")
         return
     if args.one:
         anchor, lr, warmup = args.one[0], float(args.one[1]), int(args.one[2])
@@ -109,6 +137,7 @@ def main() -> None:
         time.sleep(2)
         running = [r for r in running if r.poll() is None]
     print(report(args))
+    plot(args, Path(args.results).parent / "start.png")
 
 
 if __name__ == "__main__":
