@@ -201,7 +201,7 @@ def test_limits_answer_400(server):
         {"prompt": [5, 10_000], "max_tokens": 2},  # not in the vocabulary
         {"prompt": "x", "temperature": -1},
         {"prompt": "x", "n": 100},
-        {"prompt": "x", "max_tokens": 2, "logprobs": 2},
+        {"prompt": "x", "max_tokens": 2, "logprobs": 21},  # over the top-logprobs limit
     ]
     for case in cases:
         with pytest.raises(openai.BadRequestError):

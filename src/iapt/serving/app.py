@@ -21,7 +21,8 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Annotated, Any, Self
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Literal, Self
 
 import jinja2
 from fastapi import FastAPI
@@ -31,11 +32,24 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import iapt
 from iapt.serving.auth import KeyRing, Principal
-from iapt.serving.engine import Engine, Event, QueueFull, Request, RequestHandle, UnknownAdapter
+from iapt.serving.engine import (
+    FREQUENCY_PENALTY_RANGE,
+    MAX_LOGPROBS,
+    PRESENCE_PENALTY_RANGE,
+    REPETITION_PENALTY_RANGE,
+    Engine,
+    Event,
+    QueueFull,
+    Request,
+    RequestHandle,
+    TokenLogprob,
+    UnknownAdapter,
+)
 
 _KINDS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
@@ -49,13 +63,14 @@ class APIError(Exception):
     """An error answered in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
 
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
-                 headers: dict[str, str] | None = None, code: str | int | None = None) -> None:
+                 headers: dict[str, str] | None = None, code: str | int | None = None, param: str | None = None
+                 ) -> None:
         super().__init__(message)
-        self.status, self.message, self.kind, self.headers = status, message, kind, headers
+        self.status, self.message, self.kind, self.headers, self.param = status, message, kind, headers, param
         self.code = status if code is None else code
 
     def response(self) -> Response:
-        body = {"error": {"message": self.message, "type": self.kind, "param": None, "code": self.code}}
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
         # ASCII JSON: a message quoting the client's text (a model name, say) may hold a lone surrogate
         return Response(json.dumps(body), status_code=self.status, headers=self.headers, media_type="application/json")
 
@@ -100,15 +115,22 @@ def _lone_surrogate(value: Any, where: str = "body") -> str | None:
 
 
 class _Strict(BaseModel):
-    """Bodies: finite numbers only, and no lone surrogates anywhere (both reached the model as a 500)."""
+    """Bodies: finite numbers only, and no lone surrogates anywhere (both reached the model as a 500).
 
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # unknown OpenAI fields are ignored
+    A field the server does not know is a 400 naming it (``tools``, ``response_format``, ``logit_bias``, a
+    typo): ignoring it would answer something the caller did not ask for. One sent as null is dropped, as
+    null is "not used" (some clients send every field).
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
     def _valid_unicode(cls, data: Any) -> Any:
         if (problem := _lone_surrogate(data)) is not None:
             raise ValueError(problem)
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if v is not None or k in cls.model_fields}
         return data
 
 
@@ -117,35 +139,68 @@ Text = Annotated[str, Field(min_length=1)]
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # int64; seed + choice index stays within what torch takes
 
 
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
 class _Body(_Strict):
     model: str
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="below 0.01: greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1, description="vLLM's: sample among the k most likely tokens; 0 or -1: off")
+    repetition_penalty: float | None = Field(
+        None, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1],
+        description="vLLM's / transformers': logits of prompt and output tokens divided (> 1: less repetition)")
+    frequency_penalty: float | None = Field(None, ge=FREQUENCY_PENALTY_RANGE[0], le=FREQUENCY_PENALTY_RANGE[1])
+    presence_penalty: float | None = Field(None, ge=PRESENCE_PENALTY_RANGE[0], le=PRESENCE_PENALTY_RANGE[1])
     n: int = Field(1, ge=1)
     stream: bool = False
-    stream_options: dict[str, Any] | None = None
+    stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
-    logprobs: Any = None
     ignore_eos: bool = False  # vLLM's extension; handy for benchmarks
+    user: str | None = Field(None, description="the caller's end-user id (OpenAI's); not used")
+
+    def top_logprob_count(self) -> int | None:
+        """How many top logprobs per token the request wants; None: no logprobs."""
+        raise NotImplementedError
 
 
 class CompletionBody(_Body):
     prompt: Text | TokenIds | Annotated[list[Text], Field(min_length=1)] | Annotated[list[TokenIds], Field(min_length=1)]
     echo: bool = False
     best_of: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                 description="each token's logprob and the k most likely tokens' (k = this)")
+
+    def top_logprob_count(self) -> int | None:
+        return self.logprobs
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class TextPart(_Strict):
+    """A content part; text only (a model without a vision tower has nothing to read an image with)."""
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
     role: str
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[TextPart] | None = None
+    name: str | None = None  # passed to the chat template
 
 
 class ChatBody(_Body):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="needs logprobs: true")
+
+    def top_logprob_count(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class LoadAdapterBody(_Strict):
@@ -155,6 +210,44 @@ class LoadAdapterBody(_Strict):
 
 class UnloadAdapterBody(_Strict):
     lora_name: str = Field(min_length=1)
+
+
+class TokenizeCompletionBody(_Strict):
+    """vLLM's ``/tokenize`` of a prompt."""
+
+    model: str | None = Field(None, description="a model this key may use; default: the base model's tokenizer")
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatBody(_Strict):
+    """vLLM's ``/tokenize`` of chat messages: the prompt the chat endpoint would feed the model."""
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False
+    return_token_strs: bool = False
+
+
+TokenizeBody = Annotated[
+    Annotated[TokenizeCompletionBody, Tag("tokenize_prompt")] | Annotated[TokenizeChatBody, Tag("tokenize_chat")],
+    Discriminator(lambda v: "tokenize_chat" if isinstance(v, dict) and "messages" in v
+                  or isinstance(v, TokenizeChatBody) else "tokenize_prompt"),
+]
+_TAGS = ("tokenize_prompt", "tokenize_chat")
+
+
+def _union_label(part: Any) -> bool:
+    """Whether a validation error's location part names a union member (``str``, ``list[TextPart]``, a tag),
+    not a field: left out of the field path in error messages."""
+    return isinstance(part, str) and (part in _TAGS or "[" in part or part in ("str", "int", "float", "bool"))
+
+
+class DetokenizeBody(_Strict):
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]]
 
 
 # ------------------------------------------------------------------------------------------ text
@@ -279,13 +372,17 @@ def create_app(
     manage_engine: bool = True,
     docs: bool = True,
     disconnect_poll_s: float = 0.25,
+    api_key: str | None = None,
 ) -> FastAPI:
     """The FastAPI app. With ``manage_engine`` its lifespan starts and stops the engine's thread.
 
     ``docs``: serve ``/openapi.json`` and ``/docs`` (to holders of a valid key, like the API itself);
-    ``disconnect_poll_s``: how often a waiting handler checks that its client is still there.
+    ``disconnect_poll_s``: how often a waiting handler checks that its client is still there;
+    ``api_key``: one more key, with access to everything (vLLM's ``--api-key``), beside ``keys``.
     """
     keys = keys or KeyRing(None)
+    if api_key is not None:
+        keys = keys.with_api_key(api_key)
     tokenizer = engine.tokenizer
     if tokenizer is None:
         raise ValueError("the HTTP server needs the engine's tokenizer (Engine(model, tokenizer, ...))")
@@ -330,10 +427,13 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: HTTPRequest, exc: RequestValidationError) -> Response:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}"
-                             for e in exc.errors())
+        errors = exc.errors()
+        where = [".".join(str(p) for p in e.get("loc", ())[1:] if not _union_label(p)) or "body" for e in errors]
+        problems = "; ".join(dict.fromkeys(
+            f"`{w}` is not supported by this server; remove it" if e.get("type") == "extra_forbidden"
+            else f"{w}: {e.get('msg')}" for w, e in zip(where, errors, strict=True)))
         _count(request, 400)
-        return APIError(400, f"invalid request: {problems}").response()
+        return APIError(400, f"invalid request: {problems}", param=where[0] if errors else None).response()
 
     @app.exception_handler(Exception)
     async def _unexpected(request: HTTPRequest, exc: Exception) -> Response:
@@ -366,8 +466,6 @@ def create_app(
 
     def _check_common(body: _Body, prompts: list[list[int]], adapter: str | None, chat: bool) -> int:
         """Limits (400) and unsupported options; returns max_tokens."""
-        if body.logprobs not in (None, False, 0):
-            raise APIError(400, "logprobs are not supported by this server")
         if body.n > max_n:
             raise APIError(400, f"n={body.n} is above this server's limit of {max_n}")
         for p in prompts:
@@ -400,6 +498,44 @@ def create_app(
             raise APIError(400, problem)
         return list(tokenizer(text, add_special_tokens=special).input_ids)
 
+    def _chat_text(messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
+        """The chat template's prompt text for ``messages`` (the same for /v1/chat/completions and /tokenize)."""
+        if not getattr(tokenizer, "chat_template", None):
+            raise APIError(400, "this model has no chat template; use /v1/completions")
+        rendered = [{"role": m.role, "content": _content(m.content), **({"name": m.name} if m.name else {})}
+                    for m in messages]
+        try:
+            return tokenizer.apply_chat_template(rendered, add_generation_prompt=add_generation_prompt,
+                                                 tokenize=False)
+        except (jinja2.TemplateError, ValueError, TypeError) as exc:  # e.g. a role order it rejects
+            raise APIError(400, f"the chat template rejected the messages: {exc}") from None
+
+    def _token_text(token: int) -> str:
+        return tokenizer.decode([token], skip_special_tokens=False)
+
+    def _chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
+        """OpenAI's chat ``logprobs``: ``{"content": [{token, logprob, bytes, top_logprobs}]}``."""
+        def one(token: int, logprob: float) -> dict[str, Any]:
+            text = _token_text(token)
+            return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(text.encode("utf-8", "replace"))}
+
+        return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(t, v) for t, v in e.top]}
+                            for e in entries]}
+
+    def _completion_logprobs(entries: list[TokenLogprob], offset: int = 0) -> dict[str, Any]:
+        """OpenAI's legacy ``logprobs``: tokens, token_logprobs, top_logprobs (the k most likely and the sampled
+        token, as OpenAI and vLLM give), text_offset (from ``offset``, where the text so far ends)."""
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for e in entries:
+            text = _token_text(e.token)
+            out["tokens"].append(text)
+            out["token_logprobs"].append(max(e.logprob, -9999.0))
+            top = {_token_text(t): max(v, -9999.0) for t, v in e.top}
+            out["top_logprobs"].append({**top, text: max(e.logprob, -9999.0)})
+            out["text_offset"].append(offset)
+            offset += len(text)
+        return out
+
     async def _generate(request: HTTPRequest, body: _Body, prompts: list[list[int]], adapter: str | None,
                         chat: bool) -> Response:
         max_tokens = _check_common(body, prompts, adapter, chat)
@@ -410,10 +546,14 @@ def create_app(
             return lambda event: loop.call_soon_threadsafe(events.put_nowait, (i, event))
 
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        top_logprobs = body.top_logprob_count()
         engine_requests = [
             Request(p, adapter, max_tokens, body.temperature, body.top_p,
                     None if body.seed is None else body.seed + j, ignore_eos=body.ignore_eos,
-                    on_event=listener(k * body.n + j))
+                    on_event=listener(k * body.n + j), top_k=body.top_k or 0,
+                    repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+                    frequency_penalty=body.frequency_penalty or 0.0, presence_penalty=body.presence_penalty or 0.0,
+                    logprobs=top_logprobs)
             for k, p in enumerate(prompts) for j in range(body.n)
         ]
         try:
@@ -430,10 +570,10 @@ def create_app(
                 "model": body.model}
         usage = {"prompt_tokens": sum(len(p) for p in prompts)}
         if body.stream:
-            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
             _count(request, 200)  # the status line goes out now; an error later is an event in the stream
-            return StreamingResponse(_stream(request, handles, texts, events, meta, usage, chat, include_usage),
-                                     media_type="text/event-stream")
+            return StreamingResponse(_stream(request, handles, texts, events, meta, usage, chat, include_usage,
+                                             top_logprobs is not None), media_type="text/event-stream")
         try:
             async for _ in _events(request, handles, texts, events):
                 pass
@@ -449,22 +589,33 @@ def create_app(
         for i, (h, t) in enumerate(zip(handles, texts, strict=True)):
             reason = t.finish_reason or _reason(h)
             content = t.text
-            choices.append({"index": i, "message": {"role": "assistant", "content": content}, "logprobs": None,
+            logprobs = None
+            if top_logprobs is not None:  # the tokens the text holds: up to a stop string, not past it
+                entries = h.logprobs[: len(t.tokens)]
+                logprobs = _chat_logprobs(entries) if chat else _completion_logprobs(entries)
+            choices.append({"index": i, "message": {"role": "assistant", "content": content}, "logprobs": logprobs,
                             "finish_reason": reason} if chat else
-                           {"index": i, "text": content, "logprobs": None, "finish_reason": reason})
+                           {"index": i, "text": content, "logprobs": logprobs, "finish_reason": reason})
         usage = _usage(usage, handles)
         obj = "chat.completion" if chat else "text_completion"
         _count(request, 200)
         return JSONResponse({**meta, "object": obj, "choices": choices, "usage": usage})
 
-    async def _events(request: HTTPRequest, handles: list[RequestHandle], texts: list[_Text],
-                      events: asyncio.Queue) -> AsyncIterator[tuple[int, str, str | None, str | None]]:
-        """Yield (choice, new text, finish reason, error) until every choice is done.
+    async def _events(request: HTTPRequest, handles: list[RequestHandle], texts: list[_Text], events: asyncio.Queue
+                      ) -> AsyncIterator[tuple[int, str, str | None, str | None, list[TokenLogprob]]]:
+        """Yield (choice, new text, finish reason, error, logprobs of the tokens since the last yield) until every
+        choice is done.
 
         Checks every ``disconnect_poll_s`` that the client is still there, whether or not tokens arrive (a
         running request sends them continuously), and stops if it is not: the caller cancels the rows.
         """
         done = [False] * len(handles)
+        pending: list[list[TokenLogprob]] = [[] for _ in handles]
+
+        def taken(i: int) -> list[TokenLogprob]:
+            out, pending[i] = pending[i], []
+            return out
+
         checked = time.monotonic()
         while not all(done):
             if time.monotonic() - checked >= disconnect_poll_s:
@@ -481,40 +632,52 @@ def create_app(
                 continue
             t = texts[i]
             if event.token is not None:
+                if event.logprob is not None:
+                    pending[i].append(event.logprob)
                 piece = t.add(event.token)
                 if t.finish_reason:  # a stop string: free the row now
                     handles[i].cancel()
                     done[i] = True
-                    yield i, piece, "stop", None
+                    yield i, piece, "stop", None, taken(i)
                 elif piece:
-                    yield i, piece, None, None
+                    yield i, piece, None, None, taken(i)
             else:
                 done[i] = True
-                yield i, t.flush(), _reason_of(event.finish_reason), event.error
+                yield i, t.flush(), _reason_of(event.finish_reason), event.error, taken(i)
 
     async def _stream(request: HTTPRequest, handles: list[RequestHandle], texts: list[_Text],
                       events: asyncio.Queue, meta: dict, usage: dict, chat: bool,
-                      include_usage: bool) -> AsyncIterator[str]:
+                      include_usage: bool, with_logprobs: bool) -> AsyncIterator[str]:
         obj = "chat.completion.chunk" if chat else "text_completion"
+        offsets = [0] * len(handles)  # where each choice's text so far ends, for text_offset
 
-        def chunk(i: int, text: str | None, reason: str | None, first: bool = False) -> str:
+        def chunk(i: int, text: str | None, reason: str | None, logprobs: list[TokenLogprob] | None = None,
+                  first: bool = False) -> str:
+            """One choice's chunk; with logprobs, those of the tokens that arrived since its last chunk."""
+            lp = None
+            if with_logprobs and not first:
+                if chat:
+                    lp = _chat_logprobs(logprobs or [])
+                else:
+                    lp = _completion_logprobs(logprobs or [], offsets[i])
+                    offsets[i] += sum(len(t) for t in lp["tokens"])
             if chat:
                 delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-                choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
+                choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": reason}
             else:
-                choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": reason}
+                choice = {"index": i, "text": text or "", "logprobs": lp, "finish_reason": reason}
             return _sse({**meta, "object": obj, "choices": [choice]})
 
         try:
             if chat:
                 for i in range(len(handles)):
                     yield chunk(i, None, None, first=True)
-            async for i, piece, reason, error in _events(request, handles, texts, events):
+            async for i, piece, reason, error, logprobs in _events(request, handles, texts, events):
                 if error is not None:
                     yield _sse(json.loads(_failure(handles[i], meta["model"]).response().body))
                     return
                 if piece or reason:
-                    yield chunk(i, piece, reason)
+                    yield chunk(i, piece, reason, logprobs)
             if include_usage:
                 yield _sse({**meta, "object": obj, "choices": [], "usage": _usage(usage, handles)})
             yield "data: [DONE]\n\n"
@@ -536,19 +699,29 @@ def create_app(
             _auth(request, admin=True)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    def _card(name: str, is_base: bool, created: int) -> dict[str, Any]:
+        """A model object; no file paths: they tell a tenant about the server."""
+        return {"id": name, "object": "model", "created": created, "owned_by": "iapt", "root": name,
+                "parent": None if is_base else engine.base_name}
+
     @app.get("/v1/models", responses={200: {"model": ModelList}, **_errors(401, 413)})
     async def models(request: HTTPRequest) -> JSONResponse:
         principal = _auth(request)
         created = int(time.time())
         data = []
         if principal.may_use(engine.base_name, True):
-            data.append({"id": engine.base_name, "object": "model", "created": created, "owned_by": "iapt",
-                         "root": engine.base_name, "parent": None})
-        for name in sorted(engine.adapters):  # no file paths: they tell a tenant about the server
-            if principal.may_use(name, False):
-                data.append({"id": name, "object": "model", "created": created, "owned_by": "iapt",
-                             "root": name, "parent": engine.base_name})
+            data.append(_card(engine.base_name, True, created))
+        data += [_card(name, False, created) for name in sorted(engine.adapters) if principal.may_use(name, False)]
         return JSONResponse({"object": "list", "data": data})
+
+    @app.get("/v1/models/{model:path}", responses={200: {"model": ModelCard}, **_errors(401, 404, 413)})
+    async def model_card(request: HTTPRequest, model: str) -> JSONResponse:
+        """One model, as in /v1/models; 404 (the same answer) for one that does not exist or is not the caller's."""
+        principal = _auth(request)
+        is_base = model in engine.base_names
+        if (not is_base and model not in engine.adapters) or not principal.may_use(model, is_base):
+            raise _model_not_found(model)
+        return JSONResponse(_card(engine.base_name if is_base else model, is_base, int(time.time())))
 
     @app.post("/v1/completions", responses=_GENERATE)
     async def completions(request: HTTPRequest, body: CompletionBody) -> Response:
@@ -562,17 +735,13 @@ def create_app(
     async def chat_completions(request: HTTPRequest, body: ChatBody) -> Response:
         principal = _auth(request)
         adapter = _check_model(request, principal, body.model)
-        if not getattr(tokenizer, "chat_template", None):
-            raise APIError(400, "this model has no chat template; use /v1/completions")
-        messages = [{"role": m.role, "content": _content(m.content)} for m in body.messages]
-        try:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except (jinja2.TemplateError, ValueError, TypeError) as exc:  # e.g. a role order it rejects
-            raise APIError(400, f"the chat template rejected the messages: {exc}") from None
+        text = _chat_text(body.messages)
         return await _generate(request, body, [_tokenize(text, special=False)], adapter, chat=True)
 
+    @app.post("/v1/load_lora_adapter", responses={200: {"model": AdapterStatus}, **_errors(400, 401, 403, 413)})
     @app.post("/v1/load_adapter", responses={200: {"model": AdapterStatus}, **_errors(400, 401, 403, 413)})
     async def load_adapter(request: HTTPRequest, body: LoadAdapterBody) -> JSONResponse:
+        """Load an IAPT adapter folder under ``lora_name`` (vLLM's name for the call; admin key)."""
         _auth(request, admin=True)
         try:
             await asyncio.to_thread(engine.load_adapter, body.lora_name, Path(body.lora_path))
@@ -580,6 +749,8 @@ def create_app(
             raise APIError(400, f"adapter {body.lora_name!r} not loaded: {exc}") from None
         return JSONResponse({"status": "loaded", "name": body.lora_name})
 
+    @app.post("/v1/unload_lora_adapter",
+              responses={200: {"model": AdapterStatus}, **_errors(400, 401, 403, 404, 413)})
     @app.post("/v1/unload_adapter", responses={200: {"model": AdapterStatus}, **_errors(400, 401, 403, 404, 413)})
     async def unload_adapter(request: HTTPRequest, body: UnloadAdapterBody) -> JSONResponse:
         _auth(request, admin=True)
@@ -588,6 +759,47 @@ def create_app(
         except UnknownAdapter as exc:
             raise APIError(404, str(exc), "not_found_error") from None
         return JSONResponse({"status": "unloaded", "name": body.lora_name})
+
+    def _slots_of(request: HTTPRequest, principal: Principal, model: str | None) -> int:
+        """Soft-token slots of ``model`` (404 if it is not the caller's); 0 for the base or no model."""
+        if model is None:
+            return 0
+        adapter = _check_model(request, principal, model)
+        loaded = engine.adapters.get(adapter or "")
+        return loaded.config.num_soft_tokens if loaded else 0
+
+    @app.post("/tokenize", responses={200: {"model": TokenizeResponse}, **_errors(400, 401, 404, 413)})
+    async def tokenize(request: HTTPRequest, body: TokenizeBody) -> JSONResponse:
+        """vLLM's /tokenize: a prompt's token ids (or chat messages' as the chat endpoint renders them).
+
+        ``max_model_len`` is what prompt and completion may take together for that model: an adapter's soft
+        tokens take positions of the context too."""
+        principal = _auth(request)
+        slots = _slots_of(request, principal, body.model)
+        if isinstance(body, TokenizeChatBody):
+            text = _chat_text(body.messages, body.add_generation_prompt)
+        else:
+            text = body.prompt
+        ids = _tokenize(text, special=body.add_special_tokens)
+        return JSONResponse({
+            "count": len(ids), "max_model_len": engine.max_positions - slots if engine.max_positions else None,
+            "tokens": ids, "token_strs": tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None})
+
+    @app.post("/detokenize", responses={200: {"model": DetokenizeResponse}, **_errors(400, 401, 404, 413)})
+    async def detokenize(request: HTTPRequest, body: DetokenizeBody) -> JSONResponse:
+        """vLLM's /detokenize: token ids back to text (special tokens kept, as vLLM does)."""
+        principal = _auth(request)
+        _slots_of(request, principal, body.model)
+        size = len(tokenizer)
+        if any(t >= size for t in body.tokens):
+            bad = next(t for t in body.tokens if t >= size)
+            raise APIError(400, f"token id {bad} is not in the vocabulary (ids are 0 to {size - 1})", param="tokens")
+        return JSONResponse({"prompt": tokenizer.decode(body.tokens, skip_special_tokens=False)})
+
+    @app.get("/version", responses={200: {"model": Version}, **_errors(413)})
+    async def version() -> JSONResponse:
+        """Open to all, as vLLM's: the package version only."""
+        return JSONResponse({"version": iapt.__version__})
 
     def openapi() -> dict[str, Any]:
         """The schema as the server behaves: 400 (not FastAPI's 422) for a bad body, this server's limits."""
@@ -602,6 +814,8 @@ def create_app(
             components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
             schema["security"] = [{"bearer": []}]
             schema["paths"]["/health"]["get"]["security"] = []  # open to all, by design
+            schema["paths"]["/version"]["get"]["security"] = []
+            components["schemas"]["DetokenizeBody"]["properties"]["tokens"]["items"]["maximum"] = len(tokenizer) - 1
             for name in ("CompletionBody", "ChatBody"):
                 props = components["schemas"][name]["properties"]
                 props["n"]["maximum"] = max_n
@@ -656,6 +870,21 @@ class AdapterStatus(BaseModel):
     name: str
 
 
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int | None
+    tokens: list[int]
+    token_strs: list[str] | None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class Version(BaseModel):
+    version: str
+
+
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     described = {400: "invalid request (the message says which field and why)", 401: "missing or invalid API key",
                  403: "needs an admin key", 404: "no such model, or not this key's",
@@ -682,12 +911,10 @@ def _failure(handle: RequestHandle, model: str) -> APIError:
     return APIError(500, f"generation failed: {handle.error}", "server_error", code=handle.code)
 
 
-def _content(content: str | list[dict[str, Any]] | None) -> str:
+def _content(content: str | list[TextPart] | None) -> str:
     if content is None or isinstance(content, str):
         return content or ""
-    if any(part.get("type") != "text" for part in content):
-        raise APIError(400, "only text content parts are supported")
-    return "".join(str(part.get("text", "")) for part in content)
+    return "".join(part.text for part in content)
 
 
 def _sse(obj: dict) -> str:
@@ -765,22 +992,50 @@ def serve(
     max_bottleneck: int = 512,
     max_soft_tokens: int = 64,
     docs: bool = True,
+    api_key: str | None = None,
+    served_model_name: str | Sequence[str] | None = None,
+    lora_modules: Mapping[str, str | Path] | None = None,
 ) -> None:
-    """Load the backbone and every adapter under ``adapters_dir``, then serve the OpenAI-compatible API."""
+    """Load the backbone and every adapter under ``adapters_dir``, then serve the OpenAI-compatible API.
+
+    vLLM's flags: ``api_key`` (one key with access to everything, beside ``keys_file``), ``served_model_name``
+    (the base model's name in the API; several: the first is the one shown, all are accepted) and
+    ``lora_modules`` (name -> IAPT adapter folder, loaded at start; any that cannot be is a start-up error,
+    unlike a bad subfolder of ``adapters_dir``, which is skipped with a warning).
+    """
     import uvicorn
 
+    from iapt.adapters import adapter_type, resolve_adapter_dir
     from iapt.models import load_model
 
     keys = KeyRing.from_file(keys_file) if keys_file else KeyRing(None)
+    if api_key is not None:
+        keys = keys.with_api_key(api_key)
     if keys.open and host not in ("127.0.0.1", "localhost", "::1"):
-        logger.warning("no --keys file: the API is open to anyone who can reach %s:%d", host, port)
+        logger.warning("no --keys file or --api-key: the API is open to anyone who can reach %s:%d", host, port)
+    names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name or [])
+    if any(not n for n in names):
+        raise ValueError("--served-model-name: names must be non-empty")
+    modules = dict(lora_modules or {})
+    for name, path in modules.items():  # before the backbone loads: a wrong folder fails in a second, not minutes
+        kind = adapter_type(resolve_adapter_dir(path))
+        if kind != "IAPT":
+            raise ValueError(f"--lora-modules {name}={path}: a {kind} adapter; only IAPT adapters are served by the "
+                             "built-in engine (serve LoRA and other PEFT adapters with vLLM)")
     base, tokenizer = load_model(model, dtype=dtype)
-    engine = Engine(base, tokenizer, adapters_dir, base_name=model, max_batch_size=max_batch_size,
+    engine = Engine(base, tokenizer, adapters_dir, base_name=names[0] if names else model,
+                    base_aliases=names[1:] if names else None, max_batch_size=max_batch_size,
                     max_queue=max_queue, max_bottleneck=max_bottleneck, max_soft_tokens=max_soft_tokens)
-    for name, error in engine.load_errors.items():
-        logger.warning("adapter %s not loaded: %s", name, error)
-    app = create_app(engine, keys, max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit, docs=docs)
     try:
+        for name, path in modules.items():
+            try:
+                engine.load_adapter(name, path)
+            except (ValueError, FileNotFoundError, OSError) as exc:
+                raise ValueError(f"--lora-modules {name}={path}: {exc}") from None
+        for name, error in engine.load_errors.items():
+            logger.warning("adapter %s not loaded: %s", name, error)
+        app = create_app(engine, keys, max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
+                         docs=docs)
         uvicorn.run(app, host=host, port=port, log_level=log_level)
     finally:
         engine.close()

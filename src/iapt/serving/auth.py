@@ -138,6 +138,19 @@ class KeyRing:
             entries[key] = Principal(tenant, tuple(adapters), parsed.admin, parsed.base)
         return cls(entries)
 
+    def with_api_key(self, key: str) -> KeyRing:
+        """This ring plus ``key`` with access to everything (vLLM's ``--api-key``); the API is then not open.
+
+        Refused if the key is blank, has surrounding spaces (it could never be sent back) or is in the ring
+        already (which entry wins would be a guess)."""
+        if not isinstance(key, str) or not key.strip() or key != key.strip():
+            raise ValueError("--api-key must be a non-empty string without surrounding spaces")
+        entries = dict(self.entries or {})
+        if key in entries:
+            raise ValueError("--api-key is also a key in the keys file; use one or the other")
+        entries[key] = Principal(tenant="api-key", adapters=("*",), admin=True)
+        return KeyRing(entries)
+
     def authenticate(self, authorization: str | None) -> Principal | None:
         """The principal for an ``Authorization: Bearer KEY`` header, or None (401)."""
         if self.entries is None:

@@ -128,7 +128,8 @@ def read_adapter(base_model: PreTrainedModel, path: str | Path, name: str | None
     directory = resolve_adapter_dir(path)
     kind = adapter_type(directory)
     if kind != "IAPT":
-        raise ValueError(f"adapter {directory} is a {kind} adapter; this server serves IAPT adapters only")
+        raise ValueError(f"adapter {directory} is a {kind} adapter; only IAPT adapters are served by the built-in "
+                         f"engine (serve {kind} adapters with vLLM or PEFT)")
     config = IAPTConfig.load(directory)
     _check_compatible(config, base_model, directory)
     text_config = _text_config(base_model)
@@ -446,6 +447,7 @@ class Engine:
         adapters_dir: str | Path | None = None,
         *,
         base_name: str | None = None,
+        base_aliases: Sequence[str] | None = None,
         max_batch_size: int = 32,
         max_queue: int = 256,
         layers_path: str | None = None,
@@ -453,7 +455,9 @@ class Engine:
         max_soft_tokens: int = 64,
     ) -> None:
         """``max_bottleneck`` / ``max_soft_tokens``: the largest r and n an adapter may have. Every adapter in the
-        bank is padded to the largest loaded, so one huge adapter would slow and enlarge every tenant's prefill."""
+        bank is padded to the largest loaded, so one huge adapter would slow and enlarge every tenant's prefill.
+        ``base_aliases``: other names ``model`` may give the base by (vLLM's ``--served-model-name`` extras); by
+        default the model's ``name_or_path``. Given, the path is not a name: it would tell tenants about the server."""
         _check_base(base_model)
         self.model = base_model.eval()
         self.tokenizer = tokenizer
@@ -464,7 +468,9 @@ class Engine:
             text_config, "n_positions", None)
         self.device = base_model.get_input_embeddings().weight.device
         self.base_name = base_name or getattr(base_model.config, "name_or_path", "") or "base"
-        self.base_names = {self.base_name, getattr(base_model.config, "name_or_path", "") or self.base_name}
+        if base_aliases is None:
+            base_aliases = [getattr(base_model.config, "name_or_path", "") or self.base_name]
+        self.base_names = {self.base_name, *base_aliases}
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.max_bottleneck, self.max_soft_tokens = max_bottleneck, max_soft_tokens
         self.slot_token_id = slot_token_id(base_model)  # what IAPTModel puts in its slots
