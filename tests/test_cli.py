@@ -128,3 +128,63 @@ def test_score_answers_per_metric():
     assert each == [100.0, 100.0] and f1 == 100.0  # SQuAD normalisation drops articles and punctuation
     accuracy, _ = score_answers("accuracy", ["It is Paris.", "no idea"], examples, labels=["Paris", "the blue house"])
     assert accuracy == 50.0
+
+
+# ---------------------------------------------------------------------------------------- serve
+def test_serve_takes_vllms_flags(monkeypatch, capsys):
+    seen = {}
+    monkeypatch.setattr("iapt.serving.app.serve", lambda **kw: seen.update(kw))
+    assert main(["serve", "--model", "m", "--api-key", "sk-1", "--served-model-name", "gpt", "gpt-alias",
+                 "--lora-modules", "a=runs/a", '{"name": "b", "path": "runs/b", "base_model_name": "m"}']) == 0
+    assert seen["api_key"] == "sk-1" and seen["served_model_name"] == ["gpt", "gpt-alias"]
+    assert seen["lora_modules"] == {"a": "runs/a", "b": "runs/b"}
+    assert main(["serve"]) == 0
+    assert (seen["api_key"], seen["served_model_name"], seen["lora_modules"]) == (None, None, {})
+    assert main(["serve", "--lora-modules", "a=x", "a=y"]) == 2
+    assert "given twice" in capsys.readouterr().err
+    for bad in ("no-equals-sign", "=path", '{"name": "x"}'):
+        with pytest.raises(SystemExit):
+            main(["serve", "--lora-modules", bad])
+        assert "--lora-modules" in capsys.readouterr().err
+
+
+def test_serve_with_api_key_served_name_and_lora_modules(setup, tmp_path, monkeypatch):
+    """`iapt serve` end to end on 127.0.0.1 (uvicorn.run replaced by a background server the test talks to)."""
+    import httpx
+
+    from iapt.serving.app import BackgroundServer
+    from tests.serving.conftest import save_adapter
+
+    _, model_dir = setup
+    adapter = save_adapter(tiny_lm(), tmp_path / "runs" / "tenant-a", 1, bottleneck=4, num_soft_tokens=2)
+    seen = {}
+
+    def run(app, **kwargs):
+        with BackgroundServer(app) as server:
+            def get(path: str, key: str = "sk-1") -> httpx.Response:
+                return httpx.get(server.url + path, headers={"Authorization": f"Bearer {key}"})
+
+            seen["models"] = [m["id"] for m in get("/v1/models").json()["data"]]
+            seen["statuses"] = [get("/v1/models/served").status_code, get("/v1/models/alias").status_code,
+                                get(f"/v1/models/{model_dir}").status_code, get("/v1/models", "sk-2").status_code]
+            r = httpx.post(server.url + "/v1/completions", json={"model": "a", "prompt": "hi", "max_tokens": 2},
+                           headers={"Authorization": "Bearer sk-1"})
+            seen["completion"] = r.status_code
+
+    monkeypatch.setattr("uvicorn.run", run)
+    assert main(["serve", "--model", str(model_dir), "--api-key", "sk-1", "--served-model-name", "served", "alias",
+                 "--lora-modules", f"a={adapter}"]) == 0
+    assert seen == {"models": ["served", "a"], "statuses": [200, 200, 404, 401], "completion": 200}
+
+
+def test_serve_refuses_a_lora_module_that_is_not_iapt(setup, tmp_path, capsys, monkeypatch):
+    _, model_dir = setup
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    monkeypatch.setattr("iapt.models.load_model", lambda *a, **k: pytest.fail("checked before the model loads"))
+    assert main(["serve", "--model", str(model_dir), "--lora-modules", f"mine={lora}"]) == 2
+    err = capsys.readouterr().err
+    assert f"--lora-modules mine={lora}" in err and "only IAPT adapters are served by the built-in engine" in err
+    assert main(["serve", "--model", str(model_dir), "--lora-modules", f"gone={tmp_path / 'nowhere'}"]) == 2
+    assert "no adapter at" in capsys.readouterr().err

@@ -217,13 +217,37 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------- serve
+def _lora_module(text: str) -> tuple[str, str]:
+    """One ``--lora-modules`` entry, as vLLM takes it: ``name=path`` or ``{"name": ..., "path": ...}``."""
+    if text.lstrip().startswith("{"):
+        try:
+            entry = json.loads(text)
+            name, path = entry["name"], entry["path"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: expected name=path or {{\"name\": ..., \"path\": ...}}") from None
+    else:
+        name, sep, path = text.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected name=path")
+    if not isinstance(name, str) or not isinstance(path, str) or not name.strip() or not path.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: the name and the path must be non-empty")
+    return name.strip(), path.strip()
+
+
 def cmd_serve(ns: argparse.Namespace) -> int:
     from iapt.serving.app import serve
 
+    modules: dict[str, str] = {}
+    for name, path in ns.lora_modules or []:
+        if name in modules:
+            raise ValueError(f"--lora-modules: the name {name!r} is given twice")
+        modules[name] = path
     serve(model=ns.model, adapters_dir=ns.adapters, host=ns.host, port=ns.port, keys_file=ns.keys,
           max_batch_size=ns.max_batch_size, max_queue=ns.max_queue, max_prompt_tokens=ns.max_prompt_tokens,
           max_tokens_limit=ns.max_tokens_limit, dtype=ns.dtype, log_level=ns.log_level,
-          max_bottleneck=ns.max_bottleneck, max_soft_tokens=ns.max_soft_tokens, docs=not ns.no_docs)
+          max_bottleneck=ns.max_bottleneck, max_soft_tokens=ns.max_soft_tokens, docs=not ns.no_docs,
+          api_key=ns.api_key, served_model_name=ns.served_model_name, lora_modules=modules)
     return 0
 
 
@@ -289,6 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--keys", help="API keys file, JSON or YAML (key -> {tenant, adapters, admin}); none = open API")
+    p.add_argument("--api-key", metavar="KEY",
+                   help="as vLLM's: one key with access to everything (admin), beside any --keys file")
+    p.add_argument("--served-model-name", nargs="+", metavar="NAME",
+                   help="as vLLM's: the base model's name in the API instead of --model (several: all are "
+                        "accepted, the first is shown)")
+    p.add_argument("--lora-modules", nargs="+", type=_lora_module, metavar="NAME=PATH",
+                   help="as vLLM's: IAPT adapter folders to serve under these names (beside --adapters); one that "
+                        "cannot be loaded stops the start")
     p.add_argument("--max-batch-size", type=int, default=32, help="requests decoded together")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
     p.add_argument("--max-prompt-tokens", type=int, default=2048, help="longer prompts get 400")

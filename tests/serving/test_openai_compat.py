@@ -90,7 +90,8 @@ def test_lora_adapter_endpoints(server, adapters_dir, wrong_base_adapter, refere
     assert r.status_code == 200 and r.json() == {"status": "loaded", "name": "bob-lora"}
     assert "already loaded" in error_of(post(server, "/v1/load_lora_adapter", body, key=ROOT), 400)["message"]
     wrong = {"lora_name": "mallory", "lora_path": str(wrong_base_adapter)}
-    assert "trained on a base" in error_of(post(server, "/v1/load_lora_adapter", wrong, key="sk-admin"), 400)["message"]
+    refused = error_of(post(server, "/v1/load_lora_adapter", wrong, key="sk-admin"), 400)
+    assert "trained on a base" in refused["message"]
     bob = client(server, "sk-bob")
     out = bob.completions.create(model="bob-lora", prompt=[50, 51, 52], max_tokens=6, temperature=0)
     assert out.choices[0].text == text_of(tokenizer, reference(adapters_dir / "carol", [50, 51, 52], 6))
