@@ -35,7 +35,7 @@ of greedy new tokens with EOS ignored) is served by
   ``adapter_names=[...]`` (PEFT's mixed-batch inference: per adapted layer, one sub-batch per distinct adapter).
 * **IAPT** adapters: default IAPTConfig (r = 32, n = 4), generators at every layer with random non-zero
   weights (the up-projection starts at zero). LoRA: PEFT LoRA on q_proj, v_proj at IAPT's parameter budget
-  (``iapt.baselines.size_for_budget``; SmolLM2-135M: rank 20, 1,152,000 vs IAPT's 1,128,360), alpha = 2r,
+  (``iapt.methods.size_for_budget``; SmolLM2-135M: rank 20, 1,152,000 vs IAPT's 1,128,360), alpha = 2r,
   random A and B (B starts at zero).
 
 Traces: ``uniform`` (each request's tenant drawn uniformly from N) and ``zipf`` (tenant k with probability
@@ -211,7 +211,7 @@ def _distinct_per_batch(tenants: Sequence[int], batch: int) -> float:
 def setup_worker(args: argparse.Namespace) -> None:
     """Build the prompts and max(N) IAPT and LoRA adapters (random, non-zero) under args.workdir."""
     from iapt import IAPTConfig, get_iapt_model
-    from iapt.baselines import count_for, size_for_budget
+    from iapt.methods import count_for, size_for_budget
     from iapt.baselines.peft_methods import build_lora, lora_count
 
     torch.manual_seed(args.seed)

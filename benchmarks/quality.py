@@ -112,7 +112,7 @@ def run_cell(args: argparse.Namespace, base: Any, tokenizer: Any, method: str, t
         shutil.rmtree(cell)  # an unfinished cell restarts from scratch: its result was never recorded
     sized = budget
     if method in args.cap:  # a size the budget rule would exceed (prompt tuning: ~2k tokens at IAPT's budget)
-        from iapt.baselines import count_for, size_for_budget
+        from iapt.methods import count_for, size_for_budget
 
         if size_for_budget(method, base, budget) > args.cap[method]:
             sized = count_for(method, base, args.cap[method])

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from iapt import methods
 from iapt.config import CONFIG_NAME
 
 
@@ -31,11 +32,4 @@ def adapter_type(path: str | os.PathLike) -> str:
 def load_adapter(base: Any, path: str | os.PathLike) -> Any:
     """Install the adapter at ``path`` on ``base`` for inference (IAPT, IDPG, LPT or a PEFT method)."""
     directory = resolve_adapter_dir(path)
-    kind = adapter_type(directory)
-    if kind == "IAPT":
-        from iapt.model import IAPTModel
-
-        return IAPTModel.from_pretrained(base, directory).eval()
-    from iapt.baselines import load_baseline
-
-    return load_baseline(base, directory, kind).eval()
+    return methods.load(base, directory, adapter_type(directory)).eval()

@@ -9,20 +9,13 @@ import pytest
 import torch
 
 from iapt.adapters import load_adapter
-from iapt.baselines import (
-    METHODS,
-    GeneratedPromptConfig,
-    GeneratedPromptModel,
-    build_baseline,
-    count_for,
-    known_methods,
-    load_baseline,
-    size_for,
-    size_for_budget,
-)
+from iapt import methods
+from iapt.baselines import BASELINES, GeneratedPromptConfig, GeneratedPromptModel
+from iapt.methods import count_for, known_methods, size_for, size_for_budget
 from iapt.training import TrainConfig
 from tests.tiny import VOCAB, left_padded_batch, make_base
 
+METHODS = {m.name: m for m in BASELINES}  # this file tests the baselines; IAPT has its own files
 ATOL = 2e-5
 SMALL = {"bottleneck": 4, "num_soft_tokens": 2}  # IDPG / LPT sizes for fast tests
 PEFT_TYPES = {"lora": "LORA", "prompt-tuning": "PROMPT_TUNING", "prefix": "PREFIX_TUNING", "idpg": "IDPG",
@@ -31,7 +24,7 @@ PEFT_TYPES = {"lora": "LORA", "prompt-tuning": "PROMPT_TUNING", "prefix": "PREFI
 
 def build(method: str, family: str = "llama", seed: int = 0, **cfg) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return build_baseline(TrainConfig(method=method, **{**SMALL, **cfg}), make_base(family, seed))
+    return methods.build(TrainConfig(method=method, **{**SMALL, **cfg}), make_base(family, seed))
 
 
 def perturb(model: torch.nn.Module, scale: float = 0.5, seed: int = 1) -> None:
@@ -59,13 +52,13 @@ def training_batch() -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------------------------------------ registry
 def test_registry_lists_the_methods_and_refuses_unknown_ones():
-    assert known_methods() == ["lora", "prompt-tuning", "prefix", "idpg", "lpt"]
-    with pytest.raises(ValueError, match="unknown method 'nope'.*lora, prompt-tuning, prefix, idpg, lpt"):
-        build_baseline(TrainConfig(method="nope"), make_base("llama"))
+    assert known_methods() == ["iapt", "lora", "prompt-tuning", "prefix", "idpg", "lpt"]
+    with pytest.raises(ValueError, match="unknown method 'nope'.*iapt, lora, prompt-tuning, prefix, idpg, lpt"):
+        methods.build(TrainConfig(method="nope"), make_base("llama"))
     with pytest.raises(ValueError, match="known methods"):
         count_for("adapter", make_base("llama"), 4)
     with pytest.raises(ValueError, match="cannot load; known types"):
-        load_baseline(make_base("llama"), "somewhere", "IA3")
+        methods.load(make_base("llama"), "somewhere", "IA3")
 
 
 def test_default_sizes_without_a_budget():
@@ -98,7 +91,7 @@ def test_budget_picks_the_closest_size_and_the_count_is_exact(family):
 def test_budget_reaches_the_trainer_config():
     base = make_base("llama")
     cfg = TrainConfig(method="lora", budget=5_000)
-    model = build_baseline(cfg, base)
+    model = methods.build(cfg, base)
     rank = size_for_budget("lora", make_base("llama"), 5_000)
     assert model.peft_model.active_peft_config.r == rank
     assert sum(p.numel() for p in trainable(model).values()) == count_for("lora", make_base("llama"), rank)
@@ -122,7 +115,7 @@ def test_peft_save_asks_no_hub(method, tmp_path, monkeypatch):
         raise AssertionError("save_pretrained asked the Hub")
 
     monkeypatch.setattr(peft_save, "check_file_exists_on_hf_hub", no_network)
-    model = build_baseline(TrainConfig(method=method, **SMALL), make_base("llama"))
+    model = methods.build(TrainConfig(method=method, **SMALL), make_base("llama"))
     model.peft_model.peft_config["default"].base_model_name_or_path = "someone/not-here"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # PEFT's "Could not find a config file" warning included
@@ -135,7 +128,7 @@ def test_train_steps_save_and_reload(method, tmp_path):
     torch.manual_seed(0)
     base = make_base("llama")
     frozen = [(p, p.detach().clone()) for p in base.parameters()]
-    model = build_baseline(TrainConfig(method=method, **SMALL), base)
+    model = methods.build(TrainConfig(method=method, **SMALL), base)
     params = trainable(model)
     assert params and not {id(p) for p in params.values()} & {id(p) for p, _ in frozen}
     before = {k: p.detach().clone() for k, p in params.items()}
@@ -384,12 +377,16 @@ def test_unload_gives_the_bare_backbone_back():
 # ------------------------------------------------------------------------------------------ budgets at scale
 def test_iapt_counts_agree_with_the_trainer_and_the_model():
     from iapt import IAPTConfig, get_iapt_model
-    from iapt.training.trainer import iapt_bottleneck_for_budget
+    from iapt.training.trainer import build_model
 
     base = make_base("llama")
-    for budget in (900, 5_000, 20_000):  # (the trainer searches r <= 4·d only)
+    for budget in (900, 5_000, 20_000):
         cfg = TrainConfig(budget=budget, num_soft_tokens=3)
-        assert size_for_budget("iapt", base, budget, cfg) == iapt_bottleneck_for_budget(base, cfg)
+        r = size_for_budget("iapt", base, budget, cfg)
+        brute = min(range(1, 4 * 48 + 1), key=lambda s: (abs(count_for("iapt", base, s, cfg) - budget), s))
+        assert r == brute
+        built = build_model(cfg, make_base("llama"))
+        assert built.iapt_config.bottleneck == r and built.expected_parameter_count() == count_for("iapt", base, r, cfg)
     model = get_iapt_model(make_base("llama"), IAPTConfig(bottleneck=5, num_soft_tokens=3))
     assert count_for("iapt", base, 5, TrainConfig(num_soft_tokens=3)) == model.expected_parameter_count()
 

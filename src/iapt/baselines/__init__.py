@@ -1,4 +1,5 @@
-"""Baselines of the paper, trained, saved and loaded like IAPT: one registry, method name -> builder + budget rule.
+"""Baselines of the paper, trained, saved and loaded like IAPT: their entries of the method registry
+(``iapt.methods``, which adds IAPT's), each a builder + budget rule + loader.
 
     ============== ======================================== ============================ =====================
     method         what                                     size the budget picks        default size
@@ -21,8 +22,8 @@ At IAPT r=32's budget on SmolLM2-135M (1,128,360): LoRA r=20 (1,152,000), prompt
 m=4 (1,128,775).
 
 ``--budget N`` picks the size whose exact trainable-parameter count is closest to N (ties: the smaller size).
-``count_for(method, base, size)`` gives that count, ``size_for_budget(method, base, budget)`` the size; both
-take an optional ``cfg`` (a TrainConfig) for the options that change counts (``num_soft_tokens``; ``pooling``
+``iapt.methods.count_for(method, base, size)`` gives that count, ``size_for_budget(method, base, budget)`` the
+size; both take optional options (a TrainConfig or MethodOptions) for the ones that change counts (``num_soft_tokens``; ``pooling``
 for LPT/IDPG: TrainConfig's IAPT values 'attention' leaves each method's default, LPT/IDPG poolings pass
 through). See ``peft_methods`` for the PEFT/transformers incompatibilities this package works around, and
 ``generated`` for IDPG and LPT.
@@ -31,7 +32,6 @@ through). See ``peft_methods`` for the PEFT/transformers incompatibilities this 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from iapt.baselines.generated import (
     InstancePromptGenerator,
     generator_parameter_count,
 )
+from iapt.options import Method, MethodOptions
 from iapt.baselines.peft_methods import (
     PeftBaseline,
     build_lora,
@@ -58,18 +59,13 @@ from iapt.baselines.peft_methods import (
 )
 
 __all__ = [
-    "METHODS", "BaselineMethod", "GeneratedPromptConfig", "GeneratedPromptModel", "InstancePromptGenerator",
-    "PeftBaseline", "build_baseline", "count_for", "generated_config", "get_method", "known_methods",
-    "load_baseline", "lora_targets", "size_for", "size_for_budget",
+    "BASELINES", "GeneratedPromptConfig", "GeneratedPromptModel", "InstancePromptGenerator", "PeftBaseline",
+    "generated_config", "lora_targets",
 ]
 
 
 def _options(cfg: Any) -> Any:
-    if cfg is None:
-        from iapt.training.config import TrainConfig
-
-        return TrainConfig()
-    return cfg
+    return MethodOptions() if cfg is None else cfg
 
 
 def _text(base: nn.Module) -> Any:
@@ -102,104 +98,25 @@ def _generated_build(kind: str) -> Callable[[nn.Module, int, Any], nn.Module]:
     return build
 
 
-@dataclass(frozen=True)
-class BaselineMethod:
-    """One registered baseline: how to size, count, build and load it."""
-
-    name: str
-    peft_type: str  # what adapter_config.json's peft_type says
-    size_name: str  # what the budget picks
-    default_size: Callable[[Any], int]  # cfg -> size when cfg.budget is None
-    count: Callable[[nn.Module, int, Any], int]  # (base, size, cfg) -> exact trainable parameters
-    build: Callable[[nn.Module, int, Any], nn.Module]  # (base, size, cfg) -> model
+def _load_generated(base: nn.Module, directory: Path) -> nn.Module:
+    return GeneratedPromptModel.from_pretrained(base, directory)
 
 
-METHODS: dict[str, BaselineMethod] = {
-    m.name: m for m in [
-        BaselineMethod("lora", "LORA", "rank", lambda cfg: 8,
-                       lambda base, r, cfg: lora_count(base, r), lambda base, r, cfg: build_lora(base, r)),
-        BaselineMethod("prompt-tuning", "PROMPT_TUNING", "num_virtual_tokens", lambda cfg: 20,
-                       lambda base, m, cfg: prompt_tuning_count(base, m),
-                       lambda base, m, cfg: build_prompt_tuning(base, m)),
-        BaselineMethod("prefix", "PREFIX_TUNING", "num_virtual_tokens", lambda cfg: 10,
-                       lambda base, m, cfg: prefix_count(base, m), lambda base, m, cfg: build_prefix(base, m)),
-        BaselineMethod("idpg", "IDPG", "bottleneck", lambda cfg: cfg.bottleneck,
-                       _generated_count("IDPG"), _generated_build("IDPG")),
-        BaselineMethod("lpt", "LPT", "bottleneck", lambda cfg: cfg.bottleneck,
-                       _generated_count("LPT"), _generated_build("LPT")),
-    ]
-}
-_BY_PEFT_TYPE = {m.peft_type: m for m in METHODS.values()}
+def _load_peft(name: str) -> Callable[[nn.Module, Path], nn.Module]:
+    return lambda base, directory: load_peft(base, directory, name)
 
 
-def known_methods() -> list[str]:
-    return list(METHODS)
-
-
-def get_method(method: str) -> BaselineMethod:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; known methods: iapt, {', '.join(METHODS)}")
-    return METHODS[method]
-
-
-def _iapt_count(base: nn.Module, bottleneck: int, cfg: Any) -> int:
-    from iapt.config import IAPTConfig
-    from iapt.generator import generator_parameter_count as iapt_generator_count
-
-    text = _text(base)
-    config = IAPTConfig(bottleneck=bottleneck, num_soft_tokens=cfg.num_soft_tokens)
-    return text.num_hidden_layers * iapt_generator_count(text.hidden_size, config)
-
-
-def _counter(method: str) -> Callable[[nn.Module, int, Any], int]:
-    """The count function of a baseline, or of IAPT itself (size = bottleneck r, every layer), for reports."""
-    return _iapt_count if method == "iapt" else get_method(method).count
-
-
-def count_for(method: str, base: nn.Module, size: int, cfg: Any = None) -> int:
-    """Exact trainable-parameter count of ``method`` at ``size`` on ``base`` (cfg: TrainConfig options).
-
-    ``method`` is a baseline or "iapt" (size = its bottleneck r; the trainer sizes IAPT by the same rule).
-    """
-    counter = _counter(method)
-    if size < 1:
-        raise ValueError(f"{method} size must be >= 1, got {size}")
-    return counter(base, size, _options(cfg))
-
-
-def size_for_budget(method: str, base: nn.Module, budget: int, cfg: Any = None) -> int:
-    """The size (>= 1) whose count is closest to ``budget``; ties go to the smaller size.
-
-    Every count is affine in the size (count = a·size + b), so the best size is next to (budget - b) / a.
-    """
-    count, cfg = _counter(method), _options(cfg)
-    if budget is None or budget < 1:
-        raise ValueError(f"budget must be a positive parameter count, got {budget!r}")
-    c1, c2 = count(base, 1, cfg), count(base, 2, cfg)
-    guess = 1 + (budget - c1) // max(c2 - c1, 1)
-    candidates = {max(1, guess + d) for d in (-1, 0, 1, 2)} | {1}
-    return min(candidates, key=lambda s: (abs(count(base, s, cfg) - budget), s))
-
-
-def size_for(cfg: Any, base: nn.Module) -> int:
-    """The size a training run uses: the budget rule, or the method's default without a budget."""
-    spec = get_method(cfg.method)
-    return spec.default_size(cfg) if cfg.budget is None else size_for_budget(cfg.method, base, cfg.budget, cfg)
-
-
-def build_baseline(cfg: Any, base: nn.Module) -> nn.Module:
-    """Freeze ``base`` and install ``cfg.method`` (sized by ``cfg.budget`` or the defaults) on it."""
-    spec = get_method(cfg.method)
-    return spec.build(base, size_for(cfg, base), cfg)
-
-
-def load_baseline(base: nn.Module, directory: str | Path, kind: str) -> nn.Module:
-    """Install the saved adapter in ``directory`` (its ``peft_type`` is ``kind``) on ``base``, for inference."""
-    directory = Path(directory)
-    if kind not in _BY_PEFT_TYPE:
-        raise ValueError(f"adapter {directory} is of type {kind!r}, which this version cannot load; known types: "
-                         f"IAPT, {', '.join(_BY_PEFT_TYPE)}")
-    spec = _BY_PEFT_TYPE[kind]
-    if kind in ("IDPG", "LPT"):
-        return GeneratedPromptModel.from_pretrained(base, directory)
-    return load_peft(base, directory, spec.name)
+BASELINES: list[Method] = [
+    Method("lora", "LORA", "rank", lambda cfg: 8, lambda base, r, cfg: lora_count(base, r),
+           lambda base, r, cfg: build_lora(base, r), _load_peft("lora")),
+    Method("prompt-tuning", "PROMPT_TUNING", "num_virtual_tokens", lambda cfg: 20,
+           lambda base, m, cfg: prompt_tuning_count(base, m), lambda base, m, cfg: build_prompt_tuning(base, m),
+           _load_peft("prompt-tuning")),
+    Method("prefix", "PREFIX_TUNING", "num_virtual_tokens", lambda cfg: 10,
+           lambda base, m, cfg: prefix_count(base, m), lambda base, m, cfg: build_prefix(base, m),
+           _load_peft("prefix")),
+    Method("idpg", "IDPG", "bottleneck", lambda cfg: cfg.bottleneck, _generated_count("IDPG"),
+           _generated_build("IDPG"), _load_generated),
+    Method("lpt", "LPT", "bottleneck", lambda cfg: cfg.bottleneck, _generated_count("LPT"),
+           _generated_build("LPT"), _load_generated),
+]

@@ -9,6 +9,8 @@ from typing import Any
 
 import yaml
 
+from iapt.options import MethodOptions
+
 ACTIVATION_MODES = ("bilevel", "joint", "frozen")
 
 # Fields that may differ between a run and its resumption (they do not change what is computed).
@@ -16,8 +18,9 @@ RESUMABLE_FIELDS = {"resume", "out", "progress", "eval_test", "eval_limit", "eva
 
 
 @dataclass
-class TrainConfig:
-    """A training run of IAPT (or a baseline) on a task or an instruction file."""
+class TrainConfig(MethodOptions):
+    """A training run of IAPT (or a baseline) on a task or an instruction file (the method's own options, from
+    ``MethodOptions``, first)."""
 
     model: str = field(default="default", metadata={"help": "Base model: 'default' (packaged SmolLM2-135M-Instruct) "
                                                             "or a local Hugging Face model folder."})
@@ -34,14 +37,6 @@ class TrainConfig:
     activation_mode: str = field(default="bilevel", metadata={
         "help": "How the rational activations learn: bilevel (their coefficients on dev batches, the rest on train "
                 "batches, alternating: first-order DARTS), joint (all on train batches), frozen (kept at init)."})
-    num_soft_tokens: int = field(default=4, metadata={"help": "IAPT soft tokens per layer."})
-    bottleneck: int = field(default=32, metadata={"help": "IAPT generator bottleneck r."})
-    activation_init: str = field(default="gelu", metadata={"help": "Initial function of the rational activations."})
-    pooling: str = field(default="attention", metadata={"help": "IAPT pooling: attention, mean or last."})
-    anchor: str = field(default="pad", metadata={"help": "IAPT start: pad (soft tokens = the backbone's states of n "
-                                                       "pad tokens + the generator output), tokens (n frequent "
-                                                       "vocabulary tokens), none (the paper's zero start, which "
-                                                       "spikes the loss); see IAPTConfig.anchor."})
     lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate of the generator weights."})
     rational_lr: float = field(default=1e-6, metadata={"help": "AdamW learning rate of the rational coefficients."})
     rational_every: int = field(default=5, metadata={"help": "Bi-level: take the rational coefficients' dev step "
@@ -73,6 +68,7 @@ class TrainConfig:
     eval_batch_size: int = field(default=16, metadata={"help": "Batch size of generation-based evaluation."})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.activation_mode not in ACTIVATION_MODES:
             raise ValueError(f"activation_mode={self.activation_mode!r}; choose one of {list(ACTIVATION_MODES)}")
         if self.batch_size < 1 or self.gradient_accumulation_steps < 1:
@@ -85,8 +81,6 @@ class TrainConfig:
                              f"{self.max_grad_norm} >= 0")
         if self.rational_every < 1:
             raise ValueError(f"rational_every={self.rational_every} must be >= 1 (1 = a Θ step after every step)")
-        if isinstance(self.anchor, bool):  # recipes and run folders written when it was a flag
-            self.anchor = "pad" if self.anchor else "none"
         if self.max_length < 8:
             raise ValueError(f"max_length={self.max_length} is too small to hold an instruction and a response")
         if not 0 <= self.warmup_ratio < 1:

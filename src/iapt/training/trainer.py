@@ -27,10 +27,10 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from iapt.config import IAPTConfig
+from iapt import methods
 from iapt.data import Collator, DataError, Encoded, encode_examples, get_task, load_examples
 from iapt.io import atomic_write, atomic_write_text, replace_dir
-from iapt.model import IAPTModel, get_iapt_model
+from iapt.model import IAPTModel
 from iapt.training.config import TrainConfig
 from iapt.training.optim import Optimisers, build_optimisers
 
@@ -118,27 +118,8 @@ def encode(tokenizer: Any, examples: list, cfg: TrainConfig, what: str) -> list[
 
 # ---------------------------------------------------------------------------------------- model
 def build_model(cfg: TrainConfig, base: torch.nn.Module) -> torch.nn.Module:
-    if cfg.method != "iapt":
-        from iapt.baselines import build_baseline  # the baselines room registers the other methods
-
-        return build_baseline(cfg, base)
-    bottleneck = cfg.bottleneck if cfg.budget is None else iapt_bottleneck_for_budget(base, cfg)
-    iapt_cfg = IAPTConfig(num_soft_tokens=cfg.num_soft_tokens, bottleneck=bottleneck,
-                          activation_init=cfg.activation_init, pooling=cfg.pooling, anchor=cfg.anchor)
-    return get_iapt_model(base, iapt_cfg)
-
-
-def iapt_bottleneck_for_budget(base: torch.nn.Module, cfg: TrainConfig) -> int:
-    """The bottleneck r whose IAPT parameter count (all layers) comes closest to ``cfg.budget``."""
-    from iapt.generator import generator_parameter_count
-
-    text = base.config.get_text_config()
-    d, layers = text.hidden_size, text.num_hidden_layers
-
-    def count(r: int) -> int:
-        return layers * generator_parameter_count(d, IAPTConfig(bottleneck=r, num_soft_tokens=cfg.num_soft_tokens))
-
-    return min(range(1, 4 * d + 1), key=lambda r: (abs(count(r) - cfg.budget), r))
+    """The method of ``cfg`` installed on ``base``, from the method registry (IAPT like any other)."""
+    return methods.build(cfg, base)
 
 
 def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
