@@ -174,7 +174,7 @@ def _ablation(args: argparse.Namespace, base) -> tuple[Any, dict[str, Any]]:
             generator.forward = constant(generator)
         return model, {}
     # iapt_skip_mlp, iapt_fixed
-    from iapt.model import _find_layers
+    from iapt.backbone import find_layers
 
     def before_mlp(module, inputs):
         if model._step_mask is None:  # decoding, or the bare backbone: leave it alone
@@ -186,7 +186,7 @@ def _ablation(args: argparse.Namespace, base) -> tuple[Any, dict[str, Any]]:
             return None
         return torch.cat([output.new_zeros(output.shape[0], n, output.shape[2]), output], dim=1)
 
-    for layer in _find_layers(base, model.iapt_config):
+    for layer in find_layers(base, model.iapt_config.layers_path):
         layer.mlp.register_forward_pre_hook(before_mlp)
         layer.mlp.register_forward_hook(after_mlp)
     if args.method == "iapt_fixed":

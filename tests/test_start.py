@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from iapt import IAPTConfig, IAPTModel, get_iapt_model
-from iapt.model import anchor_states, frequent_token_ids
+from iapt.backbone import anchor_states, frequent_token_ids
 from iapt.training import TrainConfig, Trainer, train
 from tests.test_model import randomize_up_projections
 from tests.tiny import left_padded_batch, make_base, tiny_lm, tiny_tokenizer

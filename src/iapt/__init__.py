@@ -2,7 +2,8 @@
 
 from iapt.config import IAPTConfig
 from iapt.generator import PromptGenerator, generator_parameter_count
-from iapt.model import SUPPORTED_LAYER_PATHS, IAPTModel, get_iapt_model
+from iapt.backbone import SUPPORTED_LAYER_PATHS
+from iapt.model import IAPTModel, get_iapt_model
 from iapt.peft_method import register as _register_with_peft
 from iapt.rational import RationalActivation
 

@@ -15,7 +15,8 @@ from torch import nn
 from iapt.baselines import BASELINES
 from iapt.config import IAPTConfig
 from iapt.generator import generator_parameter_count
-from iapt.model import IAPTModel, _text_config, get_iapt_model
+from iapt.backbone import text_config
+from iapt.model import IAPTModel, get_iapt_model
 from iapt.options import Method, MethodOptions
 
 
@@ -25,7 +26,7 @@ def _iapt_config(size: int, options: Any) -> IAPTConfig:
 
 
 def _iapt_count(base: nn.Module, size: int, options: Any) -> int:
-    text = _text_config(base)
+    text = text_config(base)
     return text.num_hidden_layers * generator_parameter_count(
         text.hidden_size, IAPTConfig(bottleneck=size, num_soft_tokens=options.num_soft_tokens))
 

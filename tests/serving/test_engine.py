@@ -9,7 +9,7 @@ import torch
 
 from iapt import IAPTModel
 from iapt.serving import Engine, QueueFull, Request, UnknownAdapter
-from iapt.model import anchor_states
+from iapt.backbone import anchor_states
 from iapt.serving.engine import AdapterBank, read_adapter
 from tests.tiny import tiny_lm
 

@@ -45,6 +45,7 @@ from iapt.baselines.generated import (
     InstancePromptGenerator,
     generator_parameter_count,
 )
+from iapt.backbone import text_config
 from iapt.options import Method, MethodOptions
 from iapt.baselines.peft_methods import (
     PeftBaseline,
@@ -68,11 +69,6 @@ def _options(cfg: Any) -> Any:
     return MethodOptions() if cfg is None else cfg
 
 
-def _text(base: nn.Module) -> Any:
-    config = base.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
 def generated_config(kind: str, base: nn.Module, bottleneck: int, cfg: Any = None) -> GeneratedPromptConfig:
     """The IDPG / LPT config a TrainConfig asks for, with the given bottleneck."""
     cfg = _options(cfg)
@@ -83,7 +79,7 @@ def generated_config(kind: str, base: nn.Module, bottleneck: int, cfg: Any = Non
 
 def _generated_count(kind: str) -> Callable[[nn.Module, int, Any], int]:
     def count(base: nn.Module, size: int, cfg: Any) -> int:
-        return generator_parameter_count(_text(base).hidden_size, generated_config(kind, base, size, cfg))
+        return generator_parameter_count(text_config(base).hidden_size, generated_config(kind, base, size, cfg))
 
     return count
 

@@ -46,15 +46,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from iapt.config import CONFIG_NAME, WEIGHTS_NAME, IAPTConfig
+from iapt.config import CONFIG_NAME, WEIGHTS_NAME
 from iapt.io import atomic_write, atomic_write_text
-from iapt.model import (
-    IAPTModel,
-    _check_base,
-    _check_compatible,
-    _find_layers,
-    _text_config,
-)
+from iapt.backbone import check_base, check_compatible, find_layers, slot_token_id, text_config
+from iapt.model import IAPTModel
 
 KINDS = ("IDPG", "LPT")
 VECTOR_POOLINGS = ("mean", "max", "last")  # one vector, then d -> r -> m*d
@@ -226,10 +221,10 @@ class GeneratedPromptModel(IAPTModel):
 
     def __init__(self, base_model: nn.Module, config: GeneratedPromptConfig) -> None:
         nn.Module.__init__(self)
-        _check_base(base_model)
-        text_config = _text_config(base_model)
-        hidden_size, num_layers = text_config.hidden_size, text_config.num_hidden_layers
-        decoder_layers = _find_layers(base_model, IAPTConfig(layers_path=config.layers_path))
+        check_base(base_model)
+        text = text_config(base_model)
+        hidden_size, num_layers = text.hidden_size, text.num_hidden_layers
+        decoder_layers = find_layers(base_model, config.layers_path)
         layer = config.layer if config.layer is not None else len(decoder_layers) // 2
         if not 0 <= layer < len(decoder_layers):
             raise ValueError(f"{config.peft_type} insertion layer {layer} is outside the model's layers "
@@ -256,8 +251,7 @@ class GeneratedPromptModel(IAPTModel):
         self.insertion_layer = layer
         device = base_model.get_input_embeddings().weight.device
         self.prompt_generator = InstancePromptGenerator(hidden_size, config).to(device)
-        pad = getattr(text_config, "pad_token_id", None)
-        self.slot_token_id = pad if isinstance(pad, int) else 0
+        self.slot_token_id = slot_token_id(base_model)
 
         self._slots_active = False
         self._instruction_mask: torch.Tensor | None = None
@@ -440,7 +434,7 @@ class GeneratedPromptModel(IAPTModel):
         if not directory.is_dir():
             raise FileNotFoundError(f"adapter folder {directory} does not exist")
         config = GeneratedPromptConfig.load(directory)
-        _check_compatible(config, base_model, directory)  # duck-typed: base_model_type / hidden size / layers
+        check_compatible(config, base_model, directory)  # duck-typed: base_model_type / hidden size / layers
         weights_file = directory / WEIGHTS_NAME
         if not weights_file.is_file():
             raise FileNotFoundError(f"adapter weights {weights_file} are missing (the folder has {CONFIG_NAME} only)")

@@ -45,14 +45,7 @@ from transformers import DynamicCache, PreTrainedModel
 from iapt.adapters import adapter_type, resolve_adapter_dir
 from iapt.config import WEIGHTS_NAME, IAPTConfig
 from iapt.generator import PromptGenerator, soft_prompts
-from iapt.model import (
-    _check_base,
-    _check_compatible,
-    _find_layers,
-    _text_config,
-    anchor_states,
-    slot_token_id,
-)
+from iapt.backbone import anchor_states, check_base, check_compatible, find_layers, slot_token_id, text_config
 
 logger = logging.getLogger(__name__)
 
@@ -131,9 +124,9 @@ def read_adapter(base_model: PreTrainedModel, path: str | Path, name: str | None
         raise ValueError(f"adapter {directory} is a {kind} adapter; only IAPT adapters are served by the built-in "
                          f"engine (serve {kind} adapters with vLLM or PEFT)")
     config = IAPTConfig.load(directory)
-    _check_compatible(config, base_model, directory)
-    text_config = _text_config(base_model)
-    num_layers = text_config.num_hidden_layers
+    check_compatible(config, base_model, directory)
+    text = text_config(base_model)
+    num_layers = text.num_hidden_layers
     layer_ids = list(range(num_layers)) if config.layers is None else sorted(set(config.layers))
     if any(not 0 <= i < num_layers for i in layer_ids):
         raise ValueError(f"adapter {directory} has generators at layers {layer_ids}, the base has {num_layers}")
@@ -145,7 +138,7 @@ def read_adapter(base_model: PreTrainedModel, path: str | Path, name: str | None
             found = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError) as exc:
         raise ValueError(f"adapter weights {weights_file} are corrupt or unreadable: {exc}") from None
-    one = {k: tuple(v.shape) for k, v in PromptGenerator(text_config.hidden_size, config).state_dict().items()}
+    one = {k: tuple(v.shape) for k, v in PromptGenerator(text.hidden_size, config).state_dict().items()}
     expected = {f"{i}.{k}": shape for i in layer_ids for k, shape in one.items()}
     missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
     wrong = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
@@ -458,14 +451,14 @@ class Engine:
         bank is padded to the largest loaded, so one huge adapter would slow and enlarge every tenant's prefill.
         ``base_aliases``: other names ``model`` may give the base by (vLLM's ``--served-model-name`` extras); by
         default the model's ``name_or_path``. Given, the path is not a name: it would tell tenants about the server."""
-        _check_base(base_model)
+        check_base(base_model)
         self.model = base_model.eval()
         self.tokenizer = tokenizer
-        text_config = _text_config(base_model)
-        self.hidden_size, self.num_layers = text_config.hidden_size, text_config.num_hidden_layers
+        text = text_config(base_model)
+        self.hidden_size, self.num_layers = text.hidden_size, text.num_hidden_layers
         self.vocab_size = base_model.get_input_embeddings().weight.shape[0]
-        self.max_positions = getattr(text_config, "max_position_embeddings", None) or getattr(
-            text_config, "n_positions", None)
+        self.max_positions = getattr(text, "max_position_embeddings", None) or getattr(
+            text, "n_positions", None)
         self.device = base_model.get_input_embeddings().weight.device
         self.base_name = base_name or getattr(base_model.config, "name_or_path", "") or "base"
         if base_aliases is None:
@@ -493,7 +486,7 @@ class Engine:
         self.tokens_generated = 0
         self.requests_finished = 0
 
-        layers = _find_layers(base_model, IAPTConfig(layers_path=layers_path))
+        layers = find_layers(base_model, layers_path)
         self._hooks = [layer.register_forward_pre_hook(self._make_hook(i), with_kwargs=True)
                        for i, layer in enumerate(layers)]
         if adapters_dir is not None:
