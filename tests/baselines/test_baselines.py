@@ -420,3 +420,13 @@ def test_prefix_starts_as_the_keys_and_values_of_real_tokens(family):
         mine = model(input_ids=row.unsqueeze(0)).logits[0]
         theirs = make_base(family)(input_ids=torch.cat([prompt, row]).unsqueeze(0)).logits[0, len(prompt):]
     torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_the_old_registry_names_still_answer():
+    """iapt.baselines' 0.1.0 functions delegate to iapt.methods (scripts written against them keep working)."""
+    from iapt import baselines
+
+    base = make_base("llama")
+    assert baselines.count_for("lora", base, 3) == count_for("lora", base, 3)
+    assert baselines.size_for_budget("iapt", base, 5_000) == size_for_budget("iapt", base, 5_000)
+    assert type(baselines.build_baseline(TrainConfig(method="lora"), make_base("llama"))).__name__ == "PeftBaseline"

@@ -116,3 +116,32 @@ BASELINES: list[Method] = [
     Method("lpt", "LPT", "bottleneck", lambda cfg: cfg.bottleneck, _generated_count("LPT"),
            _generated_build("LPT"), _load_generated),
 ]
+
+
+# Deprecated names (0.1.0): the registry functions moved to iapt.methods, which also holds IAPT's entry.
+def count_for(*args: Any, **kwargs: Any) -> int:
+    """Deprecated: ``iapt.methods.count_for``."""
+    from iapt import methods
+
+    return methods.count_for(*args, **kwargs)
+
+
+def size_for_budget(*args: Any, **kwargs: Any) -> int:
+    """Deprecated: ``iapt.methods.size_for_budget``."""
+    from iapt import methods
+
+    return methods.size_for_budget(*args, **kwargs)
+
+
+def build_baseline(cfg: Any, base: nn.Module) -> nn.Module:
+    """Deprecated: ``iapt.methods.build``."""
+    from iapt import methods
+
+    return methods.build(cfg, base)
+
+
+def load_baseline(base: nn.Module, directory: str | Path, kind: str) -> nn.Module:
+    """Deprecated: ``iapt.methods.load``."""
+    from iapt import methods
+
+    return methods.load(base, directory, kind)
