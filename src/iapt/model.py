@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
+from iapt.adapter_files import read_weights, weights_path
 from iapt.backbone import (
     anchor_states,
     check_base,
@@ -38,7 +38,7 @@ from iapt.backbone import (
     slot_token_id,
     text_config,
 )
-from iapt.config import CONFIG_NAME, WEIGHTS_NAME, IAPTConfig
+from iapt.config import WEIGHTS_NAME, IAPTConfig
 from iapt.generator import PromptGenerator, generator_parameter_count
 from iapt.io import atomic_write
 
@@ -494,23 +494,13 @@ class IAPTModel(nn.Module):
             raise FileNotFoundError(f"adapter folder {directory} does not exist")
         config = IAPTConfig.load(directory)
         check_compatible(config, base_model, directory)
-        weights_file = directory / WEIGHTS_NAME
-        if not weights_file.is_file():
-            raise FileNotFoundError(f"adapter weights {weights_file} are missing (the folder has {CONFIG_NAME} only)")
-        try:
-            state = load_file(str(weights_file))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise ValueError(f"adapter weights {weights_file} are corrupt or unreadable: {exc}") from None
+        weights_path(directory)  # before building: a folder without weights is refused first
         model = cls(base_model, config)
-        expected = model.generators.state_dict()
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-        if missing or unexpected or wrong:
+        try:
+            state = read_weights(directory, {k: tuple(v.shape) for k, v in model.generators.state_dict().items()})
+        except ValueError:
             model.unload()
-            raise ValueError(
-                f"adapter weights {weights_file} do not match {CONFIG_NAME}: missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}"
-            )
+            raise
         model.generators.load_state_dict(state)
         model.generators.requires_grad_(is_trainable)
         return model

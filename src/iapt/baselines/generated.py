@@ -42,12 +42,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from iapt.config import CONFIG_NAME, WEIGHTS_NAME
 from iapt.io import atomic_write, atomic_write_text
+from iapt.adapter_files import read_weights, weights_path
 from iapt.backbone import check_base, check_compatible, find_layers, slot_token_id, text_config
 from iapt.model import IAPTModel
 
@@ -435,21 +435,13 @@ class GeneratedPromptModel(IAPTModel):
             raise FileNotFoundError(f"adapter folder {directory} does not exist")
         config = GeneratedPromptConfig.load(directory)
         check_compatible(config, base_model, directory)  # duck-typed: base_model_type / hidden size / layers
-        weights_file = directory / WEIGHTS_NAME
-        if not weights_file.is_file():
-            raise FileNotFoundError(f"adapter weights {weights_file} are missing (the folder has {CONFIG_NAME} only)")
-        try:
-            state = load_file(str(weights_file))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise ValueError(f"adapter weights {weights_file} are corrupt or unreadable: {exc}") from None
+        weights_path(directory)
         model = cls(base_model, config)
-        expected = model.prompt_generator.state_dict()
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-        if missing or unexpected or wrong:
+        try:
+            state = read_weights(directory, {k: tuple(v.shape) for k, v in model.prompt_generator.state_dict().items()})
+        except ValueError:
             model.unload()
-            raise ValueError(f"adapter weights {weights_file} do not match {CONFIG_NAME}: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
+            raise
         model.prompt_generator.load_state_dict(state)
         model.prompt_generator.requires_grad_(is_trainable)
         return model

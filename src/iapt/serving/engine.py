@@ -37,14 +37,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
 from iapt.adapters import adapter_type, resolve_adapter_dir
-from iapt.config import WEIGHTS_NAME, IAPTConfig
+from iapt.config import IAPTConfig
 from iapt.generator import PromptGenerator, soft_prompts
+from iapt.adapter_files import validate_weights
 from iapt.backbone import anchor_states, check_base, check_compatible, find_layers, slot_token_id, text_config
 
 logger = logging.getLogger(__name__)
@@ -130,38 +131,12 @@ def read_adapter(base_model: PreTrainedModel, path: str | Path, name: str | None
     layer_ids = list(range(num_layers)) if config.layers is None else sorted(set(config.layers))
     if any(not 0 <= i < num_layers for i in layer_ids):
         raise ValueError(f"adapter {directory} has generators at layers {layer_ids}, the base has {num_layers}")
-    weights_file = directory / WEIGHTS_NAME
-    if not weights_file.is_file():
-        raise FileNotFoundError(f"adapter weights {weights_file} are missing")
-    try:
-        with safe_open(str(weights_file), framework="pt") as f:
-            found = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118 (not a dict)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ValueError(f"adapter weights {weights_file} are corrupt or unreadable: {exc}") from None
     one = {k: tuple(v.shape) for k, v in PromptGenerator(text.hidden_size, config).state_dict().items()}
     expected = {f"{i}.{k}": shape for i in layer_ids for k, shape in one.items()}
-    missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
-    wrong = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
-    if missing or unexpected or wrong:
-        detail = "; ".join(part for part in (
-            f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else "",
-            "shape of " + ", ".join(f"{k} is {found[k]}, expected {expected[k]}" for k in wrong[:3]) if wrong else "",
-        ) if part)
-        raise ValueError(f"adapter weights {weights_file} do not match its config: {detail}")
-    _check_finite(weights_file, sorted(expected))
+    # From the header, and the values one tensor at a time (NaN/Inf weights would fail every sampled request).
+    weights_file = validate_weights(directory, expected, finite=True)
     name = name or (directory.parent.name if directory.name == "adapter" else directory.name)
     return Adapter(name, directory, config, layer_ids, weights_file)
-
-
-def _check_finite(weights_file: Path, keys: list[str]) -> None:
-    """Refuse NaN/Inf weights at load: served, they would fail every sampled request of that tenant."""
-    try:
-        with safe_open(str(weights_file), framework="pt") as f:
-            for key in keys:  # one tensor in memory at a time
-                if not torch.isfinite(f.get_tensor(key)).all():
-                    raise ValueError(f"adapter weights {weights_file}: tensor {key!r} has NaN or infinite values")
-    except (SafetensorError, OSError) as exc:
-        raise ValueError(f"adapter weights {weights_file} are corrupt or unreadable: {exc}") from None
 
 
 def _shapes(d: int, r: int, n: int) -> dict[str, tuple[int, ...]]:
