@@ -109,9 +109,6 @@ class IAPTModel(nn.Module):
         super().__init__()
         config = IAPTConfig() if config is None else config
         check_base(base_model)
-        from iapt.peft_method import register_with_pipelines
-
-        register_with_pipelines()
         text = text_config(base_model)
         hidden_size, num_layers = text.hidden_size, text.num_hidden_layers
         decoder_layers = find_layers(base_model, config.layers_path)

@@ -118,7 +118,8 @@ BASELINES: list[Method] = [
 ]
 
 
-# Deprecated names (0.1.0): the registry functions moved to iapt.methods, which also holds IAPT's entry.
+# Deprecated names (0.1.0): the registry functions moved to iapt.methods, which also holds IAPT's entry. They
+# import it lazily (iapt.methods imports this package); remove them in 0.3.0.
 def count_for(*args: Any, **kwargs: Any) -> int:
     """Deprecated: ``iapt.methods.count_for``."""
     from iapt import methods
