@@ -48,9 +48,11 @@ def test_left_padding_and_cached_generation_on_the_real_model(loaded):
 
 
 def test_zero_soft_tokens_keep_the_model_answering(tmp_path):
-    """A fresh adapter (zero up-projection) still answers like the backbone: Paris stays Paris."""
+    """A fresh zero-start adapter (the paper's start) still answers like the backbone: Paris stays Paris. (The
+    default pad-anchored start does not here: 4 end-of-turn tokens in front turn this answer French; see
+    docs/METHOD.md.)"""
     base, tokenizer = load_default()
-    model = get_iapt_model(base, IAPTConfig())
+    model = get_iapt_model(base, IAPTConfig(anchor="none"))
     ids = torch.tensor([encode_prompt(tokenizer, PROMPTS[0]).input_ids])
     out = model.generate(input_ids=ids, max_new_tokens=12, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, ids.shape[1]:])
