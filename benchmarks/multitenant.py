@@ -211,8 +211,8 @@ def _distinct_per_batch(tenants: Sequence[int], batch: int) -> float:
 def setup_worker(args: argparse.Namespace) -> None:
     """Build the prompts and max(N) IAPT and LoRA adapters (random, non-zero) under args.workdir."""
     from iapt import IAPTConfig, get_iapt_model
-    from iapt.methods import count_for, size_for_budget
     from iapt.baselines.peft_methods import build_lora, lora_count
+    from iapt.methods import count_for, size_for_budget
 
     torch.manual_seed(args.seed)
     base, tokenizer = _load(args)
@@ -630,7 +630,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 _log(f"[N={n}] workers ready in {time.perf_counter() - t_spawn:.0f} s (adapter loading: " + ", ".join(
                     f"{m} {results['workers'][f'{m}/{n}']['adapters_load_s']:.1f} s" for m in WORKERS) + ")")
                 cells = []  # (row key, trace kind); the bare rows once (they ignore the trace)
-                for key, _, scheduler, worker in ROWS:
+                for key, _, _scheduler, worker in ROWS:
                     for kind in (["any"] if worker == "bare" else traces):
                         cells.append((key, kind))
                 # warm-up: every cell once, untimed (first calls allocate, pick kernels, page in weights)

@@ -55,8 +55,8 @@ def run_one(args: argparse.Namespace, anchor: str, lr: float, warmup: int, out: 
 
 def report(args: argparse.Namespace) -> str:
     rows = [json.loads(f.read_text()) for f in sorted(Path(args.results).glob("*.json"))]
-    lines = ["| start | LR | warm-up | step-1 loss | max loss (steps 1-%d) | mean loss, last 10 steps | dev loss |"
-             % args.steps, "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"| start | LR | warm-up | step-1 loss | max loss (steps 1-{args.steps}) | mean loss, last 10 steps "
+             "| dev loss |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (STARTS.index(r["anchor"]), r["lr"], r["warmup"])):
         lines.append(f"| {r['anchor']} | {r['lr']:g} | {r['warmup']} | {r['losses'][0]:.2f} | {max(r['losses']):.2f} "
                      f"| {statistics.mean(r['losses'][-10:]):.3f} | {r['dev_loss']:.3f} |")

@@ -91,7 +91,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
             model.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         mlp_calls = []
         for layer in model.base_model.model.layers:
-            layer.mlp.register_forward_pre_hook(lambda *_: mlp_calls.append(1))
+            layer.mlp.register_forward_pre_hook(lambda *_, calls=mlp_calls: calls.append(1))
         model(ids, attention_mask=mask, labels=labels, instruction_mask=mask).loss.backward()
         assert len(mlp_calls) == (2 if checkpointing else 1) * 2, "checkpointing re-runs each layer in backward"
         grads.append([p.grad.clone() for p in model.generators.parameters()])

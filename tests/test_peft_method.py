@@ -95,7 +95,7 @@ def test_unknown_config_keys_from_a_newer_version_are_ignored_with_a_warning(tmp
 def test_transformers_trainer_checkpoints_hold_the_adapter_only_and_resume(tmp_path):
     """transformers.Trainer on the PEFT model: checkpoints are adapter folders, and a resumed run continues with
     the same losses as the uninterrupted one."""
-    from transformers import Trainer, TrainingArguments, TrainerCallback
+    from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from tests.tiny import tiny_lm, tiny_tokenizer
 

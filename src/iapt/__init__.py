@@ -1,8 +1,8 @@
 """iapt: Instruction-Aware Prompt Tuning (arXiv 2405.18203) for Hugging Face decoder-only models."""
 
+from iapt.backbone import SUPPORTED_LAYER_PATHS
 from iapt.config import IAPTConfig
 from iapt.generator import PromptGenerator, generator_parameter_count
-from iapt.backbone import SUPPORTED_LAYER_PATHS
 from iapt.model import IAPTModel, get_iapt_model
 from iapt.peft_method import register as _register_with_peft
 from iapt.peft_method import register_with_pipelines as _register_with_pipelines

@@ -14,7 +14,6 @@ from typing import Any
 
 from iapt.data import DataError
 
-
 # transformers' TrainingArguments names for the same settings, so `--learning-rate 3e-4 --output-dir runs/x` works.
 TRAINING_ARGUMENT_ALIASES: dict[str, list[str]] = {
     "lr": ["--learning-rate"],

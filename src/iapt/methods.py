@@ -12,10 +12,10 @@ from typing import Any
 
 from torch import nn
 
+from iapt.backbone import text_config
 from iapt.baselines import BASELINES
 from iapt.config import IAPTConfig
 from iapt.generator import generator_parameter_count
-from iapt.backbone import text_config
 from iapt.model import IAPTModel, get_iapt_model
 from iapt.options import Method, MethodOptions
 

@@ -42,6 +42,7 @@ from iapt.config import WEIGHTS_NAME, IAPTConfig
 from iapt.generator import PromptGenerator, generator_parameter_count
 from iapt.io import atomic_write
 
+
 def _instruction_mask(
     attention_mask: torch.Tensor, instruction_mask: torch.Tensor | None, labels: torch.Tensor | None
 ) -> torch.Tensor:

@@ -18,10 +18,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch import nn
-
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.utils import register_peft_method
+from torch import nn
 
 from iapt.config import IAPTConfig
 from iapt.model import IAPTModel
@@ -128,7 +127,7 @@ class IAPTTuner(nn.Module):
         if here is None:
             raise ValueError("no IAPT tuner in this model to load the adapter into")
         head = f"{here}.{_KEY_PREFIX}" if here else _KEY_PREFIX
-        expected = set(getattr(model.get_submodule(here), "generators").state_dict())
+        expected = set(model.get_submodule(here).generators.state_dict())
         unknown = sorted(set(state_dict) - expected)
         missing = sorted(expected - set(state_dict))
         if unknown or missing:

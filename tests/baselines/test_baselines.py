@@ -8,8 +8,8 @@ import warnings
 import pytest
 import torch
 
-from iapt.adapters import load_adapter
 from iapt import methods
+from iapt.adapters import load_adapter
 from iapt.baselines import BASELINES, GeneratedPromptConfig, GeneratedPromptModel
 from iapt.methods import count_for, known_methods, size_for, size_for_budget
 from iapt.training import TrainConfig

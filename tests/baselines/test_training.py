@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from iapt.adapters import load_adapter
-from iapt.methods import METHODS, count_for, size_for
 from iapt.data import load_examples
+from iapt.methods import METHODS, count_for, size_for
 from iapt.training import TrainConfig, generate_answers, train
 from tests.tiny import tiny_lm, tiny_tokenizer
 

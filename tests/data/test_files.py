@@ -12,7 +12,6 @@ import pytest
 from iapt.data import DataError, Example, load_examples
 
 
-
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path

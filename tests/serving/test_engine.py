@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from iapt import IAPTModel
-from iapt.serving import Engine, QueueFull, Request, UnknownAdapter
 from iapt.backbone import anchor_states
+from iapt.serving import Engine, QueueFull, Request, UnknownAdapter
 from iapt.serving.engine import AdapterBank, read_adapter
 from tests.tiny import tiny_lm
 
@@ -313,9 +313,8 @@ def test_read_adapter_names_bad_weights_without_loading_them(adapters_dir, tmp_p
 
 def test_anchored_adapters_serve_like_offline_generate(tmp_path, tokenizer):
     """IAPTConfig.anchor rows get the slots' backbone states added, other rows of the same batch do not."""
-    from tests.serving.conftest import save_adapter
-
     from iapt import IAPTConfig, get_iapt_model
+    from tests.serving.conftest import save_adapter
 
     base = tiny_lm().eval()
     with torch.no_grad():  # tiny_lm embeds the pad id (the slot token) as zeros: give the slots a state

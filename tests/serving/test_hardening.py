@@ -8,7 +8,6 @@ import threading
 import time
 
 import httpx
-import openai
 import pytest
 
 from iapt.serving import Engine, create_app

@@ -110,8 +110,9 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    strip = lambda p: [{k: v for k, v in json.loads(l).items() if k not in ("elapsed_s", "tokens_per_s")}
-                       for l in (p / "run" / "metrics.jsonl").read_text().splitlines()]
+    def strip(p):
+        return [{k: v for k, v in json.loads(line).items() if k not in ("elapsed_s", "tokens_per_s")}
+                for line in (p / "run" / "metrics.jsonl").read_text().splitlines()]
     assert strip(whole) == strip(killed)
 
 

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from iapt.backbone import text_config
 from iapt.baselines.generated import (
     POOLINGS,
     GeneratedPromptConfig,
@@ -45,8 +46,6 @@ from iapt.baselines.generated import (
     InstancePromptGenerator,
     generator_parameter_count,
 )
-from iapt.backbone import text_config
-from iapt.options import Method, MethodOptions
 from iapt.baselines.peft_methods import (
     PeftBaseline,
     build_lora,
@@ -58,6 +57,7 @@ from iapt.baselines.peft_methods import (
     prefix_count,
     prompt_tuning_count,
 )
+from iapt.options import Method, MethodOptions
 
 __all__ = [
     "BASELINES", "GeneratedPromptConfig", "GeneratedPromptModel", "InstancePromptGenerator", "PeftBaseline",

@@ -45,10 +45,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from iapt.config import CONFIG_NAME, WEIGHTS_NAME
-from iapt.io import atomic_write, atomic_write_text
 from iapt.adapter_files import read_weights, weights_path
 from iapt.backbone import check_base, check_compatible, find_layers, slot_token_id, text_config
+from iapt.config import CONFIG_NAME, WEIGHTS_NAME
+from iapt.io import atomic_write, atomic_write_text
 from iapt.model import IAPTModel
 
 KINDS = ("IDPG", "LPT")

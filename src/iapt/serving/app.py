@@ -19,9 +19,8 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
-from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal, Self
 
 import jinja2

@@ -42,11 +42,11 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
+from iapt.adapter_files import validate_weights
 from iapt.adapters import adapter_type, resolve_adapter_dir
+from iapt.backbone import anchor_states, check_base, check_compatible, find_layers, slot_token_id, text_config
 from iapt.config import IAPTConfig
 from iapt.generator import PromptGenerator, soft_prompts
-from iapt.adapter_files import validate_weights
-from iapt.backbone import anchor_states, check_base, check_compatible, find_layers, slot_token_id, text_config
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ class AdapterBank:
         n = max([a.config.num_soft_tokens for a in adapters], default=1)
         shapes = _shapes(hidden_size, r, n)
         self.layers: list[dict[str, torch.Tensor]] = []
-        for layer in range(num_layers):
+        for _ in range(num_layers):
             stacked = {k: torch.zeros((count, *s), dtype=torch.float32, device=device) for k, s in shapes.items()}
             self.layers.append({**stacked, "present": torch.zeros(count, dtype=torch.bool, device=device)})
         for a_idx, adapter in enumerate(adapters, start=1):
