@@ -80,3 +80,18 @@ def reference():
 @pytest.fixture(scope="package")
 def tokenizer():
     return tiny_tokenizer()
+
+
+@pytest.fixture
+def handles(server, monkeypatch):
+    """Record the engine handles of every request submitted during the test (``server``: the test module's)."""
+    seen = []
+    submit_many = server.engine.submit_many
+
+    def recording(requests):
+        out = submit_many(requests)
+        seen.extend(out)
+        return out
+
+    monkeypatch.setattr(server.engine, "submit_many", recording)
+    return seen

@@ -66,21 +66,6 @@ def slow_decode(server, monkeypatch):
     monkeypatch.setattr(engine, "_decode", slow)
 
 
-@pytest.fixture
-def handles(server, monkeypatch):
-    """Record the engine handles of every request submitted during the test."""
-    seen = []
-    submit_many = server.engine.submit_many
-
-    def recording(requests):
-        out = submit_many(requests)
-        seen.extend(out)
-        return out
-
-    monkeypatch.setattr(server.engine, "submit_many", recording)
-    return seen
-
-
 def wait_for(condition, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():

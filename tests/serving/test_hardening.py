@@ -33,20 +33,6 @@ def server(adapters_dir, tokenizer, tmp_path_factory):
 
 
 @pytest.fixture
-def handles(server, monkeypatch):
-    seen = []
-    submit_many = server.engine.submit_many
-
-    def recording(requests):
-        out = submit_many(requests)
-        seen.extend(out)
-        return out
-
-    monkeypatch.setattr(server.engine, "submit_many", recording)
-    return seen
-
-
-@pytest.fixture
 def slow_decode(server, monkeypatch):
     decode = server.engine._decode
 
