@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-STARTS = ["none", "pad", "tokens"]
+STARTS = ["none", "pad", "tokens", "endoftext"]
+FIXED_IDS = {"endoftext": 0}  # anchor="tokens" on fixed ids: SmolLM2's <|endoftext|>, the document separator
 
 
 def run_one(args: argparse.Namespace, anchor: str, lr: float, warmup: int, out: Path) -> None:
@@ -32,7 +33,9 @@ def run_one(args: argparse.Namespace, anchor: str, lr: float, warmup: int, out: 
     torch.set_num_threads(args.threads)
     base, tokenizer = load_model(args.model, dtype=args.dtype)
     cfg = TrainConfig(model=args.model, task=args.task, out=str(Path(args.work) / out.stem), seed=args.seed,
-                      anchor=anchor, lr=lr, bottleneck=args.bottleneck, batch_size=args.batch_size,
+                      anchor="tokens" if anchor in FIXED_IDS else anchor, lr=lr,
+                      anchor_token_ids=[FIXED_IDS[anchor]] * 4 if anchor in FIXED_IDS else None,
+                      bottleneck=args.bottleneck, batch_size=args.batch_size,
                       max_length=args.max_length, max_steps=args.schedule_steps,
                       warmup_ratio=warmup / args.schedule_steps, max_dev_examples=args.dev_examples,
                       rational_every=args.rational_every, dtype=args.dtype, progress=False)
@@ -73,7 +76,7 @@ def plot(args: argparse.Namespace, path: Path) -> None:
     rows = [json.loads(f.read_text()) for f in sorted(Path(args.results).glob("*.json"))]
     lrs = sorted({r["lr"] for r in rows})
     fig, axes = plt.subplots(1, len(lrs), figsize=(4 * len(lrs), 3.2), sharey=True, squeeze=False)
-    colours = {"none": "tab:red", "pad": "tab:blue", "tokens": "tab:green"}
+    colours = {"none": "tab:red", "pad": "tab:blue", "tokens": "tab:green", "endoftext": "tab:purple"}
     for ax, lr in zip(axes[0], lrs):
         for r in rows:
             if r["lr"] == lr:

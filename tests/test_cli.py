@@ -188,3 +188,12 @@ def test_serve_refuses_a_lora_module_that_is_not_iapt(setup, tmp_path, capsys, m
     assert f"--lora-modules mine={lora}" in err and "only IAPT adapters are served by the built-in engine" in err
     assert main(["serve", "--model", str(model_dir), "--lora-modules", f"gone={tmp_path / 'nowhere'}"]) == 2
     assert "no adapter at" in capsys.readouterr().err
+
+
+def test_list_settings_take_several_values(setup, monkeypatch):
+    seen = {}
+    monkeypatch.setattr("iapt.training.train", lambda cfg: seen.setdefault("cfg", cfg) and {})
+    tmp_path, model_dir = setup
+    assert main(["train", "--model", str(model_dir), "--task", "sentiment", "--out", str(tmp_path / "r"),
+                 "--anchor", "tokens", "--anchor-token-ids", "5", "6", "7", "8"]) == 0
+    assert seen["cfg"].anchor_token_ids == [5, 6, 7, 8]

@@ -168,3 +168,10 @@ def test_rational_step_every_k_optimiser_steps(tmp_path, monkeypatch, every, ste
     assert trainer.optim.rational_schedule.last_epoch == steps  # its schedule counts Θ steps only
     with pytest.raises(ValueError, match="rational_every"):
         TrainConfig(rational_every=0)
+
+
+def test_training_takes_fixed_anchor_ids(tmp_path):
+    from iapt.training.trainer import build_model
+
+    model = build_model(TrainConfig(anchor="tokens", anchor_token_ids=[7, 7, 8, 8], bottleneck=4), make_base("llama"))
+    assert model.iapt_config.anchor_token_ids == [7, 7, 8, 8]

@@ -40,6 +40,9 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type,
         if base is bool:
             parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                 help=help_text)
+        elif typing.get_origin(base) is list:  # e.g. --anchor-token-ids 0 0 0 0
+            parser.add_argument(*names, dest=f.name, nargs="+", type=typing.get_args(base)[0], default=None,
+                                help=help_text, metavar=f.name.upper())
         else:
             parser.add_argument(*names, dest=f.name, type=base, default=None, help=help_text,
                                 metavar=f.name.upper())

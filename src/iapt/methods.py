@@ -22,7 +22,8 @@ from iapt.options import Method, MethodOptions
 
 def _iapt_config(size: int, options: Any) -> IAPTConfig:
     return IAPTConfig(num_soft_tokens=options.num_soft_tokens, bottleneck=size, activation_init=options.activation_init,
-                      pooling=options.pooling, anchor=options.anchor)
+                      pooling=options.pooling, anchor=options.anchor,
+                      anchor_token_ids=getattr(options, "anchor_token_ids", None))
 
 
 def _iapt_count(base: nn.Module, size: int, options: Any) -> int:

@@ -30,6 +30,10 @@ class MethodOptions:
                                                        "vocabulary tokens), none (the paper's zero start, which "
                                                        "spikes the loss); see IAPTConfig.anchor."})
 
+    anchor_token_ids: list[int] | None = field(default=None, metadata={
+        "help": "IAPT anchor='tokens': the n token ids whose backbone states anchor the slots (default: drawn from "
+                "frequent vocabulary ids)."})
+
     def __post_init__(self) -> None:
         if isinstance(self.anchor, bool):  # recipes and run folders written when it was a flag
             self.anchor = "pad" if self.anchor else "none"
