@@ -133,3 +133,19 @@ def test_transformers_trainer_checkpoints_hold_the_adapter_only_and_resume(tmp_p
     assert len(whole.seen) == 4 and resumed.seen == pytest.approx(whole.seen[2:], rel=1e-5)
     ours = IAPTModel.from_pretrained(tiny_lm(), checkpoint)  # a Trainer checkpoint is an IAPT adapter folder
     assert ours.iapt_config.bottleneck == 4
+
+
+def test_the_recorded_base_is_loadable(tmp_path):
+    """adapter_config.json's base_model_name_or_path names something load_model accepts (here: a local folder)."""
+    from iapt.models import DEFAULT_ALIASES, DEFAULT_NAME, load_model
+    from tests.tiny import tiny_lm, tiny_tokenizer
+
+    tiny_lm().save_pretrained(tmp_path / "base")
+    tiny_tokenizer().save_pretrained(tmp_path / "base")
+    base, _ = load_model(tmp_path / "base")
+    model = get_iapt_model(base, IAPTConfig(bottleneck=4))
+    model.save_pretrained(tmp_path / "a")
+    recorded = json.loads((tmp_path / "a" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    again, _ = load_model(recorded)
+    assert IAPTModel.from_pretrained(again, tmp_path / "a").iapt_config.bottleneck == 4
+    assert DEFAULT_NAME in DEFAULT_ALIASES  # what the packaged default records is one of load_model's names
