@@ -292,6 +292,8 @@ class IAPTModel(nn.Module):
                 inputs_embeds = _insert_slots(inputs_embeds, source_columns, is_slot, 0.0)
             # Project only columns n: (every token's column, see _before_layer): no logits for n slots.
             kwargs.setdefault("logits_to_keep", length)
+        if labels is not None and instruction_mask is None and not decoding:
+            _warn_if_nothing_pooled(pooled, attention_mask)
         if kwargs.get("fused_lm_head") and not decoding:
             return self._fused_forward(input_ids, inputs_embeds, full_mask, labels, pooled, source_columns, is_slot,
                                        past_key_values, position_ids, kwargs)
@@ -304,8 +306,6 @@ class IAPTModel(nn.Module):
         loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch",) if k in kwargs}
         if labels is not None:
             kwargs.setdefault("use_cache", False)  # training needs no cache
-            if instruction_mask is None:
-                _warn_if_nothing_pooled(pooled, attention_mask)
         with self._slots(pooled, None if decoding else is_slot):
             out = self.base_model(
                 input_ids=input_ids, attention_mask=full_mask, inputs_embeds=inputs_embeds,
@@ -340,8 +340,6 @@ class IAPTModel(nn.Module):
             value = labels if key == "labels" else kwargs.get(key)
             if value is not None:
                 kwargs[key] = _insert_slots(value, source_columns, is_slot, -100)
-        if labels is not None:
-            _warn_if_nothing_pooled(pooled, full_mask[:, n:] if full_mask.shape[1] > n else full_mask)
         kwargs.setdefault("use_cache", False)
         with self._slots(pooled, is_slot):
             out = self.base_model(input_ids=input_ids, attention_mask=full_mask, inputs_embeds=inputs_embeds,

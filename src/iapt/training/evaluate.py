@@ -77,16 +77,25 @@ def evaluate_task(
         "seconds": round(seconds, 2),
         "samples": [{"reference": ex.references[0], "answer": a} for ex, a in list(zip(examples, answers))[:5]],
     }
-    if spec.labels:  # a classifier is read beside the trivial answer: the gold majority and what it predicts
-        gold = Counter(ex.label or ex.response for ex in examples)
-        predicted = Counter(match_label(a, spec.labels) or "(none)" for a in answers)
-        report["majority_rate"] = round(100.0 * max(gold.values()) / len(examples), 2) if examples else 0.0
-        report["gold_labels"] = dict(gold.most_common())
-        report["predicted_labels"] = dict(predicted.most_common())
+    if spec.labels:
+        report.update(label_report(answers, examples, spec.labels))
     return report
 
 
+def label_report(answers: Sequence[str], examples: Sequence[Example], labels: Sequence[str]) -> dict[str, Any]:
+    """A classifier is read beside the trivial answer: the majority-class rate, the gold labels, what it answers."""
+    gold = Counter(ex.label or ex.response for ex in examples)
+    predicted = Counter(match_label(a, labels) or "(none)" for a in answers)
+    return {"majority_rate": round(100.0 * max(gold.values()) / len(examples), 2) if examples else 0.0,
+            "gold_labels": dict(gold.most_common()), "predicted_labels": dict(predicted.most_common())}
+
+
 FILE_METRICS = ("exact_match", "accuracy", "f1", "rougeL", "bleu")
+
+
+def _responses(examples: Sequence[Example]) -> list[str]:
+    """The label set of a file without one: its distinct gold answers."""
+    return sorted({ex.label or ex.response for ex in examples})
 
 
 def score_answers(metric: str, answers: Sequence[str], examples: Sequence[Example],
@@ -102,7 +111,7 @@ def score_answers(metric: str, answers: Sequence[str], examples: Sequence[Exampl
 
     references = [list(ex.references) for ex in examples]
     if metric == "accuracy":
-        choices = list(labels) if labels else sorted({ex.label or ex.response for ex in examples})
+        choices = list(labels) if labels else _responses(examples)
         each = [100.0 * (match_label(a, choices) == (ex.label or ex.response)) for a, ex in zip(answers, examples)]
     elif metric == "exact_match":
         each = [100.0 * m.squad_exact_match(a, refs) for a, refs in zip(answers, references)]
@@ -139,9 +148,5 @@ def evaluate_file(model: Any, tokenizer: Any, path: str, metric: str, limit: int
                               "samples": [{"reference": ex.references[0], "answer": a}
                                           for ex, a in list(zip(examples, answers))[:5]]}
     if metric == "accuracy":
-        gold = Counter(ex.label or ex.response for ex in examples)
-        choices = list(labels) if labels else sorted(gold)
-        report["majority_rate"] = round(100.0 * max(gold.values()) / len(examples), 2)
-        report["gold_labels"] = dict(gold.most_common())
-        report["predicted_labels"] = dict(Counter(match_label(a, choices) or "(none)" for a in answers).most_common())
+        report.update(label_report(answers, examples, list(labels) if labels else _responses(examples)))
     return report
