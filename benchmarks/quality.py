@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -27,7 +28,8 @@ from iapt.training import TrainConfig, Trainer, evaluate_task
 
 PRIMARY = {"sentiment": "accuracy", "nli": "accuracy", "squad": "f1", "e2e": "rougeL"}
 DEFAULT_METHODS = ["iapt", "lora", "prompt-tuning", "prefix", "idpg", "lpt"]
-DEFAULT_ABLATIONS = ["iapt-zero", "iapt-vocab", "iapt-every-1", "iapt-fp32"]
+# Candidate changes of the method first (issue: does IAPT close the gap to LoRA?), then the checks of defaults.
+DEFAULT_ABLATIONS = ["iapt-kv", "iapt-tokens-16", "iapt-zero", "iapt-every-1", "iapt-fp32", "iapt-vocab"]
 IAPT_PAPER_RATIO_BUDGET = 1_579_590  # IAPT at r = 45 on SmolLM2-135M: the paper's r/d = 320/4096 (MiLoRA's re-run)
 
 
@@ -35,7 +37,7 @@ def method_settings(method: str) -> dict[str, Any]:
     """Benchmark names → TrainConfig settings. IAPT variants chain modifiers after ``iapt``: ``zero`` (the paper's
     zero start), ``pad`` (pad-token anchor; ``anchor`` is its old name), ``vocab`` (anchored on vocabulary tokens),
     ``fp32`` (float32 backbone), ``joint``, ``frozen-<fn>``, ``pool-<mode>``, ``tokens-<n>`` (soft-token count),
-    ``every-<k>`` (Θ step every k steps), e.g. ``iapt-zero-frozen-gelu``."""
+    ``every-<k>`` (Θ step every k steps), ``kv`` (keys/values written directly), e.g. ``iapt-zero-frozen-gelu``."""
     if method != "iapt" and not method.startswith("iapt-"):
         return {"method": method}
     settings: dict[str, Any] = {"method": "iapt", "activation_mode": "bilevel"}
@@ -50,6 +52,8 @@ def method_settings(method: str) -> dict[str, Any]:
             settings["anchor"] = "tokens"
         elif word == "fp32":  # the bf16 check: the same cell with a float32 backbone
             settings["dtype"] = "float32"
+        elif word == "kv":  # the generator writes the slots' keys and values (IAPTConfig.insertion)
+            settings["insertion"] = "kv"
         elif word == "joint":
             settings["activation_mode"] = "joint"
         elif word in ("frozen", "pool", "tokens", "every") and words:
@@ -64,7 +68,7 @@ def method_settings(method: str) -> dict[str, Any]:
                 settings["num_soft_tokens"] = int(value)
         else:
             raise ValueError(f"unknown IAPT variant {method!r}: chain zero, pad, vocab, fp32, joint, frozen-<fn>, "
-                             "pool-<mode>, tokens-<n>, every-<k> after 'iapt'")
+                             "pool-<mode>, tokens-<n>, every-<k>, kv after 'iapt'")
     return settings
 
 
@@ -168,16 +172,42 @@ def load_results(results: Path) -> list[dict[str, Any]]:
     return [json.loads(f.read_text()) for f in sorted(results.glob("*.json"))]
 
 
+def beyond(args: argparse.Namespace, lr: float) -> float | None:
+    """The next point past ``lr`` when it is the grid's top or bottom (one step of the grid's own ratio, rounded
+    to 1 or 3 × 10^k), else None: a method whose best LR is an edge of the grid is tried once beyond it."""
+    grid = sorted(args.lr_grid)
+    if len(grid) < 2 or lr not in (grid[0], grid[-1]):
+        return None
+    ratio = grid[1] / grid[0] if lr == grid[0] else grid[-1] / grid[-2]
+    raw = lr / ratio if lr == grid[0] else lr * ratio
+    exponent = math.floor(math.log10(raw))
+    nice = [m * 10.0 ** e for e in (exponent - 1, exponent, exponent + 1) for m in (1, 3)]
+    return float(f"{min(nice, key=lambda x: abs(math.log(x / raw))):.1e}")
+
+
+def edge_lrs(args: argparse.Namespace, results: list[dict[str, Any]], method: str) -> list[float]:
+    """The LRs beyond the grid that ``method`` gets: one past the grid's edge when the grid's best is there
+    (decided once every grid point of ``method`` is finished; empty until then or with --no-edge)."""
+    grid = [r for r in results if is_tuning(r) and r["method"] == method and r["budget"] == args.budget
+            and r["lr"] in args.lr_grid]
+    if not args.edge or len({r["lr"] for r in grid}) < len(set(args.lr_grid)):
+        return []
+    extra = beyond(args, min(grid, key=lambda r: r["dev_loss"])["lr"])
+    return [] if extra is None else [extra]
+
+
 def choose_lrs(args: argparse.Namespace, results: list[dict[str, Any]]) -> dict[str, float]:
-    """Each method's LR: the grid point with the lowest dev loss on the tuning cells (the first task)."""
+    """Each method's LR: the grid point (or the point beyond its edge) with the lowest dev loss on the tuning
+    cells (the first task)."""
     chosen = {}
     for method in args.methods + args.ablations:
         parent = tuning_method(method, args.tune_ablations)
         if parent in args.fixed_lr:
             chosen[method] = args.fixed_lr[parent]
             continue
+        tried = [*args.lr_grid, *edge_lrs(args, results, parent)]
         tuned = [r for r in results if is_tuning(r) and r["method"] == parent and r["budget"] == args.budget
-                 and r["lr"] in args.lr_grid]
+                 and r["lr"] in tried]
         chosen[method] = min(tuned, key=lambda r: r["dev_loss"])["lr"] if tuned else args.lr
     return chosen
 
@@ -187,10 +217,14 @@ def tuned_methods(args: argparse.Namespace) -> list[str]:
     return [m for m in dict.fromkeys(args.methods + args.tune_ablations) if m not in args.fixed_lr]
 
 
-def missing_tuning(args: argparse.Namespace, results: list[dict[str, Any]]) -> set[tuple[str, float]]:
-    """The (method, LR) tuning cells of this run not finished yet; LRs are chosen only when none is."""
+def missing_tuning(args: argparse.Namespace, results: list[dict[str, Any]],
+                   methods: Sequence[str] | None = None) -> set[tuple[str, float]]:
+    """The (method, LR) tuning cells of this run (of ``methods``: default all) not finished yet, the points
+    beyond the grid's edge included once the grid is done; LRs are chosen only when none is missing."""
     done = {(r["method"], r["lr"]) for r in results if is_tuning(r) and r["budget"] == args.budget}
-    return {(m, lr) for m in tuned_methods(args) for lr in args.lr_grid} - done
+    methods = tuned_methods(args) if methods is None else [m for m in methods if m in tuned_methods(args)]
+    wanted = {(m, lr) for m in methods for lr in [*args.lr_grid, *edge_lrs(args, results, m)]}
+    return wanted - done
 
 
 def missing_cells(args: argparse.Namespace, results: list[dict[str, Any]], seeds: Sequence[int]
@@ -377,15 +411,16 @@ def write_report(args: argparse.Namespace, results: list[dict[str, Any]]) -> str
                   + "; ".join(f"{m} {d[0]:+.1f} [{d[1]:+.1f}, {d[2]:+.1f}]" for m in args.ablations
                               if (d := difference(args, results, "iapt", m, ablation_tasks)) is not None)]
     if tunes:
+        columns = sorted({*args.lr_grid, *(r["lr"] for r in tunes if r["budget"] == args.budget)})
         lines += ["", (f"### LR tuning (task {args.tasks[0]}, seed {args.seeds[0]}, dev loss after {args.steps} "
                        "steps; lowest chosen; the chosen LR's cell is that task's seed-1 table cell)"), "",
-                  "| method | " + " | ".join(f"{lr:g}" for lr in args.lr_grid) + " |",
-                  "|---|" + "---:|" * len(args.lr_grid)]
+                  "| method | " + " | ".join(f"{lr:g}" for lr in columns) + " |",
+                  "|---|" + "---:|" * len(columns)]
         for method in dict.fromkeys(args.methods + args.tune_ablations):  # fixed LRs too: their earlier tuning
             row = {r["lr"]: r["dev_loss"] for r in tunes if r["method"] == method}
             if row:
                 lines.append(f"| {method} | " + " | ".join(f"{row[lr]:.3f}" if lr in row else "—"
-                                                        for lr in args.lr_grid) + " |")
+                                                        for lr in columns) + " |")
     sweep = [r for r in tests if r["budget"] != args.budget]
     if sweep:
         lines += ["", "### Budget sweep (seed " + str(args.seeds[0]) + ")", "",
@@ -492,6 +527,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="LR of every method when --lr-grid is empty")
     p.add_argument("--lr-grid", nargs="*", type=float, default=[3e-4, 1e-3, 3e-3],
                    help="LRs tried per method on the first task and seed (dev loss, no test); the lowest wins")
+    p.add_argument("--edge", action=argparse.BooleanOptionalAction, default=True,
+                   help="a method whose best LR is the grid's top or bottom gets one point beyond it")
     p.add_argument("--sweep-budgets", nargs="*", type=int, default=[],
                    help="extra budgets for the IAPT-vs-LoRA plot (first seed, --sweep-tasks)")
     p.add_argument("--sweep-tasks", nargs="+", default=["sentiment", "e2e"])
@@ -553,52 +590,68 @@ def main() -> None:
         if args.sweep_budgets:
             plot_budgets(args, results, Path(args.report).with_suffix(".png"))
 
-    # Order: LR tuning (each tuning cell scored, so the chosen LR's cell is the first task's seed-1 cell), the
-    # first seed of the main table, then the other seeds for the methods that need them (IAPT, LoRA, and each
-    # baseline whose interval against IAPT still contains 0), then the ablations, then the budget sweep. Several
-    # workers (--workers k, one thread each, use a small machine better than one process with k threads) take
-    # the next unclaimed cell, each claim a lock folder.
-    def main_table(seeds: Sequence[int], methods: Sequence[str]
-                   ) -> Iterator[tuple[str, str, int, int, str | float, bool]]:
+    # Order: first the methods every seed needs (IAPT, --always-seeded, ablations with their own LR): their LR
+    # tuning (each tuning cell scored, so the chosen LR's cell is the first task's seed-1 cell; a method whose
+    # best LR is an edge of the grid gets one point beyond it), their first seed on the ablation tasks, the
+    # ablations (method by method, so a candidate change is judged on every ablation task early), their first
+    # seed on the other tasks. Then the other baselines' tuning and first seed; then the other seeds for the
+    # methods that need them (IAPT, LoRA, and each baseline whose interval against IAPT still contains 0); then
+    # the budget sweep. Several workers (--workers k, one thread each, use a small machine better than one process
+    # with k threads) take the next unclaimed cell, each claim a lock folder; a barrier (a callable) holds every
+    # worker until what comes after it can be decided.
+    Cell = tuple[str, str, int, int, "str | float", bool]
+    ours = args.methods[0]
+    leading = [m for m in tuned_methods(args)
+               if m == ours or m in args.always_seeded or m in args.tune_ablations]
+    trailing = [m for m in tuned_methods(args) if m not in leading]
+    first = args.seeds[: args.seeds_first or 1]
+    ablation_tasks = args.ablation_tasks or args.tasks
+
+    def main_table(seeds: Sequence[int], methods: Sequence[str], tasks: Sequence[str]) -> Iterator[Cell]:
         for seed in seeds:
-            for task in args.tasks:
+            for task in tasks:
                 for method in methods:
                     yield method, task, seed, args.budget, "tuned", True
 
-    def cells() -> Iterator[tuple[str, str, int, int, str | float, bool]]:
-        for method in tuned_methods(args):
+    def tuning(methods: Sequence[str]) -> Iterator[Cell | Callable[[], bool]]:
+        for method in methods:
             for lr in args.lr_grid:
                 yield method, args.tasks[0], args.seeds[0], args.budget, lr, True
-        yield "", "", 0, 0, "wait", False  # every worker needs every LR choice before going on
-        first = args.seeds[: args.seeds_first or 1]
-        yield from main_table(first, args.methods)
-        yield "", "", 0, 0, "wait-seeds", False  # which baselines need more seeds depends on every first-seed cell
-        yield from main_table(args.seeds[len(first):], needs_more_seeds(args, load_results(results_dir)))
-        for task in args.ablation_tasks or args.tasks:
-            for method in args.ablations:
+        yield lambda: not missing_tuning(args, load_results(results_dir), methods)  # grid done: edges known
+        for method in methods:
+            for lr in edge_lrs(args, load_results(results_dir), method):
+                yield method, args.tasks[0], args.seeds[0], args.budget, lr, True
+        yield lambda: not missing_tuning(args, load_results(results_dir), methods)  # every LR choice made
+
+    def cells() -> Iterator[Cell | Callable[[], bool]]:
+        lead = [m for m in args.methods if m not in trailing]
+        yield from tuning(leading)
+        yield from main_table(first, lead, [t for t in args.tasks if t in ablation_tasks])
+        for method in args.ablations:
+            for task in ablation_tasks:
                 yield method, task, args.seeds[0], args.budget, "tuned", True
+        yield from main_table(first, lead, [t for t in args.tasks if t not in ablation_tasks])
+        yield from tuning(trailing)
+        yield from main_table(first, [m for m in args.methods if m in trailing], args.tasks)
+        # which baselines need more seeds depends on every first-seed cell
+        yield lambda: not missing_cells(args, load_results(results_dir), first)
+        yield from main_table(args.seeds[len(first):], needs_more_seeds(args, load_results(results_dir)),
+                              args.tasks)
         for budget in args.sweep_budgets:
             for task in args.sweep_tasks:
                 for method in ("iapt", "lora"):
                     yield method, task, args.seeds[0], budget, "tuned", True
 
-    lrs: dict[str, float] = {}
-    first_seed = args.seeds[: args.seeds_first or 1]
-    for method, task, seed, budget, lr, test in cells():
-        if lr == "wait":
-            while missing_tuning(args, load_results(results_dir)):
-                time.sleep(5)
-            lrs = choose_lrs(args, load_results(results_dir))
-            print("chosen LRs:", lrs, flush=True)
-            continue
-        if lr == "wait-seeds":
-            while missing_cells(args, load_results(results_dir), first_seed):
+    for item in cells():
+        if callable(item):
+            while not item():
                 time.sleep(5)
             continue
-        tuning = lr != "tuned"
-        lr = lrs[method] if lr == "tuned" else lr
-        if claim(work, f"{method}-{task}-{seed}-{budget}-{lr:g}-{test}-{tuning}"):
-            cell(method, task, seed, budget, lr, test, tuning)
+        method, task, seed, budget, lr, test = item
+        tuning_cell = lr != "tuned"
+        lr = choose_lrs(args, load_results(results_dir))[method] if lr == "tuned" else lr
+        if claim(work, f"{method}-{task}-{seed}-{budget}-{lr:g}-{test}-{tuning_cell}"):
+            cell(method, task, seed, budget, lr, test, tuning_cell)
     print(write_report(args, load_results(results_dir)))
 
 

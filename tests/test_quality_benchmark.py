@@ -29,7 +29,7 @@ def args(**kw) -> argparse.Namespace:
             "sweep_tasks": ["sentiment"], "steps": 20, "batch_size": 4, "max_length": 64, "dev_examples": 8,
             "test_examples": 10, "cap": {}, "tune_ablations": [], "fixed_lr": {},
             "threads": 1, "dtype": "float32", "train_examples": None, "always_seeded": ["lora"],
-            "ablation_tasks": []}
+            "ablation_tasks": [], "edge": False}
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -130,6 +130,7 @@ def test_ablation_names_map_to_train_settings(quality):
     assert quality.method_settings("iapt-vocab")["anchor"] == "tokens"
     assert quality.method_settings("iapt-every-1")["rational_every"] == 1
     assert quality.method_settings("iapt-fp32")["dtype"] == "float32"
+    assert quality.method_settings("iapt-kv-tokens-8")["insertion"] == "kv"
     assert quality.method_settings("lora") == {"method": "lora"}
     with pytest.raises(ValueError, match="unknown IAPT variant"):
         quality.method_settings("iapt-anchr")
@@ -153,6 +154,24 @@ def test_lrs_outside_the_grid_are_not_chosen(quality):
     results = [tuned("iapt", 1e-4, 0.9), tuned("iapt", 1e-2, 0.1), tuned("lora", 1e-3, 0.5)]
     assert quality.choose_lrs(args(), results)["iapt"] == 1e-4  # 1e-2 is not in this run's grid
     assert quality.choose_lrs(args(lr_grid=[1e-4, 1e-3, 1e-2]), results)["iapt"] == 1e-2
+
+
+def test_a_best_lr_at_the_grids_edge_gets_one_point_beyond_it(quality):
+    a = args(lr_grid=[3e-4, 1e-3, 3e-3], edge=True)
+    assert [quality.beyond(a, lr) for lr in (3e-3, 3e-4, 1e-3)] == [1e-2, 1e-4, None]
+    grid = [tuned("iapt", 3e-4, 0.9), tuned("iapt", 1e-3, 0.5), tuned("iapt", 3e-3, 0.3)]
+    grid += [tuned("lora", 3e-4, 0.9), tuned("lora", 1e-3, 0.2), tuned("lora", 3e-3, 0.3)]
+    assert quality.missing_tuning(a, grid[:2]) == {("iapt", 3e-3), *{("lora", lr) for lr in (3e-4, 1e-3, 3e-3)}}, \
+        "the edge is decided only once the grid is done"
+    assert quality.missing_tuning(a, grid) == {("iapt", 1e-2)}, "iapt's best is the top: 1e-2 next; lora's is inside"
+    assert quality.missing_tuning(a, grid, ["lora"]) == set()
+    assert quality.choose_lrs(a, grid)["iapt"] == 3e-3
+    assert quality.choose_lrs(a, grid + [tuned("iapt", 1e-2, 0.25)])["iapt"] == 1e-2
+    assert quality.choose_lrs(a, grid + [tuned("iapt", 1e-2, 0.35)])["iapt"] == 3e-3
+    assert quality.choose_lrs(a, grid + [tuned("lora", 1e-2, 0.1)])["lora"] == 1e-3, "no edge point for lora"
+    assert quality.missing_tuning(args(lr_grid=[3e-4, 1e-3, 3e-3]), grid) == set(), "--no-edge: the grid alone"
+    report = quality.write_report(a, grid + [tuned("iapt", 1e-2, 0.25)])
+    assert "| 0.0003 | 0.001 | 0.003 | 0.01 |" in report
 
 
 def test_a_cell_trained_at_another_lr_is_set_aside_not_reused(quality, tmp_path):

@@ -57,6 +57,31 @@ def find_layers(model: nn.Module, layers_path: str | None = None) -> nn.ModuleLi
     return module
 
 
+def kv_projections(layer: nn.Module) -> tuple[nn.Linear, nn.Linear]:
+    """The key and value projections of one decoder layer (``insertion='kv'`` writes the slots' outputs of these)."""
+    found = {}
+    for name, module in layer.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("k_proj", "v_proj") and isinstance(module, nn.Linear):
+            if leaf in found:
+                raise ValueError(f"{type(layer).__name__} has more than one {leaf}; insertion='kv' cannot tell "
+                                 "which one its attention uses: use insertion='hidden'")
+            found[leaf] = module
+    if len(found) != 2:
+        raise ValueError(f"insertion='kv' needs separate k_proj and v_proj linear layers, which "
+                         f"{type(layer).__name__} does not have (a fused query/key/value projection?); use "
+                         "insertion='hidden' (the paper's, which works on every family)")
+    return found["k_proj"], found["v_proj"]
+
+
+def generator_out_features(model: nn.Module, config: Any) -> int:
+    """Width of each generator's output: the hidden size (``insertion='hidden'``) or key + value width ('kv')."""
+    if getattr(config, "insertion", "hidden") == "hidden":
+        return text_config(model).hidden_size
+    k, v = kv_projections(find_layers(model, getattr(config, "layers_path", None))[0])
+    return k.out_features + v.out_features
+
+
 def check_base(model: nn.Module) -> None:
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise TypeError(f"expected a Hugging Face model (PreTrainedModel), got {type(model).__name__}")

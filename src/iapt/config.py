@@ -23,6 +23,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 POOLINGS = ("attention", "mean", "last")
 ANCHORS = ("tokens", "pad", "none")
+INSERTIONS = ("hidden", "kv")
 
 
 @dataclass
@@ -63,6 +64,16 @@ class IAPTConfig(PeftConfig):
         metadata={"help": "The n token ids whose backbone states anchor the slots ('tokens': drawn on install from "
                           "frequent vocabulary ids when not given; 'pad': n pad ids). Recorded on install."},
     )
+    insertion: str = field(
+        default="hidden",
+        metadata={"help": "Where the soft tokens enter each layer. 'hidden' (the paper): they replace the slots' "
+                          "hidden states at the layer's input, so they reach attention through the layer's frozen "
+                          "norm and key/value projections. 'kv': the generator writes the slots' keys and values "
+                          "directly (P-tuning v2's insertion, fed by IAPT's instruction-aware generator): its output "
+                          "(n x (key + value width)) is added to the slots' k_proj / v_proj outputs, whose input is "
+                          "the anchor state. Needs separate k_proj and v_proj modules (Llama, Qwen2, Mistral, "
+                          "Gemma); not yet served by the built-in engine."},
+    )
     layers: list[int] | None = field(
         default=None, metadata={"help": "Indices of the layers that get a generator; None = every layer (the method)."}
     )
@@ -98,6 +109,8 @@ class IAPTConfig(PeftConfig):
             )
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling={self.pooling!r} is unknown; choose one of {list(POOLINGS)}")
+        if self.insertion not in INSERTIONS:
+            raise ValueError(f"insertion={self.insertion!r} is unknown; choose one of {list(INSERTIONS)}")
         if isinstance(self.anchor, bool):  # files written before the anchor had modes
             self.anchor = "pad" if self.anchor else "none"
         if self.anchor not in ANCHORS:

@@ -23,10 +23,12 @@ from iapt.rational import RationalActivation, rational
 _RMS_EPS = 1e-6
 
 
-def generator_parameter_count(hidden_size: int, config: IAPTConfig) -> int:
-    """Trainable parameters of one generator: 2·d·r + r·n + 12 (+ r + d biases)."""
+def generator_parameter_count(hidden_size: int, config: IAPTConfig, out_features: int | None = None) -> int:
+    """Trainable parameters of one generator: d·r + r·n + 12 + r·o (+ r + o biases), o = ``out_features``
+    (default d: 2·d·r + r·n + 12 (+ r + d), the paper's hidden-state insertion)."""
     d, r, n = hidden_size, config.bottleneck, config.num_soft_tokens
-    return 2 * d * r + r * n + 12 + ((r + d) if config.bias else 0)
+    o = d if out_features is None else out_features
+    return d * r + r * n + 12 + r * o + ((r + o) if config.bias else 0)
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -83,7 +85,7 @@ def soft_prompts(
 class PromptGenerator(nn.Module):
     """Down-projection, self-attention pooling, rational activation, up-projection (one per layer)."""
 
-    def __init__(self, hidden_size: int, config: IAPTConfig) -> None:
+    def __init__(self, hidden_size: int, config: IAPTConfig, out_features: int | None = None) -> None:
         super().__init__()
         r, n = config.bottleneck, config.num_soft_tokens
         self.pooling = config.pooling
@@ -91,7 +93,8 @@ class PromptGenerator(nn.Module):
         self.down = nn.Linear(hidden_size, r, bias=config.bias, dtype=torch.float32)
         self.queries = nn.Parameter(torch.empty(r, n, dtype=torch.float32))
         self.activation = RationalActivation(config.activation_init)
-        self.up = nn.Linear(r, hidden_size, bias=config.bias, dtype=torch.float32)
+        self.up = nn.Linear(r, hidden_size if out_features is None else out_features, bias=config.bias,
+                            dtype=torch.float32)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from iapt.backbone import text_config
+from iapt.backbone import generator_out_features, text_config
 from iapt.baselines import BASELINES
 from iapt.config import IAPTConfig
 from iapt.generator import generator_parameter_count
@@ -23,13 +23,15 @@ from iapt.options import Method, MethodOptions
 def _iapt_config(size: int, options: Any) -> IAPTConfig:
     return IAPTConfig(num_soft_tokens=options.num_soft_tokens, bottleneck=size, activation_init=options.activation_init,
                       pooling=options.pooling, anchor=options.anchor,
-                      anchor_token_ids=getattr(options, "anchor_token_ids", None))
+                      anchor_token_ids=getattr(options, "anchor_token_ids", None),
+                      insertion=getattr(options, "insertion", "hidden"))
 
 
 def _iapt_count(base: nn.Module, size: int, options: Any) -> int:
     text = text_config(base)
+    config = _iapt_config(size, options)
     return text.num_hidden_layers * generator_parameter_count(
-        text.hidden_size, IAPTConfig(bottleneck=size, num_soft_tokens=options.num_soft_tokens))
+        text.hidden_size, config, generator_out_features(base, config))
 
 
 IAPT = Method("iapt", "IAPT", "bottleneck", lambda options: options.bottleneck, _iapt_count,

@@ -35,6 +35,8 @@ from iapt.backbone import (
     check_base,
     check_compatible,
     find_layers,
+    generator_out_features,
+    kv_projections,
     slot_token_id,
     text_config,
 )
@@ -105,6 +107,7 @@ class IAPTModel(nn.Module):
 
     slots_after_padding = True  # [padding | slots | tokens]; subclasses that index slots as columns 0..n-1: False
     _disabled = False  # True inside disable_adapter(): forward and generate run the bare backbone
+    insertion = "hidden"  # IAPTConfig.insertion; subclasses (IDPG, LPT) write hidden states
 
     def __init__(self, base_model: PreTrainedModel, config: IAPTConfig | None = None) -> None:
         super().__init__()
@@ -131,8 +134,10 @@ class IAPTModel(nn.Module):
         self.num_soft_tokens = config.num_soft_tokens
         self.slot_token_id = slot_token_id(base_model)
         device = base_model.get_input_embeddings().weight.device
+        self.insertion = config.insertion
+        out_features = generator_out_features(base_model, config)
         self.generators = nn.ModuleDict(
-            {str(i): PromptGenerator(hidden_size, config).to(device) for i in layer_ids}
+            {str(i): PromptGenerator(hidden_size, config, out_features).to(device) for i in layer_ids}
         )
         anchors = anchor_states(base_model, config)
         if anchors is not None:
@@ -153,6 +158,12 @@ class IAPTModel(nn.Module):
         for i in layer_ids:
             hook = functools.partial(self._before_layer, self.generators[str(i)])
             self._hooks.append(decoder_layers[i].register_forward_pre_hook(hook, with_kwargs=True))
+            if self.insertion == "kv":
+                k_proj, v_proj = kv_projections(decoder_layers[i])
+                for projection, part in ((k_proj, slice(0, k_proj.out_features)),
+                                         (v_proj, slice(k_proj.out_features, None))):
+                    hook = functools.partial(self._after_projection, self.generators[str(i)], part)
+                    self._hooks.append(projection.register_forward_hook(hook))
 
     # ------------------------------------------------------------------ hooks
     def _before_backbone(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -212,7 +223,14 @@ class IAPTModel(nn.Module):
         # slots), so the generator reads columns n: with the step mask zero at padding and slots.
         prompts = generator(hidden[:, self.num_soft_tokens:], mask)
         anchor = getattr(generator, "anchor", None)
-        if anchor is not None:
+        if self.insertion == "kv":
+            # The slots hold the anchor (or zero) states; the generator's output goes to their keys and values
+            # (_after_projection), kept here until this layer's projections run (and run again under
+            # gradient checkpointing's recomputation).
+            generator.pending = prompts
+            prompts = anchor.expand(hidden.shape[0], -1, -1) if anchor is not None else hidden.new_zeros(
+                hidden.shape[0], self.num_soft_tokens, hidden.shape[-1])
+        elif anchor is not None:
             prompts = prompts + anchor
         prompts = prompts.to(hidden.dtype)
         columns = self._step_columns[..., None].expand(-1, -1, hidden.shape[-1])
@@ -220,6 +238,15 @@ class IAPTModel(nn.Module):
         if args:
             return (hidden, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
+
+    def _after_projection(self, generator: PromptGenerator, part: slice, module: nn.Module, args: tuple,
+                          output: torch.Tensor) -> torch.Tensor | None:
+        """``insertion='kv'``: add the generator's keys (or values) to this projection's output at the slots."""
+        if self._step_mask is None:
+            return None  # a decode step: the slots' keys and values are in the cache already
+        delta = generator.pending[..., part].to(output.dtype)
+        columns = self._step_columns[..., None].expand(-1, -1, output.shape[-1])
+        return output.scatter_add(1, columns, delta)
 
     @contextlib.contextmanager
     def _slots(self, instruction_mask: torch.Tensor | None, is_slot: torch.Tensor | None) -> Iterator[None]:
@@ -445,7 +472,8 @@ class IAPTModel(nn.Module):
 
     def expected_parameter_count(self) -> int:
         """2·d·r + r·n + 12 (+ r + d biases) per generator, summed over the layers that have one."""
-        return len(self.generators) * generator_parameter_count(self.iapt_config.base_hidden_size, self.iapt_config)
+        return len(self.generators) * generator_parameter_count(
+            self.iapt_config.base_hidden_size, self.iapt_config, generator_out_features(self.base_model, self.iapt_config))
 
     def rational_parameters(self) -> list[nn.Parameter]:
         """The rational coefficients Θ (the 'architecture' of bi-level training)."""

@@ -34,6 +34,10 @@ class MethodOptions:
         "help": "IAPT anchor='tokens': the n token ids whose backbone states anchor the slots (default: drawn from "
                 "frequent vocabulary ids)."})
 
+    insertion: str = field(default="hidden", metadata={
+        "help": "IAPT: where the soft tokens enter each layer: hidden (the paper: the slots' hidden states) or kv "
+                "(the generator writes the slots' keys and values); see IAPTConfig.insertion."})
+
     def __post_init__(self) -> None:
         if isinstance(self.anchor, bool):  # recipes and run folders written when it was a flag
             self.anchor = "pad" if self.anchor else "none"

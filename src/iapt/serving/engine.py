@@ -126,6 +126,10 @@ def read_adapter(base_model: PreTrainedModel, path: str | Path, name: str | None
                          f"engine (serve {kind} adapters with vLLM or PEFT)")
     config = IAPTConfig.load(directory)
     check_compatible(config, base_model, directory)
+    if config.insertion != "hidden":
+        raise ValueError(f"adapter {directory} writes keys and values (insertion={config.insertion!r}), which the "
+                         "built-in engine does not serve yet; serve it offline with IAPTModel.generate, or retrain "
+                         "with insertion='hidden'")
     text = text_config(base_model)
     num_layers = text.num_hidden_layers
     layer_ids = list(range(num_layers)) if config.layers is None else sorted(set(config.layers))
