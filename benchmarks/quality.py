@@ -218,12 +218,12 @@ def tuned_methods(args: argparse.Namespace) -> list[str]:
 
 
 def missing_tuning(args: argparse.Namespace, results: list[dict[str, Any]],
-                   methods: Sequence[str] | None = None) -> set[tuple[str, float]]:
+                   methods: Sequence[str] | None = None, edges: bool = True) -> set[tuple[str, float]]:
     """The (method, LR) tuning cells of this run (of ``methods``: default all) not finished yet, the points
-    beyond the grid's edge included once the grid is done; LRs are chosen only when none is missing."""
+    beyond the grid's edge included (``edges``) once the grid is done; LRs are chosen only when none is missing."""
     done = {(r["method"], r["lr"]) for r in results if is_tuning(r) and r["budget"] == args.budget}
     methods = tuned_methods(args) if methods is None else [m for m in methods if m in tuned_methods(args)]
-    wanted = {(m, lr) for m in methods for lr in [*args.lr_grid, *edge_lrs(args, results, m)]}
+    wanted = {(m, lr) for m in methods for lr in [*args.lr_grid, *(edge_lrs(args, results, m) if edges else [])]}
     return wanted - done
 
 
@@ -617,11 +617,10 @@ def main() -> None:
         for method in methods:
             for lr in args.lr_grid:
                 yield method, args.tasks[0], args.seeds[0], args.budget, lr, True
-        yield lambda: not missing_tuning(args, load_results(results_dir), methods)  # grid done: edges known
+        yield lambda: not missing_tuning(args, load_results(results_dir), methods, edges=False)  # edges known
         for method in methods:
             for lr in edge_lrs(args, load_results(results_dir), method):
                 yield method, args.tasks[0], args.seeds[0], args.budget, lr, True
-        yield lambda: not missing_tuning(args, load_results(results_dir), methods)  # every LR choice made
 
     def cells() -> Iterator[Cell | Callable[[], bool]]:
         lead = [m for m in args.methods if m not in trailing]
@@ -642,16 +641,36 @@ def main() -> None:
                 for method in ("iapt", "lora"):
                     yield method, task, args.seeds[0], budget, "tuned", True
 
-    for item in cells():
-        if callable(item):
-            while not item():
-                time.sleep(5)
-            continue
+    def run(item: Cell) -> bool:
+        """Run (or skip, if finished or claimed) one cell; False when its method's LR is not chosen yet."""
         method, task, seed, budget, lr, test = item
         tuning_cell = lr != "tuned"
-        lr = choose_lrs(args, load_results(results_dir))[method] if lr == "tuned" else lr
+        if not tuning_cell:
+            results = load_results(results_dir)
+            if missing_tuning(args, results, [tuning_method(method, args.tune_ablations)]):
+                return False
+            lr = choose_lrs(args, results)[method]
         if claim(work, f"{method}-{task}-{seed}-{budget}-{lr:g}-{test}-{tuning_cell}"):
             cell(method, task, seed, budget, lr, test, tuning_cell)
+        return True
+
+    # A cell whose LR is still being tuned waits aside while the worker goes on with the next cells.
+    deferred: list[Cell] = []
+    for item in cells():
+        while callable(item) and not item():
+            before = len(deferred)
+            deferred = [d for d in deferred if not run(d)]
+            if len(deferred) == before:
+                time.sleep(5)
+        if callable(item):
+            continue
+        deferred = [d for d in deferred if not run(d)]
+        if not run(item):
+            deferred.append(item)
+    while deferred:
+        deferred = [d for d in deferred if not run(d)]
+        if deferred:
+            time.sleep(5)
     print(write_report(args, load_results(results_dir)))
 
 

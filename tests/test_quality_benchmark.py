@@ -165,6 +165,7 @@ def test_a_best_lr_at_the_grids_edge_gets_one_point_beyond_it(quality):
         "the edge is decided only once the grid is done"
     assert quality.missing_tuning(a, grid) == {("iapt", 1e-2)}, "iapt's best is the top: 1e-2 next; lora's is inside"
     assert quality.missing_tuning(a, grid, ["lora"]) == set()
+    assert quality.missing_tuning(a, grid, edges=False) == set(), "the barrier before the edge cells: grid only"
     assert quality.choose_lrs(a, grid)["iapt"] == 3e-3
     assert quality.choose_lrs(a, grid + [tuned("iapt", 1e-2, 0.25)])["iapt"] == 1e-2
     assert quality.choose_lrs(a, grid + [tuned("iapt", 1e-2, 0.35)])["iapt"] == 3e-3
