@@ -177,12 +177,12 @@ def _ablation(args: argparse.Namespace, base) -> tuple[Any, dict[str, Any]]:
     from iapt.backbone import find_layers
 
     def before_mlp(module, inputs):
-        if model._step_mask is None:  # decoding, or the bare backbone: leave it alone
+        if not model.prefilling:  # decoding, or the bare backbone: leave it alone
             return None
         return (inputs[0][:, n:], *inputs[1:])
 
     def after_mlp(module, inputs, output):
-        if model._step_mask is None:
+        if not model.prefilling:
             return None
         return torch.cat([output.new_zeros(output.shape[0], n, output.shape[2]), output], dim=1)
 

@@ -20,6 +20,7 @@ import functools
 import os
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from iapt.backbone import (
 from iapt.config import WEIGHTS_NAME, IAPTConfig
 from iapt.generator import PromptGenerator, generator_parameter_count
 from iapt.io import atomic_write
+from iapt.slots import SlotPlan, SlotWriter, insert_slots, slot_layout
 
 
 def _instruction_mask(
@@ -74,32 +76,16 @@ def _warn_if_nothing_pooled(pooled: torch.Tensor, attention_mask: torch.Tensor) 
         )
 
 
-def _slot_layout(attention_mask: torch.Tensor, n: int, after_padding: bool = True
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where each row's n slots go: just before its first attended token, after any left padding.
+@dataclass
+class SlotCall:
+    """One IAPTModel call (forward or generate): what to pool and where the slots are, and the plan of the
+    backbone step running now (None during decode steps). Lives in the slot writer's session."""
 
-    A row is then ``[padding | slots | tokens]``, laid out exactly as it would be alone: same positions, and
-    the same distances between its tokens and its slots, which sliding-window attention depends on.
-    Returns ``source`` (B, T+n): the input column each new column copies (slots: any) and ``is_slot`` (B, T+n).
-    ``after_padding=False`` puts every row's slots in front.
-    """
-    length = attention_mask.shape[1]
-    attended = attention_mask.bool()
-    first = torch.where(attended.any(1), attended.long().argmax(1), 0)  # no attended token: slots in front
-    if not after_padding:
-        first = torch.zeros_like(first)
-    j = torch.arange(length + n, device=attention_mask.device)
-    start = first[:, None]
-    is_slot = (j >= start) & (j < start + n)
-    source = torch.where(j < start, j, j - n).clamp(0, max(length - 1, 0))
-    return source, is_slot
-
-
-def _insert_slots(t: torch.Tensor, source: torch.Tensor, is_slot: torch.Tensor, fill: float) -> torch.Tensor:
-    """``t`` (B, T) or (B, T, d) with ``fill`` in the slot columns given by :func:`_slot_layout`."""
-    if t.dim() == 2:
-        return t.gather(1, source).masked_fill(is_slot, fill)
-    return t.gather(1, source[..., None].expand(-1, -1, t.shape[-1])).masked_fill(is_slot[..., None], fill)
+    pooled: torch.Tensor | None  # (B, T) the instruction, over the input without slots
+    is_slot: torch.Tensor | None  # (B, T + n) the slot columns of the input with slots (None: a decode call)
+    plan: SlotPlan | None = None
+    past_length: int = 0  # tokens (slots included) in the cache when the current backbone step began
+    context: torch.Tensor | None = None  # (B, T, d) what a generator reads instead of hidden states (IDPG)
 
 
 class IAPTModel(nn.Module):
@@ -149,30 +135,26 @@ class IAPTModel(nn.Module):
             # through many layers it overflows to NaN. Start these up-projections at nn.Linear's default.
             for generator in self.generators.values():
                 generator.up.reset_parameters()
-        self._slots_active = False  # True only inside our forward/generate: the base alone behaves as before
-        self._instruction_mask: torch.Tensor | None = None  # mask of the original prompt, set per call
-        self._is_slot: torch.Tensor | None = None  # (B, T+n) slot columns of the call's input, set per call
-        self._step_mask: torch.Tensor | None = None  # what layers pool in the current backbone call
-        self._step_columns: torch.Tensor | None = None  # (B, n) where layers write the soft tokens
         self._hooks = [base_model.register_forward_pre_hook(self._before_backbone, with_kwargs=True)]
-        for i in layer_ids:
-            hook = functools.partial(self._before_layer, self.generators[str(i)])
-            self._hooks.append(decoder_layers[i].register_forward_pre_hook(hook, with_kwargs=True))
-            if self.insertion == "kv":
+        if self.insertion == "kv":
+            for i in layer_ids:  # first of the layer's hooks: a decode step (no plan) must not reuse a prefill's
+                self._hooks.append(decoder_layers[i].register_forward_pre_hook(
+                    functools.partial(self._clear_pending, self.generators[str(i)]), prepend=True))
                 k_proj, v_proj = kv_projections(decoder_layers[i])
                 for projection, part in ((k_proj, slice(0, k_proj.out_features)),
                                          (v_proj, slice(k_proj.out_features, None))):
                     hook = functools.partial(self._after_projection, self.generators[str(i)], part)
                     self._hooks.append(projection.register_forward_hook(hook))
+        self.slot_writer = SlotWriter({i: decoder_layers[i] for i in layer_ids}, self._soft_tokens)
 
     # ------------------------------------------------------------------ hooks
     def _before_backbone(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         """Decide, once per backbone call, whether this is a prefill (generators run) or a decode step."""
-        if not self._slots_active:
-            self._step_mask = None
+        call = self.slot_writer.state
+        if call is None:
             return None
         cache = kwargs.get("past_key_values")
-        prefill = cache is None or cache.get_seq_length() == 0
+        call.past_length = cache.get_seq_length() if cache is not None else 0
         source = kwargs.get("input_ids")
         if source is None:
             source = kwargs.get("inputs_embeds")
@@ -185,81 +167,67 @@ class IAPTModel(nn.Module):
             # a mask, generate has dropped it for want of padding: the backbone's own arange is right.)
             positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
             kwargs["position_ids"] = positions[:, -length:]
-        if not prefill:
-            self._step_mask = None
+        if call.past_length > 0 or call.is_slot is None:
+            call.plan = None
             return args, kwargs
-        n = self.num_soft_tokens
-        is_slot = self._is_slot  # set by forward/generate for every prefill
+        is_slot = call.is_slot
         if is_slot.shape[0] != batch:  # generate expanded rows for beams / num_return_sequences
             is_slot = is_slot.repeat_interleave(batch // is_slot.shape[0], dim=0)
         if is_slot.shape[1] < length:  # no-cache generation: the tokens generated so far come after the slots
             is_slot = torch.nn.functional.pad(is_slot, (0, length - is_slot.shape[1]), value=False)
         is_slot = is_slot.to(source.device)
-        self._step_columns = is_slot.long().argmax(1, keepdim=True) + torch.arange(n, device=source.device)
-        if attention_mask is None or attention_mask.dim() != 2:
-            real = ~is_slot[:, n:]
-        else:
-            real = attention_mask.bool()[:, n:] & ~is_slot[:, n:]
-        mask = self._instruction_mask
-        if mask is None:
-            self._step_mask = real
-        else:
+        real = ~is_slot if attention_mask is None or attention_mask.dim() != 2 else attention_mask.bool() & ~is_slot
+        mask = call.pooled
+        if mask is not None:
+            n = self.num_soft_tokens
             if mask.shape[0] != batch:  # generate expanded rows for beams / num_return_sequences
                 mask = mask.repeat_interleave(batch // mask.shape[0], dim=0)
-            if mask.shape[1] < real.shape[1]:  # no-cache generation: tokens generated so far are not pooled
-                mask = torch.nn.functional.pad(mask, (0, real.shape[1] - mask.shape[1]), value=False)
-            self._step_mask = mask[:, : real.shape[1]].to(real.device) & real
+            # Column n + c holds input token c of every row (only padding sits before a row's slots).
+            mask = torch.nn.functional.pad(mask.to(real.device), (n, 0), value=False)
+            if mask.shape[1] < length:  # no-cache generation: tokens generated so far are not pooled
+                mask = torch.nn.functional.pad(mask, (0, length - mask.shape[1]), value=False)
+            real = real & mask[:, :length]
+        call.plan = SlotPlan.contiguous(is_slot, real, self.num_soft_tokens)
         return args, kwargs
 
-    def _before_layer(
-        self, generator: PromptGenerator, module: nn.Module, args: tuple, kwargs: dict
-    ) -> tuple[tuple, dict] | None:
-        """At prefill, overwrite the n slots entering this layer with its freshly generated soft tokens."""
-        mask = self._step_mask
-        if mask is None:
-            return None
-        hidden = args[0] if args else kwargs["hidden_states"]
-        # Column n + c holds input token c for every token of every row (only padding sits before a row's
-        # slots), so the generator reads columns n: with the step mask zero at padding and slots.
-        prompts = generator(hidden[:, self.num_soft_tokens:], mask)
+    def _soft_tokens(self, layer: int, hidden: torch.Tensor, call: SlotCall) -> tuple[torch.Tensor, None]:
+        """The slot writer's source: layer ``layer``'s soft tokens for this prefill."""
+        generator = self.generators[str(layer)]
+        prompts = generator(hidden, call.plan.pooled)
         anchor = getattr(generator, "anchor", None)
         if self.insertion == "kv":
             # The slots hold the anchor (or zero) states; the generator's output goes to their keys and values
-            # (_after_projection), kept here until this layer's projections run (and run again under
-            # gradient checkpointing's recomputation).
-            generator.pending = prompts
+            # (_after_projection), kept with the slot columns until this layer's projections run (and run again
+            # under gradient checkpointing's recomputation, after the call).
+            generator.pending = (prompts, call.plan.columns)
             prompts = anchor.expand(hidden.shape[0], -1, -1) if anchor is not None else hidden.new_zeros(
                 hidden.shape[0], self.num_soft_tokens, hidden.shape[-1])
         elif anchor is not None:
             prompts = prompts + anchor
-        prompts = prompts.to(hidden.dtype)
-        columns = self._step_columns[..., None].expand(-1, -1, hidden.shape[-1])
-        hidden = hidden.scatter(1, columns, prompts)
-        if args:
-            return (hidden, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": hidden}
+        return prompts, None
+
+    def _clear_pending(self, generator: PromptGenerator, module: nn.Module, args: tuple) -> None:
+        generator.pending = None
 
     def _after_projection(self, generator: PromptGenerator, part: slice, module: nn.Module, args: tuple,
                           output: torch.Tensor) -> torch.Tensor | None:
         """``insertion='kv'``: add the generator's keys (or values) to this projection's output at the slots."""
-        if self._step_mask is None:
+        pending = getattr(generator, "pending", None)
+        if pending is None:
             return None  # a decode step: the slots' keys and values are in the cache already
-        delta = generator.pending[..., part].to(output.dtype)
-        columns = self._step_columns[..., None].expand(-1, -1, output.shape[-1])
-        return output.scatter_add(1, columns, delta)
+        delta, columns = pending
+        columns = columns[..., None].expand(-1, -1, output.shape[-1])
+        return output.scatter_add(1, columns, delta[..., part].to(output.dtype))
 
     @contextlib.contextmanager
-    def _slots(self, instruction_mask: torch.Tensor | None, is_slot: torch.Tensor | None) -> Iterator[None]:
-        if self._slots_active:
-            raise RuntimeError("IAPTModel calls do not nest; call the base model directly inside a hook")
-        self._slots_active, self._instruction_mask, self._is_slot = True, instruction_mask, is_slot
-        try:
-            yield
-        finally:
-            # _step_mask stays set until the next call: a checkpointing wrapper that re-runs a layer's
-            # hooks during backward must see the mask of the forward it recomputes. (transformers 5
-            # checkpoints the layer's forward only, so the soft tokens enter it as a plain input.)
-            self._slots_active, self._instruction_mask, self._is_slot = False, None, None
+    def _slots(self, instruction_mask: torch.Tensor | None, is_slot: torch.Tensor | None) -> Iterator[SlotCall]:
+        with self.slot_writer.session(SlotCall(instruction_mask, is_slot)) as call:
+            yield call
+
+    @property
+    def prefilling(self) -> bool:
+        """True while the backbone runs a prefill of this model's call (the generators write the slots)."""
+        return self.slot_writer.plan is not None
 
     # ------------------------------------------------------------------ forward / generate
     def forward(
@@ -299,8 +267,8 @@ class IAPTModel(nn.Module):
         if labels is not None and labels.shape != (batch, length):
             raise ValueError(f"labels have shape {tuple(labels.shape)}, expected {(batch, length)} like input_ids")
         n = self.num_soft_tokens
-        source_columns, is_slot = _slot_layout(attention_mask, n, self.slots_after_padding)
-        full_mask = _insert_slots(attention_mask, source_columns, is_slot, 1)
+        source_columns, is_slot = slot_layout(attention_mask, n, self.slots_after_padding)
+        full_mask = insert_slots(attention_mask, source_columns, is_slot, 1)
         decoding = past_key_values is not None and past_key_values.get_seq_length() > 0
         if decoding:
             expected = past_key_values.get_seq_length() + length
@@ -314,9 +282,9 @@ class IAPTModel(nn.Module):
         else:
             pooled = _instruction_mask(attention_mask, instruction_mask, labels)
             if input_ids is not None:
-                input_ids = _insert_slots(input_ids, source_columns, is_slot, self.slot_token_id)
+                input_ids = insert_slots(input_ids, source_columns, is_slot, self.slot_token_id)
             else:
-                inputs_embeds = _insert_slots(inputs_embeds, source_columns, is_slot, 0.0)
+                inputs_embeds = insert_slots(inputs_embeds, source_columns, is_slot, 0.0)
             # Project only columns n: (every token's column, see _before_layer): no logits for n slots.
             kwargs.setdefault("logits_to_keep", length)
         if labels is not None and instruction_mask is None and not decoding:
@@ -366,7 +334,7 @@ class IAPTModel(nn.Module):
         for key in ("labels", "shift_labels"):
             value = labels if key == "labels" else kwargs.get(key)
             if value is not None:
-                kwargs[key] = _insert_slots(value, source_columns, is_slot, -100)
+                kwargs[key] = insert_slots(value, source_columns, is_slot, -100)
         kwargs.setdefault("use_cache", False)
         with self._slots(pooled, is_slot):
             out = self.base_model(input_ids=input_ids, attention_mask=full_mask, inputs_embeds=inputs_embeds,
@@ -411,11 +379,11 @@ class IAPTModel(nn.Module):
         if kwargs.get("max_new_tokens") is None and getattr(generation_config, "max_new_tokens", None) is None \
                 and "max_length" not in kwargs:
             kwargs["max_length"] = generation_config.max_length + n
-        source_columns, is_slot = _slot_layout(attention_mask, n, self.slots_after_padding)
+        source_columns, is_slot = slot_layout(attention_mask, n, self.slots_after_padding)
         with self._slots(pooled, is_slot):
             out = self.base_model.generate(
-                input_ids=_insert_slots(input_ids, source_columns, is_slot, self.slot_token_id),
-                attention_mask=_insert_slots(attention_mask, source_columns, is_slot, 1),
+                input_ids=insert_slots(input_ids, source_columns, is_slot, self.slot_token_id),
+                attention_mask=insert_slots(attention_mask, source_columns, is_slot, 1),
                 **kwargs,
             )
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
@@ -489,6 +457,7 @@ class IAPTModel(nn.Module):
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        self.slot_writer.remove()
         return self.base_model
 
     def __getattr__(self, name: str) -> Any:

@@ -32,11 +32,14 @@ prompts, float32 generator weights whatever the backbone's dtype.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import inspect
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +52,11 @@ from iapt.adapter_files import read_weights, weights_path
 from iapt.backbone import check_base, check_compatible, find_layers, slot_token_id, text_config
 from iapt.config import CONFIG_NAME, WEIGHTS_NAME
 from iapt.io import atomic_write, atomic_write_text
-from iapt.model import IAPTModel
+from iapt.model import IAPTModel, SlotCall
+from iapt.slots import SlotWriter
+
+# IDPG last_layer: the frozen model's states of the prompt, for the call being made in this thread
+_CONTEXT: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("iapt_idpg_context", default=None)
 
 KINDS = ("IDPG", "LPT")
 VECTOR_POOLINGS = ("mean", "max", "last")  # one vector, then d -> r -> m*d
@@ -253,14 +260,8 @@ class GeneratedPromptModel(IAPTModel):
         self.prompt_generator = InstancePromptGenerator(hidden_size, config).to(device)
         self.slot_token_id = slot_token_id(base_model)
 
-        self._slots_active = False
-        self._instruction_mask: torch.Tensor | None = None
-        self._step_mask: torch.Tensor | None = None
-        self._past_length = 0  # tokens (slots included) in the cache when the current backbone call began
-        self._context: torch.Tensor | None = None  # IDPG last_layer: the frozen model's states of the prompt
         self._hooks = [base_model.register_forward_pre_hook(self._before_backbone, with_kwargs=True)]
-        self._hooks.append(decoder_layers[layer].register_forward_pre_hook(
-            functools.partial(self._before_layer, self.prompt_generator), with_kwargs=True))
+        self.slot_writer = SlotWriter({layer: decoder_layers[layer]}, self._soft_tokens)
         for i in range(layer):  # LPT: below the insertion layer the slots do not exist for the real tokens
             params = list(inspect.signature(decoder_layers[i].forward).parameters)
             position = params.index("attention_mask") if "attention_mask" in params else None
@@ -268,47 +269,40 @@ class GeneratedPromptModel(IAPTModel):
                 functools.partial(self._hide_slots, position), with_kwargs=True))
 
     # ------------------------------------------------------------------ hooks
-    def _before_backbone(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        result = super()._before_backbone(module, args, kwargs)
-        if self._slots_active:
-            cache = kwargs.get("past_key_values")
-            self._past_length = cache.get_seq_length() if cache is not None else 0
-        return result
-
-    def _before_layer(
-        self, generator: nn.Module, module: nn.Module, args: tuple, kwargs: dict
-    ) -> tuple[tuple, dict] | None:
-        if self._context is None:
-            return super()._before_layer(generator, module, args, kwargs)
-        mask = self._step_mask
-        if mask is None:
-            return None
-        hidden = args[0] if args else kwargs["hidden_states"]
+    def _soft_tokens(self, layer: int, hidden: torch.Tensor, call: SlotCall) -> tuple[torch.Tensor, None]:
+        """The slot writer's source: the m soft tokens of this prefill (slots in columns 0..m-1)."""
         n = self.num_soft_tokens
-        real = hidden[:, n:]
-        context = self._context.to(real.device)
-        if context.shape[0] != real.shape[0]:  # generate expanded rows for beams / num_return_sequences
-            context = context.repeat_interleave(real.shape[0] // context.shape[0], dim=0)
-        if context.shape[1] < real.shape[1]:  # no-cache generation: generated tokens are not pooled anyway
-            context = torch.nn.functional.pad(context, (0, 0, 0, real.shape[1] - context.shape[1]))
-        prompts = generator(context[:, : real.shape[1]], mask).to(hidden.dtype)
-        hidden = torch.cat([prompts, real], dim=1)
-        if args:
-            return (hidden, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": hidden}
+        real, mask = hidden[:, n:], call.plan.pooled[:, n:]
+        if call.context is not None:  # IDPG last_layer: the frozen model's states of the prompt
+            context = call.context.to(real.device)
+            if context.shape[0] != real.shape[0]:  # generate expanded rows for beams / num_return_sequences
+                context = context.repeat_interleave(real.shape[0] // context.shape[0], dim=0)
+            if context.shape[1] < real.shape[1]:  # no-cache generation: generated tokens are not pooled anyway
+                context = torch.nn.functional.pad(context, (0, 0, 0, real.shape[1] - context.shape[1]))
+            real = context[:, : real.shape[1]]
+        return self.prompt_generator(real, mask), None
+
+    @contextlib.contextmanager
+    def _slots(self, instruction_mask: torch.Tensor | None, is_slot: torch.Tensor | None) -> Iterator[SlotCall]:
+        with super()._slots(instruction_mask, is_slot) as call:
+            call.context = _CONTEXT.get()
+            yield call
 
     def _hide_slots(self, position: int | None, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         """Below the insertion layer, mask the slot columns out of every real token's attention."""
-        if not self._slots_active:
+        call = self.slot_writer.state
+        if call is None:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
         if position is not None and len(args) > position:
-            args = (*args[:position], self._slot_hiding_mask(args[position], hidden), *args[position + 1:])
+            args = (*args[:position], self._slot_hiding_mask(args[position], hidden, call.past_length),
+                    *args[position + 1:])
             return args, kwargs
-        return args, {**kwargs, "attention_mask": self._slot_hiding_mask(kwargs.get("attention_mask"), hidden)}
+        return args, {**kwargs, "attention_mask": self._slot_hiding_mask(kwargs.get("attention_mask"), hidden,
+                                                                           call.past_length)}
 
-    def _slot_hiding_mask(self, mask: Any, hidden: torch.Tensor) -> torch.Tensor:
-        n, q, past = self.num_soft_tokens, hidden.shape[1], self._past_length
+    def _slot_hiding_mask(self, mask: Any, hidden: torch.Tensor, past: int) -> torch.Tensor:
+        n, q = self.num_soft_tokens, hidden.shape[1]
         rows = past + torch.arange(q, device=hidden.device)  # absolute index of each query (slots included)
         if mask is None:
             # sdpa's "is_causal" shortcut: no padding and nothing but causality (no sliding window in reach)
@@ -386,13 +380,14 @@ class GeneratedPromptModel(IAPTModel):
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 labels: torch.LongTensor | None = None, instruction_mask: torch.Tensor | None = None,
                 **kwargs: Any) -> Any:
-        if self._needs_context(kwargs.get("past_key_values")):
-            self._context = self._encode(input_ids, attention_mask)
+        context = self._encode(input_ids, attention_mask) if self._needs_context(kwargs.get("past_key_values")) \
+            else None
+        token = _CONTEXT.set(context)
         try:
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                                    instruction_mask=instruction_mask, **kwargs)
         finally:
-            self._context = None
+            _CONTEXT.reset(token)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -400,12 +395,15 @@ class GeneratedPromptModel(IAPTModel):
         if self._needs_context(None) and input_ids is not None:
             ids = input_ids if input_ids.dim() == 2 else input_ids.unsqueeze(0)
             mask = attention_mask if attention_mask is None or attention_mask.dim() == 2 else attention_mask.reshape(1, -1)
-            self._context = self._encode(ids, mask)
+            context = self._encode(ids, mask)
+        else:
+            context = None
+        token = _CONTEXT.set(context)
         try:
             return super().generate(input_ids=input_ids, attention_mask=attention_mask,
                                     instruction_mask=instruction_mask, **kwargs)
         finally:
-            self._context = None
+            _CONTEXT.reset(token)
 
     # ------------------------------------------------------------------ parameters
     def expected_parameter_count(self) -> int:

@@ -25,6 +25,7 @@ is not used.
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import math
@@ -39,7 +40,6 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
 from iapt.adapter_files import validate_weights
@@ -47,6 +47,7 @@ from iapt.adapters import adapter_type, resolve_adapter_dir
 from iapt.backbone import anchor_states, check_base, check_compatible, find_layers, slot_token_id, text_config
 from iapt.config import IAPTConfig
 from iapt.generator import PromptGenerator, soft_prompts
+from iapt.slots import SlotPlan, SlotWriter
 
 logger = logging.getLogger(__name__)
 
@@ -375,14 +376,11 @@ class RequestHandle:
 
 @dataclass
 class _Prefill:
-    """What the layer hooks need during one engine prefill (and only then)."""
+    """The slot writer's session during one engine prefill: the plan, and whose generators each row runs."""
 
-    thread: int  # the engine thread: another thread's forward on the same backbone is left alone
+    plan: SlotPlan
     bank: AdapterBank
     index: torch.Tensor  # (B,) adapter index of each row, 0 = none
-    pool: torch.Tensor  # (B, T) the prompt tokens, which the generators read
-    columns: torch.Tensor  # (B, N) where each row's slots are
-    valid: torch.Tensor  # (B, N) False past the row's own slot count
 
 
 @dataclass
@@ -457,7 +455,6 @@ class Engine:
         self._waiting: collections.deque[RequestHandle] = collections.deque()
         self._running: _Running | None = None
         self._ids = itertools.count(1)
-        self._prefill: _Prefill | None = None  # set only during an engine prefill
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._paused = threading.Event()
@@ -466,8 +463,7 @@ class Engine:
         self.requests_finished = 0
 
         layers = find_layers(base_model, layers_path)
-        self._hooks = [layer.register_forward_pre_hook(self._make_hook(i), with_kwargs=True)
-                       for i, layer in enumerate(layers)]
+        self._writer = SlotWriter(dict(enumerate(layers)), self._soft_tokens)
         if adapters_dir is not None:
             self.load_adapters_dir(adapters_dir)
 
@@ -769,39 +765,27 @@ class Engine:
             mask[i, width - length - n:] = 1
             pool[i, width - length:] = True
             starts.append(width - length - n)
+        session: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         if max(slots) > 0:
             offsets = torch.arange(max(slots), device=self.device)
             columns = (torch.tensor(starts, device=self.device)[:, None] + offsets).clamp_max(width - 1)
             valid = offsets < torch.tensor(slots, device=self.device)[:, None]
-            self._prefill = _Prefill(threading.get_ident(), bank, index, pool, columns, valid)
+            session = self._writer.session(_Prefill(SlotPlan(columns, pool, valid), bank, index))
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         cache = DynamicCache()
-        try:
+        with session:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                              use_cache=True, logits_to_keep=1)
-        finally:
-            self._prefill = None
         gens = [_generator(h.request) for h in handles]
         running = _Running(handles, cache, mask, ids[:, -1], gens)
         running.last, running.failed, running.logprobs = self._sample(out.logits[:, -1], running)
         return running
 
-    def _make_hook(self, layer: int) -> Callable:
-        def before_layer(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-            """At an engine prefill, write each row's soft tokens of this layer into its slots."""
-            state = self._prefill
-            if state is None or state.thread != threading.get_ident():  # not ours: another thread's forward
-                return None
-            hidden = args[0] if args else kwargs["hidden_states"]
-            prompts, present = state.bank.soft_prompts(layer, state.index, hidden, state.pool, state.columns.shape[1])
-            columns = state.columns[..., None].expand(-1, -1, hidden.shape[-1])
-            write = (state.valid & present[:, None])[..., None]  # rows without a generator here keep theirs
-            hidden = hidden.scatter(1, columns, torch.where(write, prompts.to(hidden.dtype), hidden.gather(1, columns)))
-            if args:
-                return (hidden, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": hidden}
-
-        return before_layer
+    @staticmethod
+    def _soft_tokens(layer: int, hidden: torch.Tensor, state: _Prefill) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slot writer's source: every row's soft tokens of ``layer``, one bank call for the batch (rows
+        without a generator at this layer keep their slots' states)."""
+        return state.bank.soft_prompts(layer, state.index, hidden, state.plan.pooled, state.plan.columns.shape[1])
 
     def _merge(self, new: _Running) -> None:
         """Deliver the prefill's first tokens, then join the unfinished rows to the running batch."""
@@ -921,9 +905,7 @@ class Engine:
     def close(self) -> None:
         """Stop the loop and remove the engine's hooks: the backbone is bare again."""
         self.stop()
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
+        self._writer.remove()
 
 
 # ------------------------------------------------------------------------------------------ helpers
