@@ -211,7 +211,7 @@ def test_startup_skips_a_wrong_base_adapter(adapters_dir, wrong_base_adapter, tm
 
 def test_generators_run_once_per_layer_at_prefill_only(engine, monkeypatch):
     """A mixed batch runs every tenant's generator in one stacked call per layer; decoding runs none."""
-    import iapt.serving.engine as engine_module
+    import iapt.serving.bank as engine_module  # where the bank looks soft_prompts up
 
     calls = []
     stacked = engine_module.soft_prompts

@@ -29,350 +29,44 @@ import contextlib
 import itertools
 import logging
 import math
-import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from transformers import DynamicCache, PreTrainedModel
 
-from iapt.adapter_files import validate_weights
-from iapt.adapters import adapter_type, resolve_adapter_dir
-from iapt.backbone import anchor_states, check_base, check_compatible, find_layers, slot_token_id, text_config
-from iapt.config import IAPTConfig
-from iapt.generator import PromptGenerator, soft_prompts
+from iapt.backbone import anchor_states, check_base, find_layers, slot_token_id, text_config
+from iapt.serving.bank import Adapter, AdapterBank, read_adapter
+from iapt.serving.requests import (
+    FREQUENCY_PENALTY_RANGE,
+    MAX_LOGPROBS,
+    MIN_TEMPERATURE,
+    PRESENCE_PENALTY_RANGE,
+    REPETITION_PENALTY_RANGE,
+    SEED_RANGE,
+    AdapterTooLarge,
+    Event,
+    QueueFull,
+    Request,
+    RequestHandle,
+    TokenLogprob,
+    UnknownAdapter,
+)
+from iapt.serving.sampling import _generator, _logprob, _penalize
 from iapt.slots import SlotPlan, SlotWriter
+
+__all__ = ["FREQUENCY_PENALTY_RANGE", "MAX_LOGPROBS", "MIN_TEMPERATURE", "PRESENCE_PENALTY_RANGE",
+           "REPETITION_PENALTY_RANGE", "SEED_RANGE", "Adapter", "AdapterBank", "AdapterTooLarge", "Engine", "Event", "QueueFull", "Request", "RequestHandle",
+           "TokenLogprob", "UnknownAdapter", "read_adapter"]
 
 logger = logging.getLogger(__name__)
 
-# Temperatures below this are greedy: dividing logits by ~1e-37 overflows float32 to inf and NaN.
-MIN_TEMPERATURE = 1e-2
-SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
-# Penalty ranges that keep every logit finite in float32 (a penalty of 1e-30 would divide logits into inf).
-REPETITION_PENALTY_RANGE = (0.01, 10.0)
-FREQUENCY_PENALTY_RANGE = PRESENCE_PENALTY_RANGE = (-2.0, 2.0)  # OpenAI's
-MAX_LOGPROBS = 20  # top logprobs per token, as OpenAI's chat API (and vLLM's default --max-logprobs)
 
 _WEIGHTS = ("down_weight", "down_bias", "queries", "numerator", "denominator", "up_weight", "up_bias")
-
-
-# ------------------------------------------------------------------------------------------ errors
-class QueueFull(RuntimeError):
-    """The waiting queue is at ``max_queue``: retry later (HTTP 429)."""
-
-    def __init__(self, message: str, retry_after: float = 1.0) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class UnknownAdapter(KeyError):
-    """No adapter of that name is loaded (HTTP 404)."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "unknown adapter"
-
-
-class AdapterTooLarge(ValueError):
-    """The adapter's bottleneck or slot count is above the engine's limit (HTTP 400)."""
-
-
-# ------------------------------------------------------------------------------------------ adapters
-@dataclass
-class Adapter:
-    """One tenant's IAPT adapter on disk, validated: its config, and where its generator weights are.
-
-    The weights are read only when the engine stacks them into its :class:`AdapterBank` (``load_weights``),
-    straight into the bank's rows, so an adapter is held in memory once and loading N of them never holds N
-    transient copies.
-    """
-
-    name: str
-    path: Path
-    config: IAPTConfig
-    layer_ids: list[int]
-    weights_file: Path
-
-    def load_weights(self) -> dict[int, dict[str, torch.Tensor | None]]:
-        """Layer index -> _WEIGHTS (float32; a missing bias is None), read from the (validated) file."""
-        try:
-            state = load_file(str(self.weights_file))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise ValueError(f"adapter weights {self.weights_file} became unreadable: {exc}") from None
-        return {i: {key: (state[f"{i}.{stored}"].float() if f"{i}.{stored}" in state else None)
-                    for key, stored in _STORED.items()} for i in self.layer_ids}
-
-
-_STORED = {"down_weight": "down.weight", "down_bias": "down.bias", "queries": "queries",
-           "numerator": "activation.numerator", "denominator": "activation.denominator",
-           "up_weight": "up.weight", "up_bias": "up.bias"}
-
-
-def read_adapter(base_model: PreTrainedModel, path: str | Path, name: str | None = None) -> Adapter:
-    """Read and validate an IAPT adapter folder for ``base_model``, without touching the model.
-
-    Uses the same checks as ``IAPTModel.from_pretrained`` (same base architecture, hidden size and layer
-    count; weights matching the config: names and shapes, read from the file's header) but installs no
-    hooks, so it is safe while another thread runs the backbone; the weights themselves are not loaded yet.
-    """
-    directory = resolve_adapter_dir(path)
-    kind = adapter_type(directory)
-    if kind != "IAPT":
-        raise ValueError(f"adapter {directory} is a {kind} adapter; only IAPT adapters are served by the built-in "
-                         f"engine (serve {kind} adapters with vLLM or PEFT)")
-    config = IAPTConfig.load(directory)
-    check_compatible(config, base_model, directory)
-    if config.insertion != "hidden":
-        raise ValueError(f"adapter {directory} writes keys and values (insertion={config.insertion!r}), which the "
-                         "built-in engine does not serve yet; serve it offline with IAPTModel.generate, or retrain "
-                         "with insertion='hidden'")
-    text = text_config(base_model)
-    num_layers = text.num_hidden_layers
-    layer_ids = list(range(num_layers)) if config.layers is None else sorted(set(config.layers))
-    if any(not 0 <= i < num_layers for i in layer_ids):
-        raise ValueError(f"adapter {directory} has generators at layers {layer_ids}, the base has {num_layers}")
-    one = {k: tuple(v.shape) for k, v in PromptGenerator(text.hidden_size, config).state_dict().items()}
-    expected = {f"{i}.{k}": shape for i in layer_ids for k, shape in one.items()}
-    # From the header, and the values one tensor at a time (NaN/Inf weights would fail every sampled request).
-    weights_file = validate_weights(directory, expected, finite=True)
-    name = name or (directory.parent.name if directory.name == "adapter" else directory.name)
-    return Adapter(name, directory, config, layer_ids, weights_file)
-
-
-def _shapes(d: int, r: int, n: int) -> dict[str, tuple[int, ...]]:
-    return {"down_weight": (r, d), "down_bias": (r,), "queries": (r, n), "numerator": (7,), "denominator": (5,),
-            "up_weight": (d, r), "up_bias": (d,), "anchor": (n, d)}
-
-
-def _pad_to(t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Zero-pad every dimension but the first up to ``shape`` (exact for the bank: see AdapterBank)."""
-    if list(t.shape[1:]) == list(shape):
-        return t
-    out = t.new_zeros((t.shape[0], *shape))
-    out[(slice(None), *(slice(0, s) for s in t.shape[1:]))] = t
-    return out
-
-
-class AdapterBank:
-    """Every loaded adapter's generator weights, stacked per layer so a batch gathers them by index.
-
-    Index 0 is "no adapter" (the bare backbone). Adapters may differ in bottleneck r, slot count n and
-    which layers have a generator: weights are zero-padded to the largest r and n, which is exact (padded
-    bottleneck channels are zero going in and have zero up-projection weights going out; soft tokens past
-    a row's own n are never written), and ``present`` says which rows have a generator at a layer.
-    """
-
-    def __init__(self, adapters: Sequence[Adapter], hidden_size: int, num_layers: int, device: torch.device,
-                 anchors: Mapping[str, torch.Tensor] | None = None) -> None:
-        """``anchors``: name -> (layers, n, d) slot states of each anchored adapter (:func:`iapt.model.anchor_states`),
-        added to its generators' output; adapters without an entry start from zero."""
-        anchors = anchors or {}
-        self.names = [a.name for a in adapters]
-        self.index = {name: i + 1 for i, name in enumerate(self.names)}
-        count = len(adapters) + 1
-        self.num_slots = torch.tensor([0] + [a.config.num_soft_tokens for a in adapters], device=device)
-        self.bottlenecks = [0] + [a.config.bottleneck for a in adapters]
-        self.modes = [("attention", True)] + [(a.config.pooling, a.config.input_norm) for a in adapters]
-        r = max([a.config.bottleneck for a in adapters], default=1)
-        n = max([a.config.num_soft_tokens for a in adapters], default=1)
-        shapes = _shapes(hidden_size, r, n)
-        self.layers: list[dict[str, torch.Tensor]] = []
-        for _ in range(num_layers):
-            stacked = {k: torch.zeros((count, *s), dtype=torch.float32, device=device) for k, s in shapes.items()}
-            self.layers.append({**stacked, "present": torch.zeros(count, dtype=torch.bool, device=device)})
-        for a_idx, adapter in enumerate(adapters, start=1):
-            for layer, weights in adapter.load_weights().items():  # one adapter's weights in memory at a time
-                bank = self.layers[layer]
-                bank["present"][a_idx] = True
-                if adapter.name in anchors:  # zero for unanchored rows: adding it changes nothing
-                    weights["anchor"] = anchors[adapter.name][layer]
-                for key, value in weights.items():
-                    if value is not None:
-                        bank[key][(a_idx, *(slice(0, s) for s in value.shape))] = value
-
-    def extended(self, adapters: Sequence[Adapter], anchors: Mapping[str, torch.Tensor] | None = None) -> AdapterBank:
-        """A new bank with ``adapters`` appended; this one is left as it is (a prefill may be reading it).
-
-        Costs one copy of the bank, however many adapters are added: load a folder with one call, not one
-        call per adapter.
-        """
-        if not adapters:
-            return self
-        added = AdapterBank(adapters, self.layers[0]["up_weight"].shape[1] if self.layers else 1,
-                            len(self.layers), self.num_slots.device, anchors)
-        if not self.names:
-            return added  # nothing to merge: no second copy
-        merged = AdapterBank.__new__(AdapterBank)
-        merged.names = self.names + added.names
-        merged.index = {name: i + 1 for i, name in enumerate(merged.names)}
-        merged.num_slots = torch.cat([self.num_slots, added.num_slots[1:]])
-        merged.bottlenecks = self.bottlenecks + added.bottlenecks[1:]
-        merged.modes = self.modes + added.modes[1:]
-        merged.layers = []
-        for mine, theirs in zip(self.layers, added.layers, strict=True):
-            layer = {}
-            for key, value in mine.items():
-                shape = [max(a, b) for a, b in zip(value.shape[1:], theirs[key].shape[1:], strict=True)]
-                layer[key] = torch.cat([_pad_to(value, shape), _pad_to(theirs[key][1:], shape)])
-            merged.layers.append(layer)
-        return merged
-
-    def without(self, name: str) -> AdapterBank:
-        """A new bank without adapter ``name``, padded only to the largest r and n the others need.
-
-        Cut down, not just copied: after a large adapter is unloaded its memory (and the cost of gathering
-        its padding at every prefill) is given back.
-        """
-        keep = [0] + [i for n, i in self.index.items() if n != name]
-        rows = torch.tensor(keep, device=self.num_slots.device)
-        smaller = AdapterBank.__new__(AdapterBank)
-        smaller.names = [n for n in self.names if n != name]
-        smaller.index = {n: i + 1 for i, n in enumerate(smaller.names)}
-        smaller.num_slots = self.num_slots.index_select(0, rows)
-        smaller.bottlenecks = [self.bottlenecks[i] for i in keep]
-        smaller.modes = [self.modes[i] for i in keep]
-        r = max(smaller.bottlenecks[1:], default=1)
-        n = max(smaller.num_slots[1:].tolist(), default=1)
-        cut = {"down_weight": (slice(0, r),), "down_bias": (slice(0, r),), "queries": (slice(0, r), slice(0, n)),
-               "up_weight": (slice(None), slice(0, r)), "anchor": (slice(0, n),)}
-        smaller.layers = [{k: v[(slice(None), *cut.get(k, ()))].index_select(0, rows) for k, v in layer.items()}
-                          for layer in self.layers]  # index_select copies only the view: the rest is freed
-        return smaller
-
-    def soft_prompts(
-        self, layer: int, adapter_index: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, num_slots: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Soft tokens ``(B, num_slots, d)`` of ``layer`` for rows using adapters ``adapter_index`` ``(B,)``.
-
-        One ``soft_prompts`` call for the whole batch (one per distinct pooling mode). Also returns which
-        rows have a generator at this layer; the others keep their slots' hidden states.
-        """
-        bank = self.layers[layer]
-        present = bank["present"].index_select(0, adapter_index)
-        out = hidden.new_zeros(hidden.shape[0], num_slots, hidden.shape[-1], dtype=torch.float32)
-        modes = [self.modes[i] for i in adapter_index.tolist()]
-        for mode in dict.fromkeys(modes):
-            rows = torch.tensor([i for i, m in enumerate(modes) if m == mode], device=hidden.device)
-            idx = adapter_index.index_select(0, rows)
-            w = {k: bank[k].index_select(0, idx) for k in _WEIGHTS}
-            w["queries"] = w["queries"][..., :num_slots]
-            out[rows] = soft_prompts(
-                hidden.index_select(0, rows), mask.index_select(0, rows), w["down_weight"], w["down_bias"],
-                w["queries"], w["numerator"], w["denominator"], w["up_weight"], w["up_bias"],
-                pooling=mode[0], input_norm=mode[1],
-            ) + bank["anchor"].index_select(0, idx)[:, :num_slots]
-        return out, present
-
-
-# ------------------------------------------------------------------------------------------ requests
-@dataclass
-class Request:
-    """What to generate. ``adapter=None`` (or the base model's name) runs the bare backbone."""
-
-    prompt: list[int]
-    adapter: str | None = None
-    max_tokens: int = 16
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    stop_token_ids: Sequence[int] = ()
-    ignore_eos: bool = False
-    on_event: Callable[[Event], None] | None = None  # called from the engine thread; must not block
-    top_k: int = 0  # 0 or -1: off (vLLM's -1); k: sample among the k most likely tokens
-    repetition_penalty: float = 1.0  # HF / vLLM: prompt and output tokens' logits / p (> 0) or * p (< 0)
-    frequency_penalty: float = 0.0  # OpenAI: logit -= f * count of the token in the output so far
-    presence_penalty: float = 0.0  # OpenAI: logit -= p if the token is in the output so far
-    logprobs: int | None = None  # None: none; k >= 0: each token's logprob and the k most likely ones
-
-    @property
-    def penalized(self) -> bool:
-        """Whether any penalty changes this request's logits (neutral requests skip that work)."""
-        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
-
-
-@dataclass
-class TokenLogprob:
-    """A generated token's log-probability under the model (before penalties, temperature, top-k/top-p:
-    vLLM's default ``raw_logprobs``), and the ``Request.logprobs`` most likely tokens', most likely first."""
-
-    token: int
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)
-
-
-@dataclass
-class Event:
-    """A new token, or the end of a request (``finish_reason`` set: stop, length, cancelled or error).
-
-    ``code`` says why an error happened when the caller can act on it: ``"model_not_found"`` (the adapter was
-    unloaded while the request waited) or ``"invalid_output"`` (this row's numbers were not finite).
-    """
-
-    token: int | None = None
-    finish_reason: str | None = None
-    error: str | None = None
-    code: str | None = None
-    logprob: TokenLogprob | None = None  # with ``token``, when the request asked for logprobs
-
-
-@dataclass
-class RequestHandle:
-    """The caller's side of a submitted request: its tokens so far, events, cancel()."""
-
-    id: int
-    request: Request
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, if the request asked for them
-    finish_reason: str | None = None
-    error: str | None = None
-    code: str | None = None
-    submitted: float = field(default_factory=time.monotonic)
-    _events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, repr=False)
-    _done: threading.Event = field(default_factory=threading.Event, repr=False)
-    _cancel: bool = False
-
-    @property
-    def finished(self) -> bool:
-        return self._done.is_set()
-
-    def cancel(self) -> None:
-        """Ask the engine to drop this request; its batch slot is freed before the next decode step."""
-        self._cancel = True
-
-    def events(self, timeout: float | None = None) -> Iterator[Event]:
-        """Blocking iterator over this request's events, ending with the final one."""
-        while True:
-            event = self._events.get(timeout=timeout)
-            yield event
-            if event.finish_reason is not None:
-                return
-
-    def wait(self, timeout: float | None = None) -> RequestHandle:
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
-        return self
-
-    def _emit(self, event: Event) -> None:
-        if event.token is not None:
-            self.tokens.append(event.token)
-            if event.logprob is not None:
-                self.logprobs.append(event.logprob)
-        else:
-            self.finish_reason, self.error, self.code = event.finish_reason, event.error, event.code
-        self._events.put(event)
-        if event.finish_reason is not None:
-            self._done.set()
-        if self.request.on_event is not None:
-            try:
-                self.request.on_event(event)
-            except Exception:  # a broken listener must not take the engine down
-                logger.exception("on_event callback of request %d failed", self.id)
-
 
 @dataclass
 class _Prefill:
@@ -909,32 +603,6 @@ class Engine:
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def _penalize(logits: torch.Tensor, r: Request, output: Sequence[int]) -> torch.Tensor:
-    """One row's logits ``(V,)`` with ``r``'s penalties, as vLLM applies them: the repetition penalty (HF's
-    ``RepetitionPenaltyLogitsProcessor``) over prompt and output tokens, frequency and presence penalties
-    (OpenAI's) over the output so far. Returns a new tensor; ``logits`` is left as it is."""
-    vocab = logits.shape[0]
-    out = logits.clone()
-    if r.repetition_penalty != 1.0:
-        seen = torch.tensor([t for t in itertools.chain(r.prompt, output) if 0 <= t < vocab],
-                            dtype=torch.long, device=out.device).unique()
-        values = out.gather(0, seen)
-        out.scatter_(0, seen, torch.where(values > 0, values / r.repetition_penalty, values * r.repetition_penalty))
-    if output and (r.frequency_penalty != 0.0 or r.presence_penalty != 0.0):
-        counts = torch.bincount(torch.tensor(list(output), dtype=torch.long, device=out.device),
-                                minlength=vocab)[:vocab].to(out.dtype)
-        out -= r.frequency_penalty * counts + r.presence_penalty * (counts > 0).to(out.dtype)
-    return out
-
-
-def _logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
-    """``token``'s log-probability under the raw logits ``(V,)`` and the ``top`` most likely tokens'."""
-    logp = torch.log_softmax(logits, -1)
-    best = logp.topk(top) if top else None
-    pairs = list(zip(best.indices.tolist(), best.values.tolist(), strict=True)) if best is not None else []
-    return TokenLogprob(token, float(logp[token]), pairs)
-
-
 def _pad_left(t: torch.Tensor, length: int) -> torch.Tensor:
     """Pad the sequence dim (-2 for K/V ``(B, H, L, D)``, -1 for masks ``(B, L)``) on the left with zeros."""
     dim = -1 if t.dim() == 2 else -2
@@ -956,18 +624,6 @@ def _select(run: _Running, keep: list[int]) -> _Running:
         layer.values = layer.values.index_select(0, idx)[..., start:, :]
     return _Running([run.handles[i] for i in keep], run.cache, mask[:, start:], run.last.index_select(0, idx),
                     [run.generators[i] for i in keep])
-
-
-def _generator(r: Request) -> torch.Generator | None:
-    """Each sampled request's own generator; None (greedy) below MIN_TEMPERATURE."""
-    if r.temperature < MIN_TEMPERATURE:
-        return None
-    g = torch.Generator()
-    if r.seed is not None:
-        g.manual_seed(r.seed)
-    else:
-        g.seed()
-    return g
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer: Any) -> set[int]:
