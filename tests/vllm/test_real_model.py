@@ -52,3 +52,4 @@ def test_real_model_mixed_batch_equals_offline_generate(tmp_path):
             out = offline.generate(ids, **kwargs)
         want.append(out[0, len(p):].tolist())
     assert got == want
+    assert got[1] != got[2], "the adapter was meant to change the base's answer to the same prompt"

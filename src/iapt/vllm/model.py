@@ -195,7 +195,7 @@ class IAPTAdapters:
                     "max_num_batched_tokens >= max_model_len")
             rows.append((index, start, n, length))
         device = input_ids.device
-        count, max_len = len(rows), max(max(r[3] for r in rows), 1)
+        max_len = max(max(r[3] for r in rows), 1)
         offsets = torch.arange(width, device=device)
         slot_start = torch.tensor([r[1] for r in rows], device=device)
         slot_n = torch.tensor([r[2] for r in rows], device=device)
@@ -208,7 +208,6 @@ class IAPTAdapters:
         index = torch.tensor([r[0] for r in rows], device=device)
         ids = input_ids.clone()
         ids[slot_rows[slot_valid]] = self.slot_token_id  # what IAPTModel feeds at its slots
-        del count
         return _Step(self.bank, index, slot_rows, slot_valid, pool_rows, pool_mask), ids
 
 
