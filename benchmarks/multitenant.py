@@ -92,6 +92,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from gather_lora import GatherLoRA
 from machine import (
     Clock,
     CpuMeter,
@@ -253,85 +254,6 @@ def setup_worker(args: argparse.Namespace) -> None:
     (work / "meta.json").write_text(json.dumps(meta))
 
 
-# ------------------------------------------------------------------------------------ batched gather LoRA
-class GatherLoRA:
-    """Every tenant's LoRA stacked per projection; forward hooks add bmm(bmm(x, A[idx]), B[idx]) per row.
-
-    ``set_rows(idx)`` says which adapter each batch row uses (0 = none, tenant t = t + 1); ``None`` = off.
-    """
-
-    def __init__(self, model: torch.nn.Module, adapter_dirs: Sequence[Path], dtype: torch.dtype,
-                 device: torch.device) -> None:
-        from safetensors.torch import load_file
-
-        per_module: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        for d in adapter_dirs:
-            cfg = json.loads((d / "adapter_config.json").read_text())
-            r = cfg["r"]
-            scaling = cfg["lora_alpha"] / (r ** 0.5 if cfg.get("use_rslora") else r)
-            state = load_file(str(d / "adapter_model.safetensors"))
-            for key, a in state.items():
-                if not key.endswith("lora_A.weight"):
-                    continue
-                b = state[key.replace("lora_A", "lora_B")]
-                name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-                per_module.setdefault(name, []).append((a.t(), b.t() * scaling))  # (d_in, r), (r, d_out)
-        modules = dict(model.named_modules())
-        self.stacks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._hooks = []
-        for name, pairs in per_module.items():
-            if len(pairs) != len(adapter_dirs):
-                raise ValueError(f"{name}: only {len(pairs)} of {len(adapter_dirs)} adapters adapt it")
-            a0, b0 = pairs[0]
-            A = torch.stack([torch.zeros_like(a0)] + [a for a, _ in pairs]).to(device=device, dtype=dtype)
-            B = torch.stack([torch.zeros_like(b0)] + [b for _, b in pairs]).to(device=device, dtype=dtype)
-            self.stacks[name] = (A.contiguous(), B.contiguous())
-            self._hooks.append(modules[name].register_forward_hook(self._hook(name)))
-        self.device = device
-        self.rows: tuple[int, ...] | None = None
-        self._gathered: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for pair in self.stacks.values() for t in pair)
-
-    def set_rows(self, rows: Sequence[int] | None) -> None:
-        rows = None if rows is None else tuple(int(r) for r in rows)
-        if rows != self.rows:
-            self.rows = rows
-            self._gathered = {}
-
-    def _weights(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        w = self._gathered.get(name)
-        if w is None:
-            A, B = self.stacks[name]
-            if len(set(self.rows)) == 1:  # one adapter for the whole batch: shared weights, plain matmuls
-                w = (A[self.rows[0]], B[self.rows[0]])
-            else:
-                idx = torch.tensor(self.rows, device=self.device)
-                w = (A.index_select(0, idx), B.index_select(0, idx))  # (batch, d_in, r), (batch, r, d_out)
-            self._gathered[name] = w
-        return w
-
-    def _hook(self, name: str) -> Callable:
-        def after(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-            if self.rows is None:
-                return None
-            x = args[0]
-            if x.shape[0] != len(self.rows):
-                raise RuntimeError(f"gather-LoRA: batch of {x.shape[0]} rows, {len(self.rows)} adapter indices set")
-            A, B = self._weights(name)
-            if A.dim() == 2:
-                return output + (x.to(A.dtype) @ A) @ B
-            return output + torch.bmm(torch.bmm(x.to(A.dtype), A), B).to(output.dtype)
-
-        return after
-
-    def remove(self) -> None:
-        for h in self._hooks:
-            h.remove()
-
-
-# ------------------------------------------------------------------------------------------ the runs
 def run_static(args: argparse.Namespace, generate: Callable[..., torch.Tensor], prompts: list[list[int]],
                tenants: list[int], before_batch: Callable[[list[int]], dict[str, Any]], pad: int) -> dict[str, Any]:
     """Static batches of up to max_batch_size requests in arrival order, one ``generate`` call each."""
@@ -377,26 +299,24 @@ def run_engine(args: argparse.Namespace, engine: Any, prompts: list[list[int]], 
     prefill = 0.0
     batches: list[int] = []
     steps = 0
-    orig_prefill, orig_decode = engine._prefill_batch, engine._decode
+    started = [0.0]
 
-    def timed_prefill(handles: list[Any], bank: Any) -> Any:
-        nonlocal prefill
-        if rows_of is not None:
-            rows_of([h.request for h in handles])
-        sync()
-        t = time.perf_counter()
-        out = orig_prefill(handles, bank)
-        sync()
-        prefill += time.perf_counter() - t
-        batches.append(len(handles))
-        return out
-
-    def counted_decode() -> None:
-        nonlocal steps
-        if rows_of is not None:
-            rows_of([h.request for h in engine._running.handles])
-        orig_decode()
-        steps += 1
+    def observe(kind: str, step_requests: Sequence[Any], seconds: float | None) -> None:
+        """Around every engine step: which rows it runs (for the gather-LoRA hooks), and each prefill's time."""
+        nonlocal prefill, steps
+        if seconds is None:
+            if rows_of is not None:
+                rows_of(list(step_requests))
+            if kind == "prefill":
+                sync()
+                started[0] = time.perf_counter()
+            return
+        if kind == "prefill":
+            sync()
+            prefill += time.perf_counter() - started[0]
+            batches.append(len(step_requests))
+        else:
+            steps += 1
 
     def listener(i: int) -> Callable[[Any], None]:
         def on_event(event: Any) -> None:
@@ -413,7 +333,7 @@ def run_engine(args: argparse.Namespace, engine: Any, prompts: list[list[int]], 
         r = Request(list(p), adapter=a, max_tokens=args.new_tokens, ignore_eos=True, on_event=listener(i))
         r.bench_tag = tags[i] if tags is not None else 0  # what the gather-LoRA hooks read
         requests.append(r)
-    engine._prefill_batch, engine._decode = timed_prefill, counted_decode
+    remove_observer = engine.add_step_observer(observe)
     try:
         sync()
         t0 = time.perf_counter()
@@ -426,7 +346,7 @@ def run_engine(args: argparse.Namespace, engine: Any, prompts: list[list[int]], 
         sync()
         wall = time.perf_counter() - t0
     finally:
-        del engine._prefill_batch, engine._decode  # back to the class's methods
+        remove_observer()
         if rows_of is not None:
             rows_of(None)
     bad = [h for h in handles if h.finish_reason != "length" or len(h.tokens) != args.new_tokens]

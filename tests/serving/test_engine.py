@@ -432,3 +432,22 @@ def test_adapter_size_limits_and_the_bank_shrinks_on_unload(engine, adapters_dir
     assert size(engine.bank) == before and engine.bank.layers[0]["queries"].shape[1:] == (8, 4)
     r = Request(prompts(1, seed=13)[0], "carol", max_tokens=6)
     assert engine.generate_many([r])[0].tokens == expected(reference, adapters_dir, r)
+
+
+def test_step_observers_see_every_step_with_its_rows_and_can_be_removed(engine):
+    """The public hook benchmarks use instead of patching the engine: before/after every prefill and decode."""
+    seen = []
+    remove = engine.add_step_observer(lambda kind, requests, seconds: seen.append(
+        (kind, [r.adapter for r in requests], seconds)))
+    requests = [Request([5, 6, 7], "alice", max_tokens=3, ignore_eos=True), Request([8, 9], None, max_tokens=3,
+                                                                                      ignore_eos=True)]
+    engine.generate_many(requests)
+    kinds = [k for k, _, s in seen if s is None]
+    assert kinds[0] == "prefill" and kinds.count("prefill") == 1 and kinds.count("decode") == 2
+    assert [k for k, _, s in seen if s is not None] == kinds, "every step is seen before and after"
+    assert all(s is None or s >= 0 for _, _, s in seen)
+    assert seen[0][1] == ["alice", None], "the step's rows, in order"
+    remove()
+    seen.clear()
+    engine.generate_many([Request([5], "bob", max_tokens=2)])
+    assert seen == []

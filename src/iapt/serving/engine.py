@@ -31,7 +31,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,9 @@ __all__ = ["FREQUENCY_PENALTY_RANGE", "MAX_LOGPROBS", "MIN_TEMPERATURE", "PRESEN
            "TokenLogprob", "UnknownAdapter", "read_adapter"]
 
 logger = logging.getLogger(__name__)
+
+StepObserver = Callable[[str, Sequence[Request], float | None], None]
+"""(kind: "prefill" | "decode", the step's requests, None before the step / its wall seconds after it)."""
 
 
 _WEIGHTS = ("down_weight", "down_bias", "queries", "numerator", "denominator", "up_weight", "up_bias")
@@ -153,6 +156,7 @@ class Engine:
         self._stop = threading.Event()
         self._paused = threading.Event()
         self._token_times: collections.deque[tuple[float, int]] = collections.deque()
+        self._observers: list[StepObserver] = []
         self.tokens_generated = 0
         self.requests_finished = 0
 
@@ -397,12 +401,34 @@ class Engine:
             self._admit(admitted, bank)
         if self._running is not None:
             try:
-                self._decode()
+                with self._observed("decode", [h.request for h in self._running.handles]):
+                    self._decode()
             except Exception as exc:  # cannot tell which row broke the shared forward: fail the batch
                 logger.exception("decode step failed")
                 for h in self._running.handles:
                     h._emit(Event(finish_reason="error", error=f"decode failed: {exc}"))
                 self._running = None
+
+    def add_step_observer(self, observer: StepObserver) -> Callable[[], None]:
+        """Call ``observer(kind, requests, seconds)`` around every model step, in the engine's thread: before it
+        with ``seconds=None``, after it with the step's wall time. ``kind`` is "prefill" or "decode", ``requests``
+        the step's rows in order. For benchmarks and tracing (time a step with a device sync, see which rows a
+        step runs); an observer must be quick and must not raise. Returns a function that removes it."""
+        self._observers.append(observer)
+        return lambda: self._observers.remove(observer)
+
+    @contextlib.contextmanager
+    def _observed(self, kind: str, requests: list[Request]) -> Iterator[None]:
+        if not self._observers:
+            yield
+            return
+        for observer in list(self._observers):
+            observer(kind, requests, None)
+        started = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - started
+        for observer in list(self._observers):
+            observer(kind, requests, seconds)
 
     def _drop_cancelled(self) -> None:
         for h in [h for h in self._waiting if h._cancel]:
@@ -428,7 +454,8 @@ class Engine:
         if not ready:
             return
         try:
-            batch = self._prefill_batch(ready, bank)
+            with self._observed("prefill", [h.request for h in ready]):
+                batch = self._prefill_batch(ready, bank)
         except Exception:
             if len(ready) == 1:
                 logger.exception("prefill of request %d failed", ready[0].id)
