@@ -7,13 +7,16 @@ checks a base must pass, the slot token, and the backbone's own states that anch
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
 from iapt.config import CONFIG_NAME, IAPTConfig
+
+if TYPE_CHECKING:
+    from iapt.baselines.generated import GeneratedPromptConfig
 
 # model_type -> dotted path of the decoder layer list inside the *ForCausalLM model.
 SUPPORTED_LAYER_PATHS: dict[str, str] = {
@@ -28,9 +31,15 @@ SUPPORTED_LAYER_PATHS: dict[str, str] = {
 }
 
 
-def text_config(model: PreTrainedModel) -> Any:
-    config = model.config
+def text_config(model: nn.Module) -> Any:
+    config: Any = model.config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def input_embeddings(model: nn.Module) -> nn.Embedding:
+    """``model.get_input_embeddings()`` of a Hugging Face model (its token embedding: weight (V, d))."""
+    # nn.Module types attributes as Tensor | Module: say what a Hugging Face causal LM has (see check_base)
+    return cast(nn.Embedding, cast(PreTrainedModel, model).get_input_embeddings())
 
 
 def find_layers(model: nn.Module, layers_path: str | None = None) -> nn.ModuleList:
@@ -102,7 +111,7 @@ def slot_states(base_model: PreTrainedModel, token_ids: int | list[int], n: int 
     states of the first k tokens: one call serves any n' <= n.
     """
     ids_list = [token_ids] * (n or 1) if isinstance(token_ids, int) else list(token_ids)
-    device = base_model.get_input_embeddings().weight.device
+    device = input_embeddings(base_model).weight.device
     ids = torch.tensor([ids_list], dtype=torch.long, device=device)
     was_training = base_model.training
     base_model.eval()  # no dropout in a constant
@@ -127,9 +136,9 @@ def frequent_token_ids(base_model: PreTrainedModel, n: int, generator: torch.Gen
     words and word pieces (SmolLM2: ids 983-9,830), past the byte alphabet and special tokens at the
     bottom: the same idea as prompt tuning's initialisation from the 5,000 most frequent tokens.
     """
-    vocab = base_model.get_input_embeddings().weight.shape[0]
+    vocab = input_embeddings(base_model).weight.shape[0]
     text = text_config(base_model)
-    special = set()
+    special: set[int | None] = set()
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
         value = getattr(text, key, None)
         special.update(value if isinstance(value, list) else [value])
@@ -160,10 +169,11 @@ def anchor_states(base_model: PreTrainedModel, config: IAPTConfig) -> torch.Tens
     if config.anchor == "none":
         return None
     resolve_anchor(base_model, config)
+    assert config.anchor_token_ids is not None, "resolve_anchor fills anchor_token_ids"
     return slot_states(base_model, config.anchor_token_ids)
 
 
-def check_compatible(config: IAPTConfig, base_model: PreTrainedModel, directory: Path) -> None:
+def check_compatible(config: IAPTConfig | GeneratedPromptConfig, base_model: PreTrainedModel, directory: Path) -> None:
     text = text_config(base_model)
     base = {
         "architecture (model_type)": base_model.config.model_type,
@@ -179,7 +189,7 @@ def check_compatible(config: IAPTConfig, base_model: PreTrainedModel, directory:
     if anchor == "tokens" and anchor_ids is None:
         raise ValueError(f"adapter {directory} is anchored on tokens (anchor='tokens') but records no "
                          f"anchor_token_ids; add the ids it was trained with to its {CONFIG_NAME}")
-    vocab = base_model.get_input_embeddings().weight.shape[0]
+    vocab = input_embeddings(base_model).weight.shape[0]
     if anchor_ids is not None and max(anchor_ids) >= vocab:
         raise ValueError(f"adapter {directory} anchors its slots on token ids {anchor_ids}, but this "
                          f"base has a vocabulary of {vocab}; load it on the base it was trained on")

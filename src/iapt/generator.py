@@ -85,6 +85,10 @@ def soft_prompts(
 class PromptGenerator(nn.Module):
     """Down-projection, self-attention pooling, rational activation, up-projection (one per layer)."""
 
+    # insertion='kv': this prefill's (soft keys/values, slot columns), set and read by IAPTModel's hooks (unset
+    # until the first prefill)
+    pending: tuple[torch.Tensor, torch.Tensor] | None
+
     def __init__(self, hidden_size: int, config: IAPTConfig, out_features: int | None = None) -> None:
         super().__init__()
         r, n = config.bottleneck, config.num_soft_tokens

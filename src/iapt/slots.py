@@ -17,7 +17,7 @@ import contextvars
 import functools
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -86,6 +86,8 @@ class SlotState(Protocol):
     plan: SlotPlan | None
 
 
+_State = TypeVar("_State", bound=SlotState)
+
 Source = Callable[[int, torch.Tensor, Any], tuple[torch.Tensor, torch.Tensor | None]]
 """(layer index, hidden (B, W, d), the session's state) -> soft tokens (B, N, d) and the rows (B,) that have a
 generator at this layer (None: all)."""
@@ -103,7 +105,7 @@ class SlotWriter:
                       for i, layer in layers.items()]
 
     @contextlib.contextmanager
-    def session(self, state: SlotState) -> Iterator[SlotState]:
+    def session(self, state: _State) -> Iterator[_State]:
         """Make ``state`` this writer's for the calls made inside (in this thread / task only)."""
         if self.state is not None:
             raise RuntimeError("slot sessions do not nest; call the base model directly inside a hook")
