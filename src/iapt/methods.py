@@ -8,9 +8,10 @@ as the baselines' ranks and prompt lengths.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
+from transformers import PreTrainedModel
 
 from iapt.backbone import generator_out_features, text_config
 from iapt.baselines import BASELINES
@@ -34,9 +35,10 @@ def _iapt_count(base: nn.Module, size: int, options: Any) -> int:
         text.hidden_size, config, generator_out_features(base, config))
 
 
+# The registry's bases are Hugging Face causal LMs (IAPTModel checks them: check_base).
 IAPT = Method("iapt", "IAPT", "bottleneck", lambda options: options.bottleneck, _iapt_count,
-              lambda base, size, options: get_iapt_model(base, _iapt_config(size, options)),
-              lambda base, directory: IAPTModel.from_pretrained(base, directory))
+              lambda base, size, options: get_iapt_model(cast(PreTrainedModel, base), _iapt_config(size, options)),
+              lambda base, directory: IAPTModel.from_pretrained(cast(PreTrainedModel, base), directory))
 
 METHODS: dict[str, Method] = {m.name: m for m in [IAPT, *BASELINES]}
 _BY_PEFT_TYPE = {m.peft_type: m for m in METHODS.values()}

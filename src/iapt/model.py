@@ -22,12 +22,12 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
 from iapt.adapter_files import read_weights, weights_path
@@ -37,6 +37,7 @@ from iapt.backbone import (
     check_compatible,
     find_layers,
     generator_out_features,
+    input_embeddings,
     kv_projections,
     slot_token_id,
     text_config,
@@ -119,7 +120,7 @@ class IAPTModel(nn.Module):
         self.iapt_config = config
         self.num_soft_tokens = config.num_soft_tokens
         self.slot_token_id = slot_token_id(base_model)
-        device = base_model.get_input_embeddings().weight.device
+        device = input_embeddings(base_model).weight.device
         self.insertion = config.insertion
         out_features = generator_out_features(base_model, config)
         self.generators = nn.ModuleDict(
@@ -134,16 +135,17 @@ class IAPTModel(nn.Module):
             # Zero soft tokens would stay exactly zero there, and each norm's gradient at zero is 1/sqrt(eps):
             # through many layers it overflows to NaN. Start these up-projections at nn.Linear's default.
             for generator in self.generators.values():
-                generator.up.reset_parameters()
+                cast(PromptGenerator, generator).up.reset_parameters()
         self._hooks = [base_model.register_forward_pre_hook(self._before_backbone, with_kwargs=True)]
         if self.insertion == "kv":
             for i in layer_ids:  # first of the layer's hooks: a decode step (no plan) must not reuse a prefill's
+                layer_generator = cast(PromptGenerator, self.generators[str(i)])
                 self._hooks.append(decoder_layers[i].register_forward_pre_hook(
-                    functools.partial(self._clear_pending, self.generators[str(i)]), prepend=True))
+                    functools.partial(self._clear_pending, layer_generator), prepend=True))
                 k_proj, v_proj = kv_projections(decoder_layers[i])
                 for projection, part in ((k_proj, slice(0, k_proj.out_features)),
                                          (v_proj, slice(k_proj.out_features, None))):
-                    hook = functools.partial(self._after_projection, self.generators[str(i)], part)
+                    hook = functools.partial(self._after_projection, layer_generator, part)
                     self._hooks.append(projection.register_forward_hook(hook))
         self.slot_writer = SlotWriter({i: decoder_layers[i] for i in layer_ids}, self._soft_tokens)
 
@@ -160,6 +162,7 @@ class IAPTModel(nn.Module):
             source = kwargs.get("inputs_embeds")
         if source is None and args:
             source = args[0]
+        assert source is not None, "the backbone is called with input_ids or inputs_embeds"
         batch, length = source.shape[0], source.shape[1]
         attention_mask = kwargs.get("attention_mask")
         if kwargs.get("position_ids") is None and attention_mask is not None and attention_mask.dim() == 2:
@@ -192,14 +195,16 @@ class IAPTModel(nn.Module):
 
     def _soft_tokens(self, layer: int, hidden: torch.Tensor, call: SlotCall) -> tuple[torch.Tensor, None]:
         """The slot writer's source: layer ``layer``'s soft tokens for this prefill."""
-        generator = self.generators[str(layer)]
-        prompts = generator(hidden, call.plan.pooled)
+        generator = cast(PromptGenerator, self.generators[str(layer)])
+        plan = call.plan
+        assert plan is not None, "the slot writer asks for soft tokens at prefills only"
+        prompts = generator(hidden, plan.pooled)
         anchor = getattr(generator, "anchor", None)
         if self.insertion == "kv":
             # The slots hold the anchor (or zero) states; the generator's output goes to their keys and values
             # (_after_projection), kept with the slot columns until this layer's projections run (and run again
             # under gradient checkpointing's recomputation, after the call).
-            generator.pending = (prompts, call.plan.columns)
+            generator.pending = (prompts, plan.columns)
             prompts = anchor.expand(hidden.shape[0], -1, -1) if anchor is not None else hidden.new_zeros(
                 hidden.shape[0], self.num_soft_tokens, hidden.shape[-1])
         elif anchor is not None:
@@ -260,6 +265,7 @@ class IAPTModel(nn.Module):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         source = input_ids if input_ids is not None else inputs_embeds
+        assert source is not None, "exactly one of input_ids and inputs_embeds was given"
         batch, length = source.shape[0], source.shape[1]
         device = source.device
         if attention_mask is None:
@@ -282,12 +288,13 @@ class IAPTModel(nn.Module):
         else:
             pooled = _instruction_mask(attention_mask, instruction_mask, labels)
             if input_ids is not None:
-                input_ids = insert_slots(input_ids, source_columns, is_slot, self.slot_token_id)
+                input_ids = cast(torch.LongTensor, insert_slots(input_ids, source_columns, is_slot, self.slot_token_id))
             else:
+                assert inputs_embeds is not None, "exactly one of input_ids and inputs_embeds was given"
                 inputs_embeds = insert_slots(inputs_embeds, source_columns, is_slot, 0.0)
             # Project only columns n: (every token's column, see _before_layer): no logits for n slots.
             kwargs.setdefault("logits_to_keep", length)
-        if labels is not None and instruction_mask is None and not decoding:
+        if labels is not None and instruction_mask is None and pooled is not None:  # pooled is None when decoding
             _warn_if_nothing_pooled(pooled, attention_mask)
         if kwargs.get("fused_lm_head") and not decoding:
             return self._fused_forward(input_ids, inputs_embeds, full_mask, labels, pooled, source_columns, is_slot,
@@ -296,6 +303,7 @@ class IAPTModel(nn.Module):
         if labelled_only:
             # Training fast path: project onto the vocabulary only the positions that predict a label. With
             # short responses this skips most of the lm_head's work (49k x 576 per token for SmolLM2).
+            assert labels is not None, "labelled_only implies labels"
             predicts = (labels[:, 1:] != -100).any(0).nonzero().flatten()
             kwargs["logits_to_keep"] = predicts + n
         loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch",) if k in kwargs}
@@ -312,6 +320,7 @@ class IAPTModel(nn.Module):
             if getattr(out, "hidden_states", None) is not None:
                 out.hidden_states = tuple(h[:, n:] for h in out.hidden_states)
         if labelled_only:
+            assert labels is not None, "labelled_only implies labels"
             targets = labels[:, predicts + 1]
             out.loss = torch.nn.functional.cross_entropy(
                 out.logits.float().reshape(-1, out.logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
@@ -324,7 +333,7 @@ class IAPTModel(nn.Module):
         return out
 
     def _fused_forward(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
-                       full_mask: torch.Tensor, labels: torch.Tensor | None, pooled: torch.Tensor,
+                       full_mask: torch.Tensor, labels: torch.Tensor | None, pooled: torch.Tensor | None,
                        source_columns: torch.Tensor, is_slot: torch.Tensor, past_key_values: Any,
                        position_ids: torch.Tensor | None, kwargs: dict[str, Any]) -> ModelOutput:
         """TRL's fused LM head (``SFTTrainer`` patches the backbone's forward and calls it with ``fused_lm_head=True``):
@@ -358,12 +367,15 @@ class IAPTModel(nn.Module):
         Pad on the left. Returns the prompt followed by the new tokens, as transformers does; the slots
         never appear. ``max_length`` / ``min_length`` count real tokens only.
         """
+        # The base is a causal LM (check_base): PreTrainedModel alone does not declare generate. The ignores below:
+        # transformers types generate's self as a protocol that mypy finds no model matches (LlamaForCausalLM neither)
+        backbone = cast(GenerationMixin, self.base_model)
         if self._disabled:
-            return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            return backbone.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)  # type: ignore[misc]
         if input_ids is None:
             raise ValueError("IAPTModel.generate needs input_ids (inputs_embeds-only generation is not supported)")
         if input_ids.dim() == 1:
-            input_ids = input_ids.unsqueeze(0)
+            input_ids = cast(torch.LongTensor, input_ids.unsqueeze(0))
             attention_mask = None if attention_mask is None else attention_mask.reshape(1, -1)
         batch = input_ids.shape[0]
         if attention_mask is None:
@@ -381,7 +393,7 @@ class IAPTModel(nn.Module):
             kwargs["max_length"] = generation_config.max_length + n
         source_columns, is_slot = slot_layout(attention_mask, n, self.slots_after_padding)
         with self._slots(pooled, is_slot):
-            out = self.base_model.generate(
+            out = backbone.generate(  # type: ignore[misc]
                 input_ids=insert_slots(input_ids, source_columns, is_slot, self.slot_token_id),
                 attention_mask=insert_slots(attention_mask, source_columns, is_slot, 1),
                 **kwargs,
@@ -389,7 +401,8 @@ class IAPTModel(nn.Module):
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         slot = is_slot.repeat_interleave(sequences.shape[0] // batch, dim=0).to(sequences.device)
         slot = torch.nn.functional.pad(slot, (0, sequences.shape[1] - slot.shape[1]), value=False)
-        sequences = sequences[~slot].view(sequences.shape[0], -1)  # every row drops exactly its n slots
+        # every row drops exactly its n slots
+        sequences = cast(torch.LongTensor, sequences[~slot].view(sequences.shape[0], -1))
         if isinstance(out, torch.Tensor):
             return sequences
         out.sequences = sequences
@@ -440,12 +453,14 @@ class IAPTModel(nn.Module):
 
     def expected_parameter_count(self) -> int:
         """2·d·r + r·n + 12 (+ r + d biases) per generator, summed over the layers that have one."""
+        hidden_size = self.iapt_config.base_hidden_size
+        assert hidden_size is not None, "IAPTModel.__init__ records base_hidden_size"
         return len(self.generators) * generator_parameter_count(
-            self.iapt_config.base_hidden_size, self.iapt_config, generator_out_features(self.base_model, self.iapt_config))
+            hidden_size, self.iapt_config, generator_out_features(self.base_model, self.iapt_config))
 
     def rational_parameters(self) -> list[nn.Parameter]:
         """The rational coefficients Θ (the 'architecture' of bi-level training)."""
-        return [p for g in self.generators.values() for p in g.activation.parameters()]
+        return [p for g in self.generators.values() for p in cast(PromptGenerator, g).activation.parameters()]
 
     def generator_weight_parameters(self) -> list[nn.Parameter]:
         """Everything trainable but Θ: projections and pooling queries (the 'weights' Ω)."""

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.utils import register_peft_method
 from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
 
 from iapt.config import IAPTConfig
 from iapt.model import IAPTModel
@@ -34,7 +35,7 @@ def _add_peft_type() -> Any:
     from peft.utils.peft_types import PeftType
 
     if "IAPT" in PeftType.__members__:
-        return PeftType.IAPT
+        return PeftType["IAPT"]  # added at run time (below): not an attribute the type checker knows
     member = str.__new__(PeftType, "IAPT")
     member._name_ = "IAPT"
     member._value_ = "IAPT"
@@ -61,7 +62,7 @@ class IAPTTuner(nn.Module):
         self.peft_config = peft_config
         self.active_adapter = adapter_name
         self._disabled = False
-        iapt = IAPTModel(model, peft_config[adapter_name])
+        iapt = IAPTModel(cast(PreTrainedModel, model), peft_config[adapter_name])  # PEFT's transformers model
         object.__setattr__(self, "_iapt", iapt)  # not a submodule: the backbone would appear twice in state_dict
         self.generators = iapt.generators
         # PeftModel.from_pretrained sets inference_mode unless is_trainable: the adapter is then frozen.
@@ -80,7 +81,8 @@ class IAPTTuner(nn.Module):
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         if self._disabled:
             kwargs.pop("instruction_mask", None)
-            return self.model.generate(*args, **kwargs)
+            # transformers types generate's self as a protocol that mypy finds no model matches
+            return cast(GenerationMixin, self.model).generate(*args, **kwargs)  # type: ignore[misc]
         return self._iapt.generate(*args, **kwargs)
 
     # PEFT's adapter switches. (``PeftModel.disable_adapter()`` itself asks PEFT's layer-status code, which knows
@@ -127,7 +129,7 @@ class IAPTTuner(nn.Module):
         if here is None:
             raise ValueError("no IAPT tuner in this model to load the adapter into")
         head = f"{here}.{_KEY_PREFIX}" if here else _KEY_PREFIX
-        expected = set(model.get_submodule(here).generators.state_dict())
+        expected = set(cast(IAPTTuner, model.get_submodule(here)).generators.state_dict())
         unknown = sorted(set(state_dict) - expected)
         missing = sorted(expected - set(state_dict))
         if unknown or missing:
