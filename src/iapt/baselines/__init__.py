@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from iapt.backbone import text_config
+from iapt.backbone import input_embeddings, text_config
 from iapt.baselines.generated import (
     POOLINGS,
     GeneratedPromptConfig,
@@ -87,7 +87,7 @@ def _generated_count(kind: str) -> Callable[[nn.Module, int, Any], int]:
 def _generated_build(kind: str) -> Callable[[nn.Module, int, Any], nn.Module]:
     def build(base: nn.Module, size: int, cfg: Any) -> nn.Module:
         model = GeneratedPromptModel(base, generated_config(kind, base, size, cfg))
-        vocab = base.get_input_embeddings().num_embeddings
+        vocab = input_embeddings(base).num_embeddings
         model.init_from_tokens(torch.randint(0, vocab, (model.num_soft_tokens,)))
         return model
 

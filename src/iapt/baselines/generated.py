@@ -42,14 +42,15 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from transformers import PreTrainedModel
 
 from iapt.adapter_files import read_weights, weights_path
-from iapt.backbone import check_base, check_compatible, find_layers, slot_token_id, text_config
+from iapt.backbone import check_base, check_compatible, find_layers, input_embeddings, slot_token_id, text_config
 from iapt.config import CONFIG_NAME, WEIGHTS_NAME
 from iapt.io import atomic_write, atomic_write_text
 from iapt.model import IAPTModel, SlotCall
@@ -229,6 +230,7 @@ class GeneratedPromptModel(IAPTModel):
     def __init__(self, base_model: nn.Module, config: GeneratedPromptConfig) -> None:
         nn.Module.__init__(self)
         check_base(base_model)
+        base_model = cast(PreTrainedModel, base_model)  # a Hugging Face causal LM (duck-typed by check_base)
         text = text_config(base_model)
         hidden_size, num_layers = text.hidden_size, text.num_hidden_layers
         decoder_layers = find_layers(base_model, config.layers_path)
@@ -256,7 +258,7 @@ class GeneratedPromptModel(IAPTModel):
         self.adapter_config = config
         self.num_soft_tokens = config.num_soft_tokens
         self.insertion_layer = layer
-        device = base_model.get_input_embeddings().weight.device
+        device = input_embeddings(base_model).weight.device
         self.prompt_generator = InstancePromptGenerator(hidden_size, config).to(device)
         self.slot_token_id = slot_token_id(base_model)
 
@@ -272,6 +274,7 @@ class GeneratedPromptModel(IAPTModel):
     def _soft_tokens(self, layer: int, hidden: torch.Tensor, call: SlotCall) -> tuple[torch.Tensor, None]:
         """The slot writer's source: the m soft tokens of this prefill (slots in columns 0..m-1)."""
         n = self.num_soft_tokens
+        assert call.plan is not None, "the slot writer asks for soft tokens at prefills only"
         real, mask = hidden[:, n:], call.plan.pooled[:, n:]
         if call.context is not None:  # IDPG last_layer: the frozen model's states of the prompt
             context = call.context.to(real.device)
@@ -346,7 +349,7 @@ class GeneratedPromptModel(IAPTModel):
         if up.bias is None:
             return
         m, layer = self.num_soft_tokens, self.insertion_layer
-        device = self.base_model.get_input_embeddings().weight.device
+        device = input_embeddings(self.base_model).weight.device
         ids = token_ids.reshape(1, -1).to(device)
         if ids.shape[1] != m:
             raise ValueError(f"init_from_tokens needs {m} token ids (one per soft token), got {ids.shape[1]}")
@@ -379,13 +382,14 @@ class GeneratedPromptModel(IAPTModel):
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 labels: torch.LongTensor | None = None, instruction_mask: torch.Tensor | None = None,
-                **kwargs: Any) -> Any:
-        context = self._encode(input_ids, attention_mask) if self._needs_context(kwargs.get("past_key_values")) \
-            else None
+                inputs_embeds: torch.Tensor | None = None, past_key_values: Any = None,
+                position_ids: torch.LongTensor | None = None, **kwargs: Any) -> Any:
+        context = self._encode(input_ids, attention_mask) if self._needs_context(past_key_values) else None
         token = _CONTEXT.set(context)
         try:
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                                   instruction_mask=instruction_mask, **kwargs)
+                                   instruction_mask=instruction_mask, inputs_embeds=inputs_embeds,
+                                   past_key_values=past_key_values, position_ids=position_ids, **kwargs)
         finally:
             _CONTEXT.reset(token)
 
@@ -407,7 +411,9 @@ class GeneratedPromptModel(IAPTModel):
 
     # ------------------------------------------------------------------ parameters
     def expected_parameter_count(self) -> int:
-        return generator_parameter_count(self.adapter_config.base_hidden_size, self.adapter_config)
+        hidden_size = self.adapter_config.base_hidden_size
+        assert hidden_size is not None, "GeneratedPromptModel.__init__ records base_hidden_size"
+        return generator_parameter_count(hidden_size, self.adapter_config)
 
     def rational_parameters(self) -> list[nn.Parameter]:
         return []  # no rational activations: the trainer uses one plain AdamW
@@ -432,7 +438,8 @@ class GeneratedPromptModel(IAPTModel):
         if not directory.is_dir():
             raise FileNotFoundError(f"adapter folder {directory} does not exist")
         config = GeneratedPromptConfig.load(directory)
-        check_compatible(config, base_model, directory)  # duck-typed: base_model_type / hidden size / layers
+        # duck-typed: base_model_type / hidden size / layers of a Hugging Face model
+        check_compatible(config, cast(PreTrainedModel, base_model), directory)
         weights_path(directory)
         model = cls(base_model, config)
         try:

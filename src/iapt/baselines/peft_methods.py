@@ -32,10 +32,16 @@ import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
+
+from iapt.backbone import input_embeddings
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 
 LORA_TARGETS = {"gpt2": ["c_attn"]}  # model_type -> modules; every other family: q_proj and v_proj
 DEFAULT_LORA_TARGETS = ["q_proj", "v_proj"]
@@ -105,12 +111,12 @@ class PeftBaseline(nn.Module):
 
     def __init__(self, peft_model: nn.Module, method: str) -> None:
         super().__init__()
-        self.peft_model = peft_model
+        self.peft_model: PeftModel = cast("PeftModel", peft_model)  # get_peft_model / PeftModel.from_pretrained's
         self.method = method
-        config = peft_model.active_peft_config
-        self.num_virtual_tokens = config.num_virtual_tokens if config.is_prompt_learning else 0
+        config = self.peft_model.active_peft_config
+        self.num_virtual_tokens: int = config.num_virtual_tokens if config.is_prompt_learning else 0
         self._active = False
-        backbone = peft_model.get_base_model()
+        backbone = self.peft_model.get_base_model()
         self._hooks = [backbone.register_forward_pre_hook(self._positions_from_mask, with_kwargs=True)]
 
     @property
@@ -153,6 +159,7 @@ class PeftBaseline(nn.Module):
         m = self.num_virtual_tokens
         if self.method == "prompt-tuning" and m:
             source = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+            assert source is not None, "PEFT's forward takes input_ids or inputs_embeds"
             length = source.shape[1]
             if getattr(out, "logits", None) is not None and out.logits.shape[1] == length + m:
                 out.logits = out.logits[:, m:]
@@ -202,6 +209,7 @@ class PeftBaseline(nn.Module):
 def build_lora(base: nn.Module, rank: int) -> PeftBaseline:
     from peft import LoraConfig, TaskType, get_peft_model
 
+    base = cast("PreTrainedModel", base)  # a Hugging Face causal LM
     targets = lora_targets(base)
     config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=rank, lora_alpha=2 * rank, lora_dropout=0.05,
                         target_modules=targets, fan_in_fan_out=base.config.model_type == "gpt2", bias="none")
@@ -224,7 +232,7 @@ def build_prefix(base: nn.Module, tokens: int, init_from_vocab: bool = True) -> 
     config = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=tokens, prefix_projection=False)
     model = get_peft_model(base, config)
     if init_from_vocab:
-        vocab = base.get_input_embeddings().num_embeddings
+        vocab = input_embeddings(base).num_embeddings
         init_prefix_from_tokens(model, torch.randint(0, vocab, (tokens,)))
     return PeftBaseline(model, "prefix")
 
@@ -240,10 +248,11 @@ def init_prefix_from_tokens(peft_model: nn.Module, token_ids: torch.Tensor) -> N
     computes exactly what the bare backbone computes after those tokens (the real tokens start at position m,
     where PEFT puts them).
     """
+    peft_model = cast("PeftModel", peft_model)  # a prefix-tuning PeftModel
     config = peft_model.active_peft_config
-    embedding = peft_model.prompt_encoder[peft_model.active_adapter].embedding
+    embedding = cast(nn.Embedding, peft_model.prompt_encoder[peft_model.active_adapter].embedding)  # PrefixEncoder's
     backbone = peft_model.get_base_model()
-    device = backbone.get_input_embeddings().weight.device
+    device = input_embeddings(backbone).weight.device
     ids = token_ids.reshape(1, -1).to(device)
     if ids.shape[1] != config.num_virtual_tokens:
         raise ValueError(f"{ids.shape[1]} tokens for a prefix of {config.num_virtual_tokens}")
@@ -269,6 +278,7 @@ def load_peft(base: nn.Module, directory: Path, method: str) -> PeftBaseline:
     """``PeftModel.from_pretrained``, with a ValueError naming both sides for a base of another shape."""
     from peft import PeftModel
 
+    base = cast("PreTrainedModel", base)  # a Hugging Face causal LM
     try:
         model = PeftModel.from_pretrained(base, str(directory))
     except RuntimeError as exc:
