@@ -9,8 +9,9 @@ import sys
 import time
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from iapt.data import DataError
 
@@ -43,9 +44,9 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type,
         elif typing.get_origin(base) is list:  # e.g. --anchor-token-ids 0 0 0 0
             parser.add_argument(*names, dest=f.name, nargs="+", type=typing.get_args(base)[0], default=None,
                                 help=help_text, metavar=f.name.upper())
-        else:
-            parser.add_argument(*names, dest=f.name, type=base, default=None, help=help_text,
-                                metavar=f.name.upper())
+        else:  # a field type (int, float, str, Path, ...) converts the flag's text
+            parser.add_argument(*names, dest=f.name, type=cast(Callable[[str], Any], base), default=None,
+                                help=help_text, metavar=f.name.upper())
 
 
 def _add_training_argument_flags(parser: argparse.ArgumentParser) -> None:
@@ -184,9 +185,9 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     print(f"[demo] training IAPT for {ns.steps} steps of {ns.batch_size} examples ...", flush=True)
     trainer = Trainer(cfg, base, tokenizer)
     summary = trainer.run()
-    model = trainer.unwrapped
     from iapt.model import IAPTModel
 
+    model = cast(IAPTModel, trainer.unwrapped)  # the demo trains TrainConfig's default method, IAPT
     best = IAPTModel.from_pretrained(model.unload(), Path(ns.out) / "adapter")
     after = evaluate_task(best, tokenizer, ns.task, "test", ns.test_examples, 16, ns.max_length)
     total = time.perf_counter() - started

@@ -24,6 +24,7 @@ import time
 import uuid
 import warnings
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from transformers import (
@@ -137,7 +138,8 @@ def load_default(
         _write_cache(model, tokenizer, folder, source)
     except OSError as error:
         warnings.warn(f"Could not write the model cache {folder} ({error}); using the model uncached.", stacklevel=2)
-        return _finish(model if dtype == "auto" else model.to(dtype), tokenizer, DEFAULT_NAME)
+        # (transformers wraps PreTrainedModel.to with functools.wraps, whose annotation does not bind self)
+        return _finish(model if dtype == "auto" else model.to(dtype), tokenizer, DEFAULT_NAME)  # type: ignore[arg-type]
     logger.info("Built the model cache in %.1f s", time.perf_counter() - started)
     del model
     try:  # reload, so a cold and a warm load hand back the same thing
@@ -209,7 +211,7 @@ def _strip_quantizer(model: PreTrainedModel) -> None:
             delattr(model, attr)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.is_quantized = False
+    model.is_quantized = False  # type: ignore[assignment]  # torch types Module.__setattr__'s value as Tensor | Module
 
 
 def _write_cache(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path, source: Path) -> None:
@@ -241,9 +243,11 @@ def _load_cached(
     meta_file = folder / _META_FILE
     if not meta_file.is_file() or json.loads(meta_file.read_text()) != _meta(source):
         raise ValueError(f"{_META_FILE} is missing or names another source than {source.name}")
-    model, info = AutoModelForCausalLM.from_pretrained(
+    loaded = AutoModelForCausalLM.from_pretrained(
         folder, dtype=dtype, local_files_only=True, output_loading_info=True
     )
+    # output_loading_info=True returns (model, info), which transformers' annotation does not say
+    model, info = cast(tuple[PreTrainedModel, dict[str, Any]], loaded)
     problems = {key: value for key, value in info.items() if value}
     if problems:
         raise ValueError(f"incomplete weights: {problems}")

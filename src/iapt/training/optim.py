@@ -35,12 +35,15 @@ class Optimisers:
         self.weights_schedule.load_state_dict(state["weights_schedule"])
         if self.rational is not None:
             self.rational.load_state_dict(state["rational"])
+            if self.rational_schedule is None:
+                raise ValueError("Optimisers.rational needs its rational_schedule")
             self.rational_schedule.load_state_dict(state["rational_schedule"])
 
 
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(Ω, Θ): trainable weights and rational coefficients. Models without rationals have Θ = []."""
-    theta = list(model.rational_parameters()) if hasattr(model, "rational_parameters") else []
+    rational_parameters = getattr(model, "rational_parameters", None)
+    theta = list(rational_parameters()) if rational_parameters is not None else []
     ids = {id(p) for p in theta}
     omega = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
     return omega, theta

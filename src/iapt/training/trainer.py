@@ -17,9 +17,10 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -86,6 +87,7 @@ def load_splits(cfg: TrainConfig) -> tuple[list, list]:
         task = get_task(cfg.task)
         train, dev = task.load("train"), task.load("dev")
     else:
+        assert cfg.data is not None, "exactly one of task and data (checked above)"
         train = load_examples(cfg.data)
         if cfg.dev_data is not None:
             dev = load_examples(cfg.dev_data)
@@ -125,13 +127,14 @@ def build_model(cfg: TrainConfig, base: torch.nn.Module) -> torch.nn.Module:
 def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The weights a checkpoint must keep: everything that is not the frozen backbone."""
     if hasattr(model, "generators"):
-        return {k: v.detach().clone() for k, v in model.generators.state_dict().items()}
+        generators = cast(torch.nn.Module, model.generators)
+        return {k: v.detach().clone() for k, v in generators.state_dict().items()}
     return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
 
 
 def load_adapter_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     if hasattr(model, "generators"):
-        model.generators.load_state_dict(state)
+        cast(torch.nn.Module, model.generators).load_state_dict(state)
         return
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -165,8 +168,10 @@ class Trainer:
         self.sampler = EpochSampler(len(self.train_data), cfg.seed,
                                     self.accelerator.process_index, self.accelerator.num_processes)
         # Not handed to accelerate.prepare: its loader re-seeds epochs itself, which breaks exact resumption.
-        self.loader = DataLoader(self.train_data, batch_size=self.micro_batch, sampler=self.sampler,
-                                 collate_fn=self.collate)
+        # (a list is a map-style dataset; torch's annotation asks for a Dataset)
+        self.loader: DataLoader[Encoded] = DataLoader(self.train_data,  # type: ignore[arg-type]
+                                                      batch_size=self.micro_batch, sampler=self.sampler,
+                                                      collate_fn=self.collate)
         steps_per_epoch = max(1, len(self.loader) // cfg.gradient_accumulation_steps)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
         self.optim: Optimisers = build_optimisers(
@@ -255,7 +260,8 @@ class Trainer:
 
     def save_adapter(self) -> None:
         if self.accelerator.is_main_process:
-            replace_dir(self.unwrapped.save_pretrained, self.out / "adapter")
+            # every method's model has save_pretrained (IAPTModel, GeneratedPromptModel, PeftBaseline)
+            replace_dir(cast(Callable[[Path], None], self.unwrapped.save_pretrained), self.out / "adapter")
 
     # ------------------------------------------------------------ steps
     def _inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -298,6 +304,7 @@ class Trainer:
             loss = self.model(**self._inputs(self._dev_batch())).loss
             self.accelerator.backward(loss)
             self.optim.rational.step()
+            assert self.optim.rational_schedule is not None, "build_optimisers makes both or neither"
             self.optim.rational_schedule.step()
             self._zero_grad()
         return total
