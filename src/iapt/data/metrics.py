@@ -100,7 +100,8 @@ def bleu(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> flo
     width = max(len(r) for r in references)
     # sacrebleu wants one stream per reference position; None marks a missing reference.
     streams = [[refs[i] if i < len(refs) else None for refs in references] for i in range(width)]
-    return float(sacrebleu.corpus_bleu(list(predictions), streams).score)
+    # sacrebleu's annotation says str, but it takes None for a missing reference
+    return float(sacrebleu.corpus_bleu(list(predictions), streams).score)  # type: ignore[arg-type]
 
 
 def rouge_l_each(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> list[float]:

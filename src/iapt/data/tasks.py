@@ -157,7 +157,8 @@ def _parse_squad(data: Any, source: str) -> Groups:
                     "Answer with a short span copied from the passage."
                 )
                 example = Example(
-                    prompt=prompt, response=answers[0], references=answers, meta={"article": title, "id": qa["id"]}
+                    prompt=prompt, response=answers[0], references=tuple(answers),
+                    meta={"article": title, "id": qa["id"]},
                 )
                 rows.append((qa["id"], example))
     return groups
@@ -171,7 +172,7 @@ def _parse_e2e(data: Any, source: str) -> Groups:
     groups: Groups = {}
     for mr, refs in references.items():
         prompt = f"Attributes: {mr}\n\nDescribe this restaurant in one or two sentences, mentioning every attribute."
-        groups[mr] = [(mr, Example(prompt=prompt, response=refs[0], references=refs, meta={"mr": mr}))]
+        groups[mr] = [(mr, Example(prompt=prompt, response=refs[0], references=tuple(refs), meta={"mr": mr}))]
     return groups
 
 
@@ -375,7 +376,9 @@ def _extract(wanted: set[str], dest: Path, source: str, progress: bool) -> None:
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"bigbench-{BIGBENCH_VERSION}.tar.gz") if progress else None
     remaining = set(wanted)
     try:
-        with raw, tarfile.open(fileobj=_CountingReader(raw, bar), mode="r|gz") as archive:
+        # typeshed's fileobj protocol is that of every mode; a stream ("r|gz") only reads
+        with raw, tarfile.open(fileobj=_CountingReader(raw, bar),  # type: ignore[call-overload]
+                               mode="r|gz") as archive:
             for member in archive:
                 inner = member.name.split("/", 1)[-1]  # drop the "bigbench-1.0.0/" top folder
                 rel = inner[len(prefix) :] if inner.startswith(prefix) else None
