@@ -144,6 +144,261 @@ class _EngineCollector:
 
 
 # ------------------------------------------------------------------------------------------ app
+class OpenAIServing:
+    """The handlers' shared work: authentication, limits, tokenization, generation through the engine, and the
+    OpenAI response and stream shapes. ``create_app`` routes each endpoint to it (as vLLM's ``OpenAIServing*``)."""
+
+    def __init__(self, engine: Engine, keys: KeyRing, requests_total: Counter, *, max_prompt_tokens: int,
+                 max_tokens_limit: int, max_n: int, disconnect_poll_s: float) -> None:
+        self.engine, self.keys, self.tokenizer = engine, keys, engine.tokenizer
+        self.requests_total = requests_total
+        self.max_prompt_tokens, self.max_tokens_limit, self.max_n = max_prompt_tokens, max_tokens_limit, max_n
+        self.disconnect_poll_s = disconnect_poll_s
+
+    def count(self, request: HTTPRequest, status: int) -> None:
+        if request.url.path in ("/v1/completions", "/v1/chat/completions"):
+            tenant = getattr(request.state, "tenant", "unauthenticated")
+            self.requests_total.labels(tenant, getattr(request.state, "model", "unknown"), str(status)).inc()
+
+    def auth(self, request: HTTPRequest, admin: bool = False) -> Principal:
+        principal = self.keys.authenticate(request.headers.get("authorization"))
+        if principal is None:
+            raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer KEY')",
+                           "authentication_error")
+        request.state.tenant = principal.tenant
+        if admin and not principal.admin:
+            raise APIError(403, "this needs an admin key", "permission_error")
+        return principal
+
+    def check_model(self, request: HTTPRequest, principal: Principal, model: str) -> str | None:
+        """Resolve ``model``: None for the base, else the adapter name; 404 whether unknown or not yours."""
+        is_base = model in self.engine.base_names
+        if (not is_base and model not in self.engine.adapters) or not principal.may_use(model, is_base):
+            raise _model_not_found(model)
+        request.state.model = model
+        return None if is_base else model
+
+    def check_common(self, body: _Body, prompts: list[list[int]], adapter: str | None, chat: bool) -> int:
+        """Limits (400) and unsupported options; returns max_tokens."""
+        if body.n > self.max_n:
+            raise APIError(400, f"n={body.n} is above this server's limit of {self.max_n}")
+        for p in prompts:
+            if not p:
+                raise APIError(400, "the prompt is empty")
+            if len(p) > self.max_prompt_tokens:
+                raise APIError(400, f"the prompt has {len(p)} tokens; this server accepts at most {self.max_prompt_tokens}")
+        max_tokens = body.max_completion_tokens if chat and body.max_completion_tokens is not None else body.max_tokens
+        if max_tokens is None:
+            max_tokens = self.max_tokens_limit if chat else 16
+            if chat and self.engine.max_positions:  # chat: as much as the context allows, like vLLM
+                loaded = self.engine.adapters.get(adapter or "")
+                slots = loaded.config.num_soft_tokens if loaded else 0
+                room = self.engine.max_positions - slots - max(len(p) for p in prompts)
+                max_tokens = max(1, min(max_tokens, room))
+        if max_tokens < 1:  # the schema says so too; kept for callers that bypass it
+            raise APIError(400, "max_tokens must be at least 1")
+        if max_tokens > self.max_tokens_limit:
+            raise APIError(400, f"max_tokens={max_tokens} is above this server's limit of {self.max_tokens_limit}")
+        return max_tokens
+
+    def encode_prompts(self, prompt: Any) -> list[list[int]]:
+        items = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else list(prompt)
+        if not items:
+            raise APIError(400, "the prompt is empty")
+        return [self.tokenize(p) if isinstance(p, str) else list(p) for p in items]
+
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        if (problem := _lone_surrogate(text, "prompt")) is not None:  # bodies are checked; this is the backstop
+            raise APIError(400, problem)
+        return list(self.tokenizer(text, add_special_tokens=special).input_ids)
+
+    def chat_text(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
+        """The chat template's prompt text for ``messages`` (the same for /v1/chat/completions and /tokenize)."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise APIError(400, "this model has no chat template; use /v1/completions")
+        rendered = [{"role": m.role, "content": _content(m.content), **({"name": m.name} if m.name else {})}
+                    for m in messages]
+        try:
+            return self.tokenizer.apply_chat_template(rendered, add_generation_prompt=add_generation_prompt,
+                                                 tokenize=False)
+        except (jinja2.TemplateError, ValueError, TypeError) as exc:  # e.g. a role order it rejects
+            raise APIError(400, f"the chat template rejected the messages: {exc}") from None
+
+    def token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token], skip_special_tokens=False)
+
+    def chat_logprobs(self, entries: list[TokenLogprob]) -> dict[str, Any]:
+        """OpenAI's chat ``logprobs``: ``{"content": [{token, logprob, bytes, top_logprobs}]}``."""
+        def one(token: int, logprob: float) -> dict[str, Any]:
+            text = self.token_text(token)
+            return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(text.encode("utf-8", "replace"))}
+
+        return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(t, v) for t, v in e.top]}
+                            for e in entries]}
+
+    def completion_logprobs(self, entries: list[TokenLogprob], offset: int = 0) -> dict[str, Any]:
+        """OpenAI's legacy ``logprobs``: tokens, token_logprobs, top_logprobs (the k most likely and the sampled
+        token, as OpenAI and vLLM give), text_offset (from ``offset``, where the text so far ends)."""
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for e in entries:
+            text = self.token_text(e.token)
+            out["tokens"].append(text)
+            out["token_logprobs"].append(max(e.logprob, -9999.0))
+            top = {self.token_text(t): max(v, -9999.0) for t, v in e.top}
+            out["top_logprobs"].append({**top, text: max(e.logprob, -9999.0)})
+            out["text_offset"].append(offset)
+            offset += len(text)
+        return out
+
+    async def generate(self, request: HTTPRequest, body: _Body, prompts: list[list[int]], adapter: str | None,
+                        chat: bool) -> Response:
+        max_tokens = self.check_common(body, prompts, adapter, chat)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+
+        def listener(i: int):
+            return lambda event: loop.call_soon_threadsafe(events.put_nowait, (i, event))
+
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        top_logprobs = body.top_logprob_count()
+        engine_requests = [
+            Request(p, adapter, max_tokens, body.temperature, body.top_p,
+                    None if body.seed is None else body.seed + j, ignore_eos=body.ignore_eos,
+                    on_event=listener(k * body.n + j), top_k=body.top_k or 0,
+                    repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+                    frequency_penalty=body.frequency_penalty or 0.0, presence_penalty=body.presence_penalty or 0.0,
+                    logprobs=top_logprobs)
+            for k, p in enumerate(prompts) for j in range(body.n)
+        ]
+        try:
+            handles = self.engine.submit_many(engine_requests)
+        except QueueFull as exc:
+            raise APIError(429, str(exc), "rate_limit_error",
+                           {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}) from None
+        except UnknownAdapter:
+            raise _model_not_found(body.model) from None
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from None
+        texts = [IncrementalDetokenizer(self.tokenizer, stop) for _ in handles]
+        meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+                "model": body.model}
+        usage = {"prompt_tokens": sum(len(p) for p in prompts)}
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            self.count(request, 200)  # the status line goes out now; an error later is an event in the stream
+            return StreamingResponse(self.stream(request, handles, texts, events, meta, usage, chat, include_usage,
+                                             top_logprobs is not None), media_type="text/event-stream")
+        try:
+            async for _ in self.events(request, handles, texts, events):
+                pass
+        finally:
+            _cancel_unfinished(handles)
+        if getattr(request.state, "disconnected", False):
+            self.count(request, 499)  # nginx's "client closed request": nobody reads this answer
+            return Response(status_code=499)
+        failed = next((h for h in handles if h.finish_reason == "error"), None)
+        if failed is not None:
+            raise _failure(failed, body.model)
+        choices = []
+        for i, (h, t) in enumerate(zip(handles, texts, strict=True)):
+            reason = t.finish_reason or _reason(h)
+            content = t.text
+            logprobs = None
+            if top_logprobs is not None:  # the tokens the text holds: up to a stop string, not past it
+                entries = h.logprobs[: len(t.tokens)]
+                logprobs = self.chat_logprobs(entries) if chat else self.completion_logprobs(entries)
+            choices.append({"index": i, "message": {"role": "assistant", "content": content}, "logprobs": logprobs,
+                            "finish_reason": reason} if chat else
+                           {"index": i, "text": content, "logprobs": logprobs, "finish_reason": reason})
+        usage = _usage(usage, handles)
+        obj = "chat.completion" if chat else "text_completion"
+        self.count(request, 200)
+        return JSONResponse({**meta, "object": obj, "choices": choices, "usage": usage})
+
+    async def events(self, request: HTTPRequest, handles: list[RequestHandle], texts: list[IncrementalDetokenizer], events: asyncio.Queue
+                      ) -> AsyncIterator[tuple[int, str, str | None, str | None, list[TokenLogprob]]]:
+        """Yield (choice, new text, finish reason, error, logprobs of the tokens since the last yield) until every
+        choice is done.
+
+        Checks every ``self.disconnect_poll_s`` that the client is still there, whether or not tokens arrive (a
+        running request sends them continuously), and stops if it is not: the caller cancels the rows.
+        """
+        done = [False] * len(handles)
+        pending: list[list[TokenLogprob]] = [[] for _ in handles]
+
+        def taken(i: int) -> list[TokenLogprob]:
+            out, pending[i] = pending[i], []
+            return out
+
+        checked = time.monotonic()
+        while not all(done):
+            if time.monotonic() - checked >= self.disconnect_poll_s:
+                checked = time.monotonic()
+                if await request.is_disconnected():
+                    logger.info("client went away; cancelling %d request(s)", len(handles))
+                    request.state.disconnected = True
+                    return
+            try:
+                i, event = await asyncio.wait_for(events.get(), timeout=self.disconnect_poll_s)
+            except TimeoutError:
+                continue
+            if done[i]:
+                continue
+            t = texts[i]
+            if event.token is not None:
+                if event.logprob is not None:
+                    pending[i].append(event.logprob)
+                piece = t.add(event.token)
+                if t.finish_reason:  # a stop string: free the row now
+                    handles[i].cancel()
+                    done[i] = True
+                    yield i, piece, "stop", None, taken(i)
+                elif piece:
+                    yield i, piece, None, None, taken(i)
+            else:
+                done[i] = True
+                yield i, t.flush(), _reason_of(event.finish_reason), event.error, taken(i)
+
+    async def stream(self, request: HTTPRequest, handles: list[RequestHandle], texts: list[IncrementalDetokenizer],
+                      events: asyncio.Queue, meta: dict, usage: dict, chat: bool,
+                      include_usage: bool, with_logprobs: bool) -> AsyncIterator[str]:
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        offsets = [0] * len(handles)  # where each choice's text so far ends, for text_offset
+
+        def chunk(i: int, text: str | None, reason: str | None, logprobs: list[TokenLogprob] | None = None,
+                  first: bool = False) -> str:
+            """One choice's chunk; with logprobs, those of the tokens that arrived since its last chunk."""
+            lp = None
+            if with_logprobs and not first:
+                if chat:
+                    lp = self.chat_logprobs(logprobs or [])
+                else:
+                    lp = self.completion_logprobs(logprobs or [], offsets[i])
+                    offsets[i] += sum(len(t) for t in lp["tokens"])
+            if chat:
+                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+                choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": reason}
+            else:
+                choice = {"index": i, "text": text or "", "logprobs": lp, "finish_reason": reason}
+            return _sse({**meta, "object": obj, "choices": [choice]})
+
+        try:
+            if chat:
+                for i in range(len(handles)):
+                    yield chunk(i, None, None, first=True)
+            async for i, piece, reason, error, logprobs in self.events(request, handles, texts, events):
+                if error is not None:
+                    yield _sse(json.loads(_failure(handles[i], meta["model"]).response().body))
+                    return
+                if piece or reason:
+                    yield chunk(i, piece, reason, logprobs)
+            if include_usage:
+                yield _sse({**meta, "object": obj, "choices": [], "usage": _usage(usage, handles)})
+            yield "data: [DONE]\n\n"
+        finally:
+            _cancel_unfinished(handles)
+
+
 def create_app(
     engine: Engine,
     keys: KeyRing | None = None,
@@ -174,6 +429,9 @@ def create_app(
     requests_total = Counter("iapt_requests", "Completion requests by tenant, model and HTTP status",
                              ["tenant", "model", "status"], registry=registry)
 
+    serving = OpenAIServing(engine, keys, requests_total, max_prompt_tokens=max_prompt_tokens,
+                            max_tokens_limit=max_tokens_limit, max_n=max_n, disconnect_poll_s=disconnect_poll_s)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if manage_engine:
@@ -199,13 +457,13 @@ def create_app(
             message = "the request body could not be parsed as JSON (too deeply nested, or not UTF-8)"
         else:
             message = str(exc.detail)
-        _count(request, status)
+        serving.count(request, status)
         headers = dict(exc.headers or {})
         return APIError(status, message, _KINDS.get(status, "invalid_request_error"), headers or None).response()
 
     @app.exception_handler(APIError)
     async def _api_error(request: HTTPRequest, exc: APIError) -> Response:
-        _count(request, exc.status)
+        serving.count(request, exc.status)
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
@@ -215,257 +473,14 @@ def create_app(
         problems = "; ".join(dict.fromkeys(
             f"`{w}` is not supported by this server; remove it" if e.get("type") == "extra_forbidden"
             else f"{w}: {e.get('msg')}" for w, e in zip(where, errors, strict=True)))
-        _count(request, 400)
+        serving.count(request, 400)
         return APIError(400, f"invalid request: {problems}", param=where[0] if errors else None).response()
 
     @app.exception_handler(Exception)
     async def _unexpected(request: HTTPRequest, exc: Exception) -> Response:
         logger.exception("unhandled error on %s", request.url.path)
-        _count(request, 500)
+        serving.count(request, 500)
         return APIError(500, f"internal error: {type(exc).__name__}", "server_error").response()
-
-    def _count(request: HTTPRequest, status: int) -> None:
-        if request.url.path in ("/v1/completions", "/v1/chat/completions"):
-            tenant = getattr(request.state, "tenant", "unauthenticated")
-            requests_total.labels(tenant, getattr(request.state, "model", "unknown"), str(status)).inc()
-
-    def _auth(request: HTTPRequest, admin: bool = False) -> Principal:
-        principal = keys.authenticate(request.headers.get("authorization"))
-        if principal is None:
-            raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer KEY')",
-                           "authentication_error")
-        request.state.tenant = principal.tenant
-        if admin and not principal.admin:
-            raise APIError(403, "this needs an admin key", "permission_error")
-        return principal
-
-    def _check_model(request: HTTPRequest, principal: Principal, model: str) -> str | None:
-        """Resolve ``model``: None for the base, else the adapter name; 404 whether unknown or not yours."""
-        is_base = model in engine.base_names
-        if (not is_base and model not in engine.adapters) or not principal.may_use(model, is_base):
-            raise _model_not_found(model)
-        request.state.model = model
-        return None if is_base else model
-
-    def _check_common(body: _Body, prompts: list[list[int]], adapter: str | None, chat: bool) -> int:
-        """Limits (400) and unsupported options; returns max_tokens."""
-        if body.n > max_n:
-            raise APIError(400, f"n={body.n} is above this server's limit of {max_n}")
-        for p in prompts:
-            if not p:
-                raise APIError(400, "the prompt is empty")
-            if len(p) > max_prompt_tokens:
-                raise APIError(400, f"the prompt has {len(p)} tokens; this server accepts at most {max_prompt_tokens}")
-        max_tokens = body.max_completion_tokens if chat and body.max_completion_tokens is not None else body.max_tokens
-        if max_tokens is None:
-            max_tokens = max_tokens_limit if chat else 16
-            if chat and engine.max_positions:  # chat: as much as the context allows, like vLLM
-                loaded = engine.adapters.get(adapter or "")
-                slots = loaded.config.num_soft_tokens if loaded else 0
-                room = engine.max_positions - slots - max(len(p) for p in prompts)
-                max_tokens = max(1, min(max_tokens, room))
-        if max_tokens < 1:  # the schema says so too; kept for callers that bypass it
-            raise APIError(400, "max_tokens must be at least 1")
-        if max_tokens > max_tokens_limit:
-            raise APIError(400, f"max_tokens={max_tokens} is above this server's limit of {max_tokens_limit}")
-        return max_tokens
-
-    def _encode_prompts(prompt: Any) -> list[list[int]]:
-        items = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else list(prompt)
-        if not items:
-            raise APIError(400, "the prompt is empty")
-        return [_tokenize(p) if isinstance(p, str) else list(p) for p in items]
-
-    def _tokenize(text: str, special: bool = True) -> list[int]:
-        if (problem := _lone_surrogate(text, "prompt")) is not None:  # bodies are checked; this is the backstop
-            raise APIError(400, problem)
-        return list(tokenizer(text, add_special_tokens=special).input_ids)
-
-    def _chat_text(messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
-        """The chat template's prompt text for ``messages`` (the same for /v1/chat/completions and /tokenize)."""
-        if not getattr(tokenizer, "chat_template", None):
-            raise APIError(400, "this model has no chat template; use /v1/completions")
-        rendered = [{"role": m.role, "content": _content(m.content), **({"name": m.name} if m.name else {})}
-                    for m in messages]
-        try:
-            return tokenizer.apply_chat_template(rendered, add_generation_prompt=add_generation_prompt,
-                                                 tokenize=False)
-        except (jinja2.TemplateError, ValueError, TypeError) as exc:  # e.g. a role order it rejects
-            raise APIError(400, f"the chat template rejected the messages: {exc}") from None
-
-    def _token_text(token: int) -> str:
-        return tokenizer.decode([token], skip_special_tokens=False)
-
-    def _chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
-        """OpenAI's chat ``logprobs``: ``{"content": [{token, logprob, bytes, top_logprobs}]}``."""
-        def one(token: int, logprob: float) -> dict[str, Any]:
-            text = _token_text(token)
-            return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(text.encode("utf-8", "replace"))}
-
-        return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(t, v) for t, v in e.top]}
-                            for e in entries]}
-
-    def _completion_logprobs(entries: list[TokenLogprob], offset: int = 0) -> dict[str, Any]:
-        """OpenAI's legacy ``logprobs``: tokens, token_logprobs, top_logprobs (the k most likely and the sampled
-        token, as OpenAI and vLLM give), text_offset (from ``offset``, where the text so far ends)."""
-        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for e in entries:
-            text = _token_text(e.token)
-            out["tokens"].append(text)
-            out["token_logprobs"].append(max(e.logprob, -9999.0))
-            top = {_token_text(t): max(v, -9999.0) for t, v in e.top}
-            out["top_logprobs"].append({**top, text: max(e.logprob, -9999.0)})
-            out["text_offset"].append(offset)
-            offset += len(text)
-        return out
-
-    async def _generate(request: HTTPRequest, body: _Body, prompts: list[list[int]], adapter: str | None,
-                        chat: bool) -> Response:
-        max_tokens = _check_common(body, prompts, adapter, chat)
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
-
-        def listener(i: int):
-            return lambda event: loop.call_soon_threadsafe(events.put_nowait, (i, event))
-
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        top_logprobs = body.top_logprob_count()
-        engine_requests = [
-            Request(p, adapter, max_tokens, body.temperature, body.top_p,
-                    None if body.seed is None else body.seed + j, ignore_eos=body.ignore_eos,
-                    on_event=listener(k * body.n + j), top_k=body.top_k or 0,
-                    repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
-                    frequency_penalty=body.frequency_penalty or 0.0, presence_penalty=body.presence_penalty or 0.0,
-                    logprobs=top_logprobs)
-            for k, p in enumerate(prompts) for j in range(body.n)
-        ]
-        try:
-            handles = engine.submit_many(engine_requests)
-        except QueueFull as exc:
-            raise APIError(429, str(exc), "rate_limit_error",
-                           {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}) from None
-        except UnknownAdapter:
-            raise _model_not_found(body.model) from None
-        except ValueError as exc:
-            raise APIError(400, str(exc)) from None
-        texts = [IncrementalDetokenizer(tokenizer, stop) for _ in handles]
-        meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-                "model": body.model}
-        usage = {"prompt_tokens": sum(len(p) for p in prompts)}
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            _count(request, 200)  # the status line goes out now; an error later is an event in the stream
-            return StreamingResponse(_stream(request, handles, texts, events, meta, usage, chat, include_usage,
-                                             top_logprobs is not None), media_type="text/event-stream")
-        try:
-            async for _ in _events(request, handles, texts, events):
-                pass
-        finally:
-            _cancel_unfinished(handles)
-        if getattr(request.state, "disconnected", False):
-            _count(request, 499)  # nginx's "client closed request": nobody reads this answer
-            return Response(status_code=499)
-        failed = next((h for h in handles if h.finish_reason == "error"), None)
-        if failed is not None:
-            raise _failure(failed, body.model)
-        choices = []
-        for i, (h, t) in enumerate(zip(handles, texts, strict=True)):
-            reason = t.finish_reason or _reason(h)
-            content = t.text
-            logprobs = None
-            if top_logprobs is not None:  # the tokens the text holds: up to a stop string, not past it
-                entries = h.logprobs[: len(t.tokens)]
-                logprobs = _chat_logprobs(entries) if chat else _completion_logprobs(entries)
-            choices.append({"index": i, "message": {"role": "assistant", "content": content}, "logprobs": logprobs,
-                            "finish_reason": reason} if chat else
-                           {"index": i, "text": content, "logprobs": logprobs, "finish_reason": reason})
-        usage = _usage(usage, handles)
-        obj = "chat.completion" if chat else "text_completion"
-        _count(request, 200)
-        return JSONResponse({**meta, "object": obj, "choices": choices, "usage": usage})
-
-    async def _events(request: HTTPRequest, handles: list[RequestHandle], texts: list[IncrementalDetokenizer], events: asyncio.Queue
-                      ) -> AsyncIterator[tuple[int, str, str | None, str | None, list[TokenLogprob]]]:
-        """Yield (choice, new text, finish reason, error, logprobs of the tokens since the last yield) until every
-        choice is done.
-
-        Checks every ``disconnect_poll_s`` that the client is still there, whether or not tokens arrive (a
-        running request sends them continuously), and stops if it is not: the caller cancels the rows.
-        """
-        done = [False] * len(handles)
-        pending: list[list[TokenLogprob]] = [[] for _ in handles]
-
-        def taken(i: int) -> list[TokenLogprob]:
-            out, pending[i] = pending[i], []
-            return out
-
-        checked = time.monotonic()
-        while not all(done):
-            if time.monotonic() - checked >= disconnect_poll_s:
-                checked = time.monotonic()
-                if await request.is_disconnected():
-                    logger.info("client went away; cancelling %d request(s)", len(handles))
-                    request.state.disconnected = True
-                    return
-            try:
-                i, event = await asyncio.wait_for(events.get(), timeout=disconnect_poll_s)
-            except TimeoutError:
-                continue
-            if done[i]:
-                continue
-            t = texts[i]
-            if event.token is not None:
-                if event.logprob is not None:
-                    pending[i].append(event.logprob)
-                piece = t.add(event.token)
-                if t.finish_reason:  # a stop string: free the row now
-                    handles[i].cancel()
-                    done[i] = True
-                    yield i, piece, "stop", None, taken(i)
-                elif piece:
-                    yield i, piece, None, None, taken(i)
-            else:
-                done[i] = True
-                yield i, t.flush(), _reason_of(event.finish_reason), event.error, taken(i)
-
-    async def _stream(request: HTTPRequest, handles: list[RequestHandle], texts: list[IncrementalDetokenizer],
-                      events: asyncio.Queue, meta: dict, usage: dict, chat: bool,
-                      include_usage: bool, with_logprobs: bool) -> AsyncIterator[str]:
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        offsets = [0] * len(handles)  # where each choice's text so far ends, for text_offset
-
-        def chunk(i: int, text: str | None, reason: str | None, logprobs: list[TokenLogprob] | None = None,
-                  first: bool = False) -> str:
-            """One choice's chunk; with logprobs, those of the tokens that arrived since its last chunk."""
-            lp = None
-            if with_logprobs and not first:
-                if chat:
-                    lp = _chat_logprobs(logprobs or [])
-                else:
-                    lp = _completion_logprobs(logprobs or [], offsets[i])
-                    offsets[i] += sum(len(t) for t in lp["tokens"])
-            if chat:
-                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-                choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": reason}
-            else:
-                choice = {"index": i, "text": text or "", "logprobs": lp, "finish_reason": reason}
-            return _sse({**meta, "object": obj, "choices": [choice]})
-
-        try:
-            if chat:
-                for i in range(len(handles)):
-                    yield chunk(i, None, None, first=True)
-            async for i, piece, reason, error, logprobs in _events(request, handles, texts, events):
-                if error is not None:
-                    yield _sse(json.loads(_failure(handles[i], meta["model"]).response().body))
-                    return
-                if piece or reason:
-                    yield chunk(i, piece, reason, logprobs)
-            if include_usage:
-                yield _sse({**meta, "object": obj, "choices": [], "usage": _usage(usage, handles)})
-            yield "data: [DONE]\n\n"
-        finally:
-            _cancel_unfinished(handles)
 
     # -------------------------------------------------------------------- routes
     @app.get("/health", responses={200: {"model": Health}, 503: {"model": Health}, **_errors(413)})
@@ -479,7 +494,7 @@ def create_app(
         **_errors(401, 403, 413)})
     async def metrics(request: HTTPRequest) -> Response:
         if not keys.open:
-            _auth(request, admin=True)
+            serving.auth(request, admin=True)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     def _card(name: str, is_base: bool, created: int) -> dict[str, Any]:
@@ -489,7 +504,7 @@ def create_app(
 
     @app.get("/v1/models", responses={200: {"model": ModelList}, **_errors(401, 413)})
     async def models(request: HTTPRequest) -> JSONResponse:
-        principal = _auth(request)
+        principal = serving.auth(request)
         created = int(time.time())
         data = []
         if principal.may_use(engine.base_name, True):
@@ -500,7 +515,7 @@ def create_app(
     @app.get("/v1/models/{model:path}", responses={200: {"model": ModelCard}, **_errors(401, 404, 413)})
     async def model_card(request: HTTPRequest, model: str) -> JSONResponse:
         """One model, as in /v1/models; 404 (the same answer) for one that does not exist or is not the caller's."""
-        principal = _auth(request)
+        principal = serving.auth(request)
         is_base = model in engine.base_names
         if (not is_base and model not in engine.adapters) or not principal.may_use(model, is_base):
             raise _model_not_found(model)
@@ -508,24 +523,24 @@ def create_app(
 
     @app.post("/v1/completions", responses=_GENERATE)
     async def completions(request: HTTPRequest, body: CompletionBody) -> Response:
-        principal = _auth(request)
-        adapter = _check_model(request, principal, body.model)
+        principal = serving.auth(request)
+        adapter = serving.check_model(request, principal, body.model)
         if body.echo or (body.best_of or 1) > 1:
             raise APIError(400, "echo and best_of > 1 are not supported by this server")
-        return await _generate(request, body, _encode_prompts(body.prompt), adapter, chat=False)
+        return await serving.generate(request, body, serving.encode_prompts(body.prompt), adapter, chat=False)
 
     @app.post("/v1/chat/completions", responses=_GENERATE)
     async def chat_completions(request: HTTPRequest, body: ChatBody) -> Response:
-        principal = _auth(request)
-        adapter = _check_model(request, principal, body.model)
-        text = _chat_text(body.messages)
-        return await _generate(request, body, [_tokenize(text, special=False)], adapter, chat=True)
+        principal = serving.auth(request)
+        adapter = serving.check_model(request, principal, body.model)
+        text = serving.chat_text(body.messages)
+        return await serving.generate(request, body, [serving.tokenize(text, special=False)], adapter, chat=True)
 
     @app.post("/v1/load_lora_adapter", responses={200: {"model": AdapterStatus}, **_errors(400, 401, 403, 413)})
     @app.post("/v1/load_adapter", responses={200: {"model": AdapterStatus}, **_errors(400, 401, 403, 413)})
     async def load_adapter(request: HTTPRequest, body: LoadAdapterBody) -> JSONResponse:
         """Load an IAPT adapter folder under ``lora_name`` (vLLM's name for the call; admin key)."""
-        _auth(request, admin=True)
+        serving.auth(request, admin=True)
         try:
             await asyncio.to_thread(engine.load_adapter, body.lora_name, Path(body.lora_path))
         except (ValueError, FileNotFoundError, OSError) as exc:
@@ -536,7 +551,7 @@ def create_app(
               responses={200: {"model": AdapterStatus}, **_errors(400, 401, 403, 404, 413)})
     @app.post("/v1/unload_adapter", responses={200: {"model": AdapterStatus}, **_errors(400, 401, 403, 404, 413)})
     async def unload_adapter(request: HTTPRequest, body: UnloadAdapterBody) -> JSONResponse:
-        _auth(request, admin=True)
+        serving.auth(request, admin=True)
         try:  # off the event loop: copying a large bank takes a while, and /health must answer meanwhile
             await asyncio.to_thread(engine.unload_adapter, body.lora_name)
         except UnknownAdapter as exc:
@@ -547,7 +562,7 @@ def create_app(
         """Soft-token slots of ``model`` (404 if it is not the caller's); 0 for the base or no model."""
         if model is None:
             return 0
-        adapter = _check_model(request, principal, model)
+        adapter = serving.check_model(request, principal, model)
         loaded = engine.adapters.get(adapter or "")
         return loaded.config.num_soft_tokens if loaded else 0
 
@@ -557,13 +572,13 @@ def create_app(
 
         ``max_model_len`` is what prompt and completion may take together for that model: an adapter's soft
         tokens take positions of the context too."""
-        principal = _auth(request)
+        principal = serving.auth(request)
         slots = _slots_of(request, principal, body.model)
         if isinstance(body, TokenizeChatBody):
-            text = _chat_text(body.messages, body.add_generation_prompt)
+            text = serving.chat_text(body.messages, body.add_generation_prompt)
         else:
             text = body.prompt
-        ids = _tokenize(text, special=body.add_special_tokens)
+        ids = serving.tokenize(text, special=body.add_special_tokens)
         return JSONResponse({
             "count": len(ids), "max_model_len": engine.max_positions - slots if engine.max_positions else None,
             "tokens": ids, "token_strs": tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None})
@@ -571,7 +586,7 @@ def create_app(
     @app.post("/detokenize", responses={200: {"model": DetokenizeResponse}, **_errors(400, 401, 404, 413)})
     async def detokenize(request: HTTPRequest, body: DetokenizeBody) -> JSONResponse:
         """vLLM's /detokenize: token ids back to text (special tokens kept, as vLLM does)."""
-        principal = _auth(request)
+        principal = serving.auth(request)
         _slots_of(request, principal, body.model)
         size = len(tokenizer)
         if any(t >= size for t in body.tokens):
@@ -617,12 +632,12 @@ def create_app(
     if docs:
         @app.get("/openapi.json", include_in_schema=False)
         async def openapi_json(request: HTTPRequest) -> JSONResponse:
-            _auth(request)
+            serving.auth(request)
             return JSONResponse(app.openapi())
 
         @app.get("/docs", include_in_schema=False)
         async def docs_page(request: HTTPRequest) -> HTMLResponse:
-            _auth(request)
+            serving.auth(request)
             from fastapi.openapi.docs import get_swagger_ui_html
 
             return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} docs")
