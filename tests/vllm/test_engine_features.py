@@ -65,3 +65,4 @@ def test_compiled_prefix_cached_and_preempted_requests_equal_offline_generate(en
     assert got[0] != got[1], "the two instructions sharing a cached block's tokens must differ"
     assert counters["preempted"] > 0, "the batch was meant to run out of KV blocks"
     assert counters["cached"] > 0, "the repeated request was meant to read its cached prefix"
+
