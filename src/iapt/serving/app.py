@@ -187,7 +187,8 @@ class OpenAIServing:
                 raise APIError(400, "the prompt is empty")
             if len(p) > self.max_prompt_tokens:
                 raise APIError(400, f"the prompt has {len(p)} tokens; this server accepts at most {self.max_prompt_tokens}")
-        max_tokens = body.max_completion_tokens if chat and body.max_completion_tokens is not None else body.max_tokens
+        completion_limit = getattr(body, "max_completion_tokens", None)  # chat bodies only (OpenAI's newer name)
+        max_tokens = completion_limit if chat and completion_limit is not None else body.max_tokens
         if max_tokens is None:
             max_tokens = self.max_tokens_limit if chat else 16
             if chat and self.engine.max_positions:  # chat: as much as the context allows, like vLLM
@@ -388,7 +389,7 @@ class OpenAIServing:
                     yield chunk(i, None, None, first=True)
             async for i, piece, reason, error, logprobs in self.events(request, handles, texts, events):
                 if error is not None:
-                    yield _sse(json.loads(_failure(handles[i], meta["model"]).response().body))
+                    yield _sse(json.loads(bytes(_failure(handles[i], meta["model"]).response().body)))
                     return
                 if piece or reason:
                     yield chunk(i, piece, reason, logprobs)

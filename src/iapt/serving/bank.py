@@ -136,7 +136,8 @@ class AdapterBank:
                     weights["anchor"] = anchors[adapter.name][layer]
                 for key, value in weights.items():
                     if value is not None:
-                        bank[key][(a_idx, *(slice(0, s) for s in value.shape))] = value
+                        where: tuple[int | slice, ...] = (a_idx, *[slice(0, s) for s in value.shape])
+                        bank[key][where] = value
 
     def extended(self, adapters: Sequence[Adapter], anchors: Mapping[str, torch.Tensor] | None = None) -> AdapterBank:
         """A new bank with ``adapters`` appended; this one is left as it is (a prefill may be reading it).

@@ -19,7 +19,8 @@ class IncrementalDetokenizer:
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.tokens: list[int] = []
         self.prefix = self.read = 0  # decode window: tokens[prefix:read] are context, the rest is new
-        self.text, self.sent, self.finish_reason = "", 0, None
+        self.text, self.sent = "", 0
+        self.finish_reason: str | None = None
 
     def _decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)

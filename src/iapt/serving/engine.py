@@ -34,12 +34,13 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 
-from iapt.backbone import anchor_states, check_base, find_layers, slot_token_id, text_config
+from iapt.backbone import anchor_states, check_base, find_layers, input_embeddings, slot_token_id, text_config
 from iapt.serving.bank import Adapter, AdapterBank, read_adapter
 from iapt.serving.requests import (
     FREQUENCY_PENALTY_RANGE,
@@ -130,10 +131,11 @@ class Engine:
         self.tokenizer = tokenizer
         text = text_config(base_model)
         self.hidden_size, self.num_layers = text.hidden_size, text.num_hidden_layers
-        self.vocab_size = base_model.get_input_embeddings().weight.shape[0]
+        embeddings = input_embeddings(base_model)
+        self.vocab_size = embeddings.weight.shape[0]
         self.max_positions = getattr(text, "max_position_embeddings", None) or getattr(
             text, "n_positions", None)
-        self.device = base_model.get_input_embeddings().weight.device
+        self.device = embeddings.weight.device
         self.base_name = base_name or getattr(base_model.config, "name_or_path", "") or "base"
         if base_aliases is None:
             base_aliases = [getattr(base_model.config, "name_or_path", "") or self.base_name]
@@ -472,7 +474,7 @@ class Engine:
         Row i is ``[padding | its n_i slots | prompt]``: contiguous, so positions and even sliding-window
         distances are those of the row alone. A base-model row has n_i = 0, which is plain left padding.
         """
-        index = torch.tensor([bank.index.get(h.request.adapter, 0) for h in handles], device=self.device)
+        index = torch.tensor([bank.index.get(h.request.adapter or "", 0) for h in handles], device=self.device)
         slots = bank.num_slots.index_select(0, index).tolist()
         lengths = [len(h.request.prompt) for h in handles]
         width = max(n + length for n, length in zip(slots, lengths, strict=True))
@@ -519,9 +521,9 @@ class Engine:
             self._running = new
             return
         length = max(old.mask.shape[1], new.mask.shape[1])
-        for lo, ln in zip(old.cache.layers, new.cache.layers, strict=True):
-            lo.keys = torch.cat([_pad_left(lo.keys, length), _pad_left(ln.keys, length)])
-            lo.values = torch.cat([_pad_left(lo.values, length), _pad_left(ln.values, length)])
+        for lo, ln in zip(_kv_layers(old.cache), _kv_layers(new.cache), strict=True):
+            lo.keys = torch.cat([_pad_left(_kv(lo.keys), length), _pad_left(_kv(ln.keys), length)])
+            lo.values = torch.cat([_pad_left(_kv(lo.values), length), _pad_left(_kv(ln.values), length)])
         old.mask = torch.cat([_pad_left(old.mask, length), _pad_left(new.mask, length)])
         old.last = torch.cat([old.last, new.last])
         old.handles += new.handles
@@ -529,6 +531,7 @@ class Engine:
 
     def _decode(self) -> None:
         run = self._running
+        assert run is not None, "decode needs running rows"
         run.mask = torch.cat([run.mask, run.mask.new_ones(run.mask.shape[0], 1)], dim=1)
         positions = run.mask.sum(-1, keepdim=True) - 1
         out = self.model(input_ids=run.last[:, None], attention_mask=run.mask, position_ids=positions,
@@ -630,6 +633,16 @@ class Engine:
 
 
 # ------------------------------------------------------------------------------------------ helpers
+def _kv_layers(cache: DynamicCache) -> list[DynamicLayer]:
+    """The cache's layers, each a key/value layer: the engine's own DynamicCache of attention layers."""
+    return cast(list[DynamicLayer], list(cache.layers))
+
+
+def _kv(t: torch.Tensor | None) -> torch.Tensor:
+    assert t is not None, "an engine cache layer holds keys and values after its prefill"
+    return t
+
+
 def _pad_left(t: torch.Tensor, length: int) -> torch.Tensor:
     """Pad the sequence dim (-2 for K/V ``(B, H, L, D)``, -1 for masks ``(B, L)``) on the left with zeros."""
     dim = -1 if t.dim() == 2 else -2
@@ -646,9 +659,9 @@ def _select(run: _Running, keep: list[int]) -> _Running:
     idx = torch.tensor(keep, device=run.mask.device)
     mask = run.mask.index_select(0, idx)
     start = int(mask.any(0).long().argmax())
-    for layer in run.cache.layers:
-        layer.keys = layer.keys.index_select(0, idx)[..., start:, :]
-        layer.values = layer.values.index_select(0, idx)[..., start:, :]
+    for layer in _kv_layers(run.cache):
+        layer.keys = _kv(layer.keys).index_select(0, idx)[..., start:, :]
+        layer.values = _kv(layer.values).index_select(0, idx)[..., start:, :]
     return _Running([run.handles[i] for i in keep], run.cache, mask[:, start:], run.last.index_select(0, idx),
                     [run.generators[i] for i in keep])
 
