@@ -69,9 +69,14 @@ def worker(work: Path, count: int, how: str) -> dict:
             engine.load_adapter(name, path)
     seconds = time.perf_counter() - start
     bank = sum(t.numel() * t.element_size() for layer in engine.bank.layers for t in layer.values())
-    return {"count": count, "how": how, "seconds": seconds, "bank_mib": bank / 2**20,
-            "rss_growth_mib": ((proc_status_kib("VmRSS") or 0) - rss_before) / 1024,
-            "peak_growth_mib": ((proc_status_kib("VmHWM") or 0) - rss_before) / 1024}
+    return {
+        "count": count,
+        "how": how,
+        "seconds": seconds,
+        "bank_mib": bank / 2**20,
+        "rss_growth_mib": ((proc_status_kib("VmRSS") or 0) - rss_before) / 1024,
+        "peak_growth_mib": ((proc_status_kib("VmHWM") or 0) - rss_before) / 1024,
+    }
 
 
 def main() -> None:
@@ -86,16 +91,26 @@ def main() -> None:
         return
     paths = make_adapters(work, max(args.counts))
     disk = sum((q / "adapter_model.safetensors").stat().st_size for q in paths[:1]) / 2**20
-    print(f"| N | how | load s | bank MiB | RSS growth MiB | load peak MiB |  (one adapter file: "
-          f"{disk:.2f} MiB)")
+    print(f"| N | how | load s | bank MiB | RSS growth MiB | load peak MiB |  (one adapter file: {disk:.2f} MiB)")
     print("|---:|---|---:|---:|---:|---:|")
     for count in args.counts:
         for how in ("folder", "one-by-one"):
-            out = subprocess.run([sys.executable, __file__, "--work", str(work), "--worker", str(count), how],
-                                 check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            out = (
+                subprocess.run(
+                    [sys.executable, __file__, "--work", str(work), "--worker", str(count), how],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                )
+                .stdout.strip()
+                .splitlines()[-1]
+            )
             r = json.loads(out)
-            print(f"| {count} | {how} | {r['seconds']:.2f} | {r['bank_mib']:.0f} | "
-                  f"{r['rss_growth_mib']:.0f} | {r['peak_growth_mib']:.0f} |", flush=True)
+            print(
+                f"| {count} | {how} | {r['seconds']:.2f} | {r['bank_mib']:.0f} | "
+                f"{r['rss_growth_mib']:.0f} | {r['peak_growth_mib']:.0f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -26,10 +26,21 @@ from iapt.training import TrainConfig, Trainer
 
 def make_trainer(args: argparse.Namespace, method: str, dtype: str, rational_every: int = 1) -> Trainer:
     base, tokenizer = load_model(args.model, dtype=dtype)
-    cfg = TrainConfig(model=args.model, task=args.task, method=method, budget=args.budget, out="runs/bf16-step",
-                      batch_size=args.batch_size, max_length=args.max_length, max_steps=1000,
-                      max_train_examples=args.batch_size * (args.rounds + 2) * 4, max_dev_examples=32,
-                      rational_every=rational_every, dtype=dtype, progress=False)
+    cfg = TrainConfig(
+        model=args.model,
+        task=args.task,
+        method=method,
+        budget=args.budget,
+        out="runs/bf16-step",
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        max_steps=1000,
+        max_train_examples=args.batch_size * (args.rounds + 2) * 4,
+        max_dev_examples=32,
+        rational_every=rational_every,
+        dtype=dtype,
+        progress=False,
+    )
     trainer = Trainer(cfg, base, tokenizer)
     trainer.model.train()
     return trainer
@@ -51,7 +62,7 @@ def measure(args: argparse.Namespace, named: dict[str, Trainer]) -> dict[str, fl
     samples: dict[str, list[float]] = {name: [] for name in named}
     names = list(named)
     for r in range(args.rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             samples[name].append(step_seconds(named[name], iters[name], args.steps_per_sample))
     return {name: statistics.median(v) for name, v in samples.items()}
 
@@ -64,16 +75,25 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=192)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--steps-per-sample", type=int, default=4, help="steps per timing sample (a Θ step every 4 "
-                                                                    "is averaged in)")
-    p.add_argument("--rational-every", nargs="+", type=int, default=[1, 4],
-                   help="Θ schedules compared for IAPT (bf16); the dtype comparison uses the first")
+    p.add_argument(
+        "--steps-per-sample", type=int, default=4, help="steps per timing sample (a Θ step every 4 is averaged in)"
+    )
+    p.add_argument(
+        "--rational-every",
+        nargs="+",
+        type=int,
+        default=[1, 4],
+        help="Θ schedules compared for IAPT (bf16); the dtype comparison uses the first",
+    )
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    dtype_runs = {f"{m} {d}": make_trainer(args, m, d, args.rational_every[-1])
-                  for m in ("iapt", "lora") for d in ("float32", "bfloat16")}
+    dtype_runs = {
+        f"{m} {d}": make_trainer(args, m, d, args.rational_every[-1])
+        for m in ("iapt", "lora")
+        for d in ("float32", "bfloat16")
+    }
     times = measure(args, dtype_runs)
     del dtype_runs
     theta_runs = {f"iapt bf16, Θ every {k}": make_trainer(args, "iapt", "bfloat16", k) for k in args.rational_every}
@@ -81,9 +101,11 @@ def main() -> None:
     theta_runs["iapt bf16, joint (no Θ step)"].optim.rational = None
     theta = measure(args, theta_runs)
 
-    print(f"\n{platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), batch {args.batch_size} x "
-          f"<= {args.max_length} tokens of {args.task}, budget {args.budget:,d}, median of {args.rounds} rounds "
-          f"of {args.steps_per_sample} steps\n")
+    print(
+        f"\n{platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), batch {args.batch_size} x "
+        f"<= {args.max_length} tokens of {args.task}, budget {args.budget:,d}, median of {args.rounds} rounds "
+        f"of {args.steps_per_sample} steps\n"
+    )
     print("| method | fp32 s/step | bf16 s/step | bf16 / fp32 |\n|---|---:|---:|---:|")
     for m in ("iapt", "lora"):
         a, b = times[f"{m} float32"], times[f"{m} bfloat16"]

@@ -16,15 +16,16 @@ class GatherLoRA:
     ``set_rows(idx)`` says which adapter each batch row uses (0 = none, tenant t = t + 1); ``None`` = off.
     """
 
-    def __init__(self, model: torch.nn.Module, adapter_dirs: Sequence[Path], dtype: torch.dtype,
-                 device: torch.device) -> None:
+    def __init__(
+        self, model: torch.nn.Module, adapter_dirs: Sequence[Path], dtype: torch.dtype, device: torch.device
+    ) -> None:
         from safetensors.torch import load_file
 
         per_module: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for d in adapter_dirs:
             cfg = json.loads((d / "adapter_config.json").read_text())
             r = cfg["r"]
-            scaling = cfg["lora_alpha"] / (r ** 0.5 if cfg.get("use_rslora") else r)
+            scaling = cfg["lora_alpha"] / (r**0.5 if cfg.get("use_rslora") else r)
             state = load_file(str(d / "adapter_model.safetensors"))
             for key, a in state.items():
                 if not key.endswith("lora_A.weight"):

@@ -45,18 +45,32 @@ def tiny_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(specials + CHARS)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
-                                   unk_token="<unk>")
-    fast.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-                          "{% if add_generation_prompt %}<assistant>{% endif %}")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
+    fast.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
     return fast
 
 
 def tiny_lm() -> torch.nn.Module:
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=104, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                        pad_token_id=0, bos_token_id=1, eos_token_id=2)).eval()
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=104,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    ).eval()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -83,10 +97,13 @@ def main() -> None:
             model.save_pretrained(adapters / name)
             model.unload()
         keys = Path(tmp) / "keys.yaml"
-        keys.write_text("sk-alice: {tenant: alice, adapters: [alice]}\nsk-bob: {tenant: bob, adapters: [bob]}\n"
-                        "sk-admin: {tenant: ops, admin: true}\n")
-        engine = Engine(tiny_lm(), tiny_tokenizer(), adapters, base_name="tiny", max_batch_size=args.batch,
-                        max_queue=args.queue)
+        keys.write_text(
+            "sk-alice: {tenant: alice, adapters: [alice]}\nsk-bob: {tenant: bob, adapters: [bob]}\n"
+            "sk-admin: {tenant: ops, admin: true}\n"
+        )
+        engine = Engine(
+            tiny_lm(), tiny_tokenizer(), adapters, base_name="tiny", max_batch_size=args.batch, max_queue=args.queue
+        )
         app = create_app(engine, KeyRing.from_file(keys), max_tokens_limit=args.max_tokens)
         rss_before = proc_status_kib("VmRSS")
         answers: dict[int, list[tuple[int, float, bool]]] = collections.defaultdict(list)  # i -> (status, s, ok)
@@ -95,21 +112,31 @@ def main() -> None:
         deadline = time.monotonic() + args.deadline
 
         with BackgroundServer(app, host=HOST) as server:
+
             def client(k: int) -> None:
                 tenant = ("alice", "bob")[k % 2]
-                with httpx.Client(base_url=server.url, timeout=60,
-                                  headers={"Authorization": f"Bearer sk-{tenant}"}) as http:
+                with httpx.Client(
+                    base_url=server.url, timeout=60, headers={"Authorization": f"Bearer sk-{tenant}"}
+                ) as http:
                     while time.monotonic() < deadline:
                         with lock:
                             i = next(next_id, None)
                         if i is None:
                             return
                         start = time.perf_counter()
-                        r = http.post("/v1/completions", json={
-                            "model": tenant, "prompt": f"request {i}: say something", "max_tokens": args.max_tokens,
-                            "temperature": 0, "ignore_eos": True})
+                        r = http.post(
+                            "/v1/completions",
+                            json={
+                                "model": tenant,
+                                "prompt": f"request {i}: say something",
+                                "max_tokens": args.max_tokens,
+                                "temperature": 0,
+                                "ignore_eos": True,
+                            },
+                        )
                         ok = (r.status_code == 200 and len(r.json()["choices"]) == 1) or (
-                            r.status_code == 429 and int(r.headers.get("retry-after", "0")) >= 1)
+                            r.status_code == 429 and int(r.headers.get("retry-after", "0")) >= 1
+                        )
                         with lock:
                             answers[i].append((r.status_code, time.perf_counter() - start, ok))
 
@@ -134,24 +161,38 @@ def main() -> None:
         server_counts[int(status)] += int(float(value))
     latency = [t for a in answers.values() for s, t, _ in a if s == 200]
     rows = [
-        ("requests sent", args.requests), ("clients / queue / batch", f"{args.clients} / {args.queue} / {args.batch}"),
-        ("200", statuses.get(200, 0)), ("429 (all with Retry-After)", statuses.get(429, 0)),
+        ("requests sent", args.requests),
+        ("clients / queue / batch", f"{args.clients} / {args.queue} / {args.batch}"),
+        ("200", statuses.get(200, 0)),
+        ("429 (all with Retry-After)", statuses.get(429, 0)),
         ("other statuses", sum(v for k, v in statuses.items() if k not in (200, 429))),
         ("lost / doubled / malformed", f"{lost} / {doubled} / {malformed}"),
         ("server's count 200 / 429", f"{server_counts.get(200, 0)} / {server_counts.get(429, 0)}"),
         ("engine's finished requests", finished),
-        ("latency of 200s p50 / p99", f"{percentile(latency, 0.5) * 1000:.0f} ms / {percentile(latency, 0.99) * 1000:.0f} ms"),
+        (
+            "latency of 200s p50 / p99",
+            f"{percentile(latency, 0.5) * 1000:.0f} ms / {percentile(latency, 0.99) * 1000:.0f} ms",
+        ),
         ("wall time", f"{wall:.1f} s"),
         ("RSS before / after", f"{(rss_before or 0) / 1024:.0f} MiB / {(rss_after or 0) / 1024:.0f} MiB"),
     ]
     print("| measure | value |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value} |")
-    consistent = (lost == 0 and doubled == 0 and malformed == 0 and set(statuses) <= {200, 429}
-                  and server_counts.get(200, 0) == statuses.get(200, 0) == finished
-                  and server_counts.get(429, 0) == statuses.get(429, 0))
-    print(f"\n{'OK' if consistent else 'INCONSISTENT'}: every request answered once, 200 or 429, "
-          "and the server's counts agree" if consistent else "\nINCONSISTENT: see the table")
+    consistent = (
+        lost == 0
+        and doubled == 0
+        and malformed == 0
+        and set(statuses) <= {200, 429}
+        and server_counts.get(200, 0) == statuses.get(200, 0) == finished
+        and server_counts.get(429, 0) == statuses.get(429, 0)
+    )
+    print(
+        f"\n{'OK' if consistent else 'INCONSISTENT'}: every request answered once, 200 or 429, "
+        "and the server's counts agree"
+        if consistent
+        else "\nINCONSISTENT: see the table"
+    )
     sys.exit(0 if consistent else 1)
 
 

@@ -111,8 +111,9 @@ class WorkerProcess:
             env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         self.name, self.log_path = name, log_path
         self._log = log_path.open("w")
-        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
-                                     text=True, bufsize=1)
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1
+        )
 
     def ask(self, command: str | dict[str, Any] | None) -> dict[str, Any]:
         if command is not None:
@@ -122,8 +123,9 @@ class WorkerProcess:
         if not line:
             self.proc.wait()
             self._log.flush()
-            raise RuntimeError(f"worker {self.name} died (exit {self.proc.returncode}):\n"
-                               f"{self.log_path.read_text()[-4000:]}")
+            raise RuntimeError(
+                f"worker {self.name} died (exit {self.proc.returncode}):\n{self.log_path.read_text()[-4000:]}"
+            )
         return json.loads(line)
 
     def close(self) -> None:

@@ -155,8 +155,15 @@ def _load(args: argparse.Namespace):
 def _gen_kwargs(args: argparse.Namespace, pad: int) -> dict[str, Any]:
     """Greedy, exactly --new-tokens per row: EOS switched off (as the engine's ignore_eos), no min_new_tokens
     (which would mask EOS out of the argmax, and so differ from ignore_eos)."""
-    return {"max_new_tokens": args.new_tokens, "do_sample": False, "eos_token_id": None, "pad_token_id": pad,
-            "temperature": None, "top_p": None, "top_k": None}
+    return {
+        "max_new_tokens": args.new_tokens,
+        "do_sample": False,
+        "eos_token_id": None,
+        "pad_token_id": pad,
+        "temperature": None,
+        "top_p": None,
+        "top_k": None,
+    }
 
 
 # ------------------------------------------------------------------------------------------- the trace
@@ -165,8 +172,9 @@ def build_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
     the user text being instruction i, extended with the following instructions and cut to fit."""
     marker = "\u0000MARK\u0000"
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True
+        )
         head, tail = text.split(marker)
     else:
         head, tail = "", ""
@@ -174,8 +182,10 @@ def build_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
     tail_ids = tokenizer(tail, add_special_tokens=False).input_ids if tail else []
     room = length - len(head_ids) - len(tail_ids)
     if room < 4:
-        raise ValueError(f"--prompt-len {length} leaves {room} tokens for the instruction after the chat template "
-                         f"({len(head_ids)} + {len(tail_ids)} tokens)")
+        raise ValueError(
+            f"--prompt-len {length} leaves {room} tokens for the instruction after the chat template "
+            f"({len(head_ids)} + {len(tail_ids)} tokens)"
+        )
     prompts = []
     for i in range(count):
         text = INSTRUCTIONS[i % len(INSTRUCTIONS)]
@@ -204,7 +214,7 @@ def _trace_kinds(args: argparse.Namespace, tenants: int) -> list[str]:
 
 
 def _distinct_per_batch(tenants: Sequence[int], batch: int) -> float:
-    groups = [tenants[i:i + batch] for i in range(0, len(tenants), batch)]
+    groups = [tenants[i : i + batch] for i in range(0, len(tenants), batch)]
     return statistics.mean(len(set(g)) for g in groups)
 
 
@@ -243,19 +253,30 @@ def setup_worker(args: argparse.Namespace) -> None:
         with torch.no_grad():
             for name, p in peft_model.named_parameters():
                 if "lora_A" in name:
-                    torch.nn.init.kaiming_uniform_(p, a=5 ** 0.5)
+                    torch.nn.init.kaiming_uniform_(p, a=5**0.5)
                 elif "lora_B" in name:
                     torch.nn.init.normal_(p, std=args.lora_std)
         peft_model.save_pretrained(str(work / "lora" / f"t{t:03d}"))
     lora.unload()
-    meta = {"prompts": prompts, "iapt_params": iapt_params, "lora_rank": rank, "lora_params": lora_count(base, rank),
-            "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-            "model_name": getattr(base.config, "name_or_path", "") or str(args.model)}
+    meta = {
+        "prompts": prompts,
+        "iapt_params": iapt_params,
+        "lora_rank": rank,
+        "lora_params": lora_count(base, rank),
+        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+        "model_name": getattr(base.config, "name_or_path", "") or str(args.model),
+    }
     (work / "meta.json").write_text(json.dumps(meta))
 
 
-def run_static(args: argparse.Namespace, generate: Callable[..., torch.Tensor], prompts: list[list[int]],
-               tenants: list[int], before_batch: Callable[[list[int]], dict[str, Any]], pad: int) -> dict[str, Any]:
+def run_static(
+    args: argparse.Namespace,
+    generate: Callable[..., torch.Tensor],
+    prompts: list[list[int]],
+    tenants: list[int],
+    before_batch: Callable[[list[int]], dict[str, Any]],
+    pad: int,
+) -> dict[str, Any]:
     """Static batches of up to max_batch_size requests in arrival order, one ``generate`` call each."""
     sync = sync_for(args.device)
     kwargs = _gen_kwargs(args, pad)
@@ -284,12 +305,25 @@ def run_static(args: argparse.Namespace, generate: Callable[..., torch.Tensor], 
         for k, i in enumerate(rows):
             latency[i], ttft[i], tokens[i] = te - t0, first - t0, new[k]
     wall = time.perf_counter() - t0
-    return {"wall": wall, "prefill": prefill, "decode": decode, "latency": latency, "ttft": ttft, "tokens": tokens,
-            "schedule": {"prefill_batches": batches, "decode_steps": len(batches) * (args.new_tokens - 1)}}
+    return {
+        "wall": wall,
+        "prefill": prefill,
+        "decode": decode,
+        "latency": latency,
+        "ttft": ttft,
+        "tokens": tokens,
+        "schedule": {"prefill_batches": batches, "decode_steps": len(batches) * (args.new_tokens - 1)},
+    }
 
 
-def run_engine(args: argparse.Namespace, engine: Any, prompts: list[list[int]], adapters: list[str | None],
-               rows_of: Callable[[list[Any]], None] | None = None, tags: list[int] | None = None) -> dict[str, Any]:
+def run_engine(
+    args: argparse.Namespace,
+    engine: Any,
+    prompts: list[list[int]],
+    adapters: list[str | None],
+    rows_of: Callable[[list[Any]], None] | None = None,
+    tags: list[int] | None = None,
+) -> dict[str, Any]:
     """The trace through ``Engine.generate_many``: all at once (continuous batching) or in chunks."""
     from iapt.serving import Request
 
@@ -340,7 +374,7 @@ def run_engine(args: argparse.Namespace, engine: Any, prompts: list[list[int]], 
         if args.engine_mode == "chunks":
             handles = []
             for s in range(0, R, args.max_batch_size):
-                handles += engine.generate_many(requests[s:s + args.max_batch_size])
+                handles += engine.generate_many(requests[s : s + args.max_batch_size])
         else:
             handles = engine.generate_many(requests)
         sync()
@@ -352,9 +386,15 @@ def run_engine(args: argparse.Namespace, engine: Any, prompts: list[list[int]], 
     bad = [h for h in handles if h.finish_reason != "length" or len(h.tokens) != args.new_tokens]
     if bad:
         raise RuntimeError(f"{len(bad)} requests ended early: {bad[0].finish_reason} {bad[0].error}")
-    return {"wall": wall, "prefill": prefill, "decode": wall - prefill, "latency": latency, "ttft": ttft,
-            "tokens": [h.tokens for h in handles],
-            "schedule": {"prefill_batches": batches, "decode_steps": steps}}
+    return {
+        "wall": wall,
+        "prefill": prefill,
+        "decode": wall - prefill,
+        "latency": latency,
+        "ttft": ttft,
+        "tokens": [h.tokens for h in handles],
+        "schedule": {"prefill_batches": batches, "decode_steps": steps},
+    }
 
 
 # ------------------------------------------------------------------------------------------ the worker
@@ -385,13 +425,18 @@ def method_worker(args: argparse.Namespace) -> None:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         mem_base = torch.cuda.memory_allocated()
-        mem_method = ("torch.cuda.max_memory_allocated() (peak stats reset once the adapters are loaded) − "
-                      "memory_allocated() after loading the backbone")
+        mem_method = (
+            "torch.cuda.max_memory_allocated() (peak stats reset once the adapters are loaded) − "
+            "memory_allocated() after loading the backbone"
+        )
     else:
         mem_base = (proc_status_kib("VmRSS") or 0) * 1024
-        mem_method = ("peak RSS (VmHWM, reset via /proc/self/clear_refs once the adapters are loaded) − RSS "
-                      "after loading the backbone"
-                      if reset_hwm() else "ru_maxrss − RSS after loading the backbone (VmHWM could not be reset)")
+        mem_method = (
+            "peak RSS (VmHWM, reset via /proc/self/clear_refs once the adapters are loaded) − RSS "
+            "after loading the backbone"
+            if reset_hwm()
+            else "ru_maxrss − RSS after loading the backbone (VmHWM could not be reset)"
+        )
     t_backbone = time.perf_counter() - t_start
 
     n, kind = args.n, args.method
@@ -433,16 +478,22 @@ def method_worker(args: argparse.Namespace) -> None:
                 return run_engine(a, engine, ps, [names[t] for t in tenants])
             if kind == "bare":
                 return run_engine(a, engine, ps, [None] * len(ps))
-            return run_engine(a, engine, ps, [None] * len(ps),
-                              rows_of=lambda reqs: gather.set_rows(None if reqs is None else
-                                                                   [r.bench_tag for r in reqs]),
-                              tags=[t + 1 for t in tenants])
+            return run_engine(
+                a,
+                engine,
+                ps,
+                [None] * len(ps),
+                rows_of=lambda reqs: gather.set_rows(None if reqs is None else [r.bench_tag for r in reqs]),
+                tags=[t + 1 for t in tenants],
+            )
         if kind == "bare":
             return run_static(a, base.generate, ps, tenants, lambda ts: {}, pad)
         if kind == "peft":
-            return run_static(a, peft_model.generate, ps, tenants,
-                              lambda ts: {"adapter_names": [names[t] for t in ts]}, pad)
+            return run_static(
+                a, peft_model.generate, ps, tenants, lambda ts: {"adapter_names": [names[t] for t in ts]}, pad
+            )
         if kind == "gather":
+
             def before(ts: list[int]) -> dict[str, Any]:
                 gather.set_rows([t + 1 for t in ts])
                 return {}
@@ -453,16 +504,24 @@ def method_worker(args: argparse.Namespace) -> None:
                 gather.set_rows(None)
         raise ValueError(f"{kind} has no {scheduler} runs")
 
-    reply({"ready": True, "backbone_s": t_backbone, "adapters_load_s": t_load, "adapter_bytes": adapter_bytes,
-           "mem_base_bytes": mem_base, "mem_method": mem_method,
-           "rss_after_adapters": rss_adapters})
+    reply(
+        {
+            "ready": True,
+            "backbone_s": t_backbone,
+            "adapters_load_s": t_load,
+            "adapter_bytes": adapter_bytes,
+            "mem_base_bytes": mem_base,
+            "mem_method": mem_method,
+            "rss_after_adapters": rss_adapters,
+        }
+    )
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd["cmd"] == "run":
             a, ps, tenants = args, prompts, cmd["tenants"]
             if cmd.get("warmup"):  # one batch, a few tokens: pages weights in, warms the allocator and kernels
                 a = argparse.Namespace(**{**vars(args), "new_tokens": min(4, args.new_tokens)})
-                ps, tenants = prompts[:args.max_batch_size], tenants[:args.max_batch_size]
+                ps, tenants = prompts[: args.max_batch_size], tenants[: args.max_batch_size]
             with torch.no_grad(), CpuMeter() as meter:
                 result = run(cmd["scheduler"], tenants, a, ps)
             result["foreign"] = meter.foreign
@@ -480,7 +539,7 @@ def method_worker(args: argparse.Namespace) -> None:
                     gen = model.generate(ids, attention_mask=torch.ones_like(ids), **_gen_kwargs(args, pad))
                 finally:
                     model.unload()
-                out.append(gen[0, args.prompt_len:].tolist())
+                out.append(gen[0, args.prompt_len :].tolist())
             reply({"tokens": out})
         elif cmd["cmd"] == "finish":
             if cuda:
@@ -497,21 +556,72 @@ def method_worker(args: argparse.Namespace) -> None:
 
 
 def _worker(args: argparse.Namespace, method: str, n: int, log_dir: str) -> WorkerProcess:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "method", "--method", method, "--n", str(n),
-           "--workdir", args.workdir, "--model", args.model, "--device", args.device, "--dtype", args.dtype,
-           "--threads", str(args.threads), "--max-batch-size", str(args.max_batch_size),
-           "--new-tokens", str(args.new_tokens), "--prompt-len", str(args.prompt_len),
-           "--engine-mode", args.engine_mode]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        "method",
+        "--method",
+        method,
+        "--n",
+        str(n),
+        "--workdir",
+        args.workdir,
+        "--model",
+        args.model,
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--threads",
+        str(args.threads),
+        "--max-batch-size",
+        str(args.max_batch_size),
+        "--new-tokens",
+        str(args.new_tokens),
+        "--prompt-len",
+        str(args.prompt_len),
+        "--engine-mode",
+        args.engine_mode,
+    ]
     return WorkerProcess(cmd, method, Path(log_dir) / f"{method}-{n}.log", args.threads)
 
 
 def _subprocess(args: argparse.Namespace, worker: str) -> None:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", worker, "--workdir", args.workdir,
-           "--model", args.model, "--device", args.device, "--dtype", args.dtype, "--seed", str(args.seed),
-           "--requests", str(args.requests), "--prompt-len", str(args.prompt_len),
-           "--bottleneck", str(args.bottleneck), "--soft-tokens", str(args.soft_tokens),
-           "--lora-rank", str(args.lora_rank), "--iapt-std", str(args.iapt_std), "--lora-std", str(args.lora_std),
-           "--threads", str(args.threads), "--tenants", *map(str, args.tenants)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        worker,
+        "--workdir",
+        args.workdir,
+        "--model",
+        args.model,
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--seed",
+        str(args.seed),
+        "--requests",
+        str(args.requests),
+        "--prompt-len",
+        str(args.prompt_len),
+        "--bottleneck",
+        str(args.bottleneck),
+        "--soft-tokens",
+        str(args.soft_tokens),
+        "--lora-rank",
+        str(args.lora_rank),
+        "--iapt-std",
+        str(args.iapt_std),
+        "--lora-std",
+        str(args.lora_std),
+        "--threads",
+        str(args.threads),
+        "--tenants",
+        *map(str, args.tenants),
+    ]
     subprocess.run(cmd, check=True)
 
 
@@ -523,42 +633,62 @@ def _log(message: str) -> None:
 def _summary(run: dict[str, Any], args: argparse.Namespace) -> dict[str, float]:
     R = len(run["latency"])
     return {
-        "wall": run["wall"], "prefill": run["prefill"], "decode": run["decode"],
+        "wall": run["wall"],
+        "prefill": run["prefill"],
+        "decode": run["decode"],
         "decode_tok_s": R * (args.new_tokens - 1) / run["decode"],
-        "total_tok_s": R * args.new_tokens / run["wall"], "req_s": R / run["wall"],
-        "p50": _percentile(run["latency"], 50), "p99": _percentile(run["latency"], 99),
-        "ttft_p50": _percentile(run["ttft"], 50), "foreign": run["foreign"],
+        "total_tok_s": R * args.new_tokens / run["wall"],
+        "req_s": R / run["wall"],
+        "p50": _percentile(run["latency"], 50),
+        "p99": _percentile(run["latency"], 99),
+        "ttft_p50": _percentile(run["ttft"], 50),
+        "foreign": run["foreign"],
     }
 
 
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     meta = json.loads((Path(args.workdir) / "meta.json").read_text())
     R = args.requests
-    results: dict[str, Any] = {"meta": {k: v for k, v in meta.items() if k != "prompts"}, "cells": {},
-                               "workers": {}, "checks": [], "schedules": {}}
+    results: dict[str, Any] = {
+        "meta": {k: v for k, v in meta.items() if k != "prompts"},
+        "cells": {},
+        "workers": {},
+        "checks": [],
+        "schedules": {},
+    }
     with tempfile.TemporaryDirectory() as log_dir:
         for n in args.tenants:
             traces = {k: tenant_trace(R, n, k, args.seed) for k in _trace_kinds(args, n)}
             results["traces"] = results.get("traces", {})
-            results["traces"][str(n)] = {k: {"distinct_per_batch": _distinct_per_batch(v, args.max_batch_size)}
-                                         for k, v in traces.items()}
+            results["traces"][str(n)] = {
+                k: {"distinct_per_batch": _distinct_per_batch(v, args.max_batch_size)} for k, v in traces.items()
+            }
             t_spawn = time.perf_counter()
             workers = {m: _worker(args, m, n, log_dir) for m in WORKERS}
             try:
                 for m, w in workers.items():
                     results["workers"][f"{m}/{n}"] = w.ask(None)
-                _log(f"[N={n}] workers ready in {time.perf_counter() - t_spawn:.0f} s (adapter loading: " + ", ".join(
-                    f"{m} {results['workers'][f'{m}/{n}']['adapters_load_s']:.1f} s" for m in WORKERS) + ")")
+                _log(
+                    f"[N={n}] workers ready in {time.perf_counter() - t_spawn:.0f} s (adapter loading: "
+                    + ", ".join(f"{m} {results['workers'][f'{m}/{n}']['adapters_load_s']:.1f} s" for m in WORKERS)
+                    + ")"
+                )
                 cells = []  # (row key, trace kind); the bare rows once (they ignore the trace)
                 for key, _, _scheduler, worker in ROWS:
-                    for kind in (["any"] if worker == "bare" else traces):
+                    for kind in ["any"] if worker == "bare" else traces:
                         cells.append((key, kind))
                 # warm-up: every cell once, untimed (first calls allocate, pick kernels, page in weights)
                 if args.warmup:
                     for key, kind in cells:
                         worker, scheduler = key.split("/")
-                        workers[worker].ask({"cmd": "run", "scheduler": scheduler, "warmup": True,
-                                             "tenants": traces.get(kind, traces["uniform"])})
+                        workers[worker].ask(
+                            {
+                                "cmd": "run",
+                                "scheduler": scheduler,
+                                "warmup": True,
+                                "tenants": traces.get(kind, traces["uniform"]),
+                            }
+                        )
                 for rep in range(args.repeats):
                     shift = (rep * 3 + args.tenants.index(n)) % len(cells)
                     order = cells[shift:] + cells[:shift]
@@ -567,21 +697,25 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                         tenants = traces.get(kind, traces["uniform"])
                         want_tokens = args.check and rep == 0
                         results["waited"] = results.get("waited", 0.0) + wait_quiet(0.15, args.wait_quiet, window=1.0)
-                        run = workers[worker].ask({"cmd": "run", "scheduler": scheduler, "tenants": tenants,
-                                                   "tokens": want_tokens})
+                        run = workers[worker].ask(
+                            {"cmd": "run", "scheduler": scheduler, "tenants": tenants, "tokens": want_tokens}
+                        )
                         s = _summary(run, args)
                         s["round"] = rep
                         results["cells"].setdefault(f"{key}|{n}|{kind}", []).append(s)
                         results["schedules"][f"{key}|{n}|{kind}"] = run["schedule"]
                         if want_tokens:
                             results.setdefault("tokens", {})[f"{key}|{n}|{kind}"] = run["tokens"]
-                        _log(f"[N={n} round {rep + 1}] {key:14s} {kind:9s} decode {s['decode_tok_s']:6.1f} tok/s, "
-                             f"prefill {s['prefill']:.2f} s, wall {s['wall']:.2f} s, others' CPU {s['foreign']:.0%}")
+                        _log(
+                            f"[N={n} round {rep + 1}] {key:14s} {kind:9s} decode {s['decode_tok_s']:6.1f} tok/s, "
+                            f"prefill {s['prefill']:.2f} s, wall {s['wall']:.2f} s, others' CPU {s['foreign']:.0%}"
+                        )
                 if args.check:
                     k = min(R, args.check_requests)
                     tenants = traces["uniform"]
-                    ref = workers["iapt"].ask({"cmd": "check_iapt", "requests": list(range(k)),
-                                               "tenants": tenants[:k]})["tokens"]
+                    ref = workers["iapt"].ask(
+                        {"cmd": "check_iapt", "requests": list(range(k)), "tenants": tenants[:k]}
+                    )["tokens"]
                     results["checks"] += _checks(results["tokens"], n, traces, ref)
                 for m, w in workers.items():
                     results["workers"][f"{m}/{n}"].update(w.ask({"cmd": "finish"}))
@@ -606,17 +740,28 @@ def _checks(tokens: dict[str, Any], n: int, traces: dict[str, list[int]], iapt_r
 
     same("bare engine == bare generate", tokens[f"bare/engine|{n}|any"], tokens[f"bare/static|{n}|any"])
     k = len(iapt_ref)
-    same(f"IAPT engine == IAPTModel.generate of the request alone (first {k} requests, uniform)",
-         tokens[f"iapt/engine|{n}|uniform"][:k], iapt_ref)
+    same(
+        f"IAPT engine == IAPTModel.generate of the request alone (first {k} requests, uniform)",
+        tokens[f"iapt/engine|{n}|uniform"][:k],
+        iapt_ref,
+    )
     for kind in traces:
-        same(f"gather-LoRA static == PEFT LoRA static ({kind})", tokens[f"gather/static|{n}|{kind}"],
-             tokens[f"peft/static|{n}|{kind}"])
-        same(f"gather-LoRA engine == PEFT LoRA static ({kind})", tokens[f"gather/engine|{n}|{kind}"],
-             tokens[f"peft/static|{n}|{kind}"])
-        differ(f"IAPT output differs from bare ({kind})", tokens[f"iapt/engine|{n}|{kind}"],
-               tokens[f"bare/engine|{n}|any"])
-        differ(f"LoRA output differs from bare ({kind})", tokens[f"peft/static|{n}|{kind}"],
-               tokens[f"bare/static|{n}|any"])
+        same(
+            f"gather-LoRA static == PEFT LoRA static ({kind})",
+            tokens[f"gather/static|{n}|{kind}"],
+            tokens[f"peft/static|{n}|{kind}"],
+        )
+        same(
+            f"gather-LoRA engine == PEFT LoRA static ({kind})",
+            tokens[f"gather/engine|{n}|{kind}"],
+            tokens[f"peft/static|{n}|{kind}"],
+        )
+        differ(
+            f"IAPT output differs from bare ({kind})", tokens[f"iapt/engine|{n}|{kind}"], tokens[f"bare/engine|{n}|any"]
+        )
+        differ(
+            f"LoRA output differs from bare ({kind})", tokens[f"peft/static|{n}|{kind}"], tokens[f"bare/static|{n}|any"]
+        )
     return out
 
 
@@ -625,8 +770,7 @@ def _schedule_check(results: dict[str, Any], args: argparse.Namespace) -> tuple[
     R, B = args.requests, args.max_batch_size
     static = [min(B, R - s) for s in range(0, R, B)]
     steps = len(static) * (args.new_tokens - 1)
-    bad = [k for k, v in results["schedules"].items()
-           if v["prefill_batches"] != static or v["decode_steps"] != steps]
+    bad = [k for k, v in results["schedules"].items() if v["prefill_batches"] != static or v["decode_steps"] != steps]
     return not bad, f"prefill batches {static}, {steps} decode steps" + (f"; differs: {bad}" if bad else "")
 
 
@@ -638,10 +782,14 @@ def _best(samples: list[dict[str, float]]) -> dict[str, float]:
 def render(args: argparse.Namespace, results: dict[str, Any]) -> tuple[str, list[str]]:
     mib = 1024 * 1024
     cells = results["cells"]
-    lines = [("| N | trace | method | scheduler | decode tok/s | × bare (same sched.) | × PEFT LoRA | "
-             "× gather-LoRA static | × gather-LoRA engine | prefill s | total tok/s | req/s | p50 / p99 latency s | "
-             "TTFT p50 s | peak mem MiB (adapters) | others' CPU |"),
-             "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        (
+            "| N | trace | method | scheduler | decode tok/s | × bare (same sched.) | × PEFT LoRA | "
+            "× gather-LoRA static | × gather-LoRA engine | prefill s | total tok/s | req/s | p50 / p99 latency s | "
+            "TTFT p50 s | peak mem MiB (adapters) | others' CPU |"
+        ),
+        "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     targets: list[str] = []
     target_bare, target_lora = [], []
     for n in args.tenants:
@@ -657,20 +805,26 @@ def render(args: argparse.Namespace, results: dict[str, Any]) -> tuple[str, list
                     continue
                 b = best[key]
                 bare = best[f"bare/{scheduler}"]
-                vs = {other: (f"{b['decode_tok_s'] / best[other]['decode_tok_s']:.2f}" if other != key else "1")
-                      for other in LORA_ROWS}
+                vs = {
+                    other: (f"{b['decode_tok_s'] / best[other]['decode_tok_s']:.2f}" if other != key else "1")
+                    for other in LORA_ROWS
+                }
                 w = results["workers"][f"{worker}/{n}"]
                 samples = cells[f"{key}|{n}|{'any' if key.startswith('bare') else kind}"]
                 trace = "—" if key.startswith("bare") else kind.replace(":", " s=")
-                sched = "engine (continuous)" if scheduler == "engine" and args.engine_mode == "continuous" else (
-                    "engine (chunks)" if scheduler == "engine" else "static (HF generate)")
+                sched = (
+                    "engine (continuous)"
+                    if scheduler == "engine" and args.engine_mode == "continuous"
+                    else ("engine (chunks)" if scheduler == "engine" else "static (HF generate)")
+                )
                 lines.append(
                     f"| {n} | {trace} | {method} | {sched} | {b['decode_tok_s']:.1f} | "
                     f"{b['decode_tok_s'] / bare['decode_tok_s']:.2f} | {vs['peft/static']} | "
                     f"{vs['gather/static']} | {vs['gather/engine']} | {b['prefill']:.2f} | "
                     f"{b['total_tok_s']:.1f} | {b['req_s']:.2f} | {b['p50']:.2f} / {b['p99']:.2f} | "
                     f"{b['ttft_p50']:.2f} | {w['peak_mem_bytes'] / mib:,.0f} ({w['adapter_bytes'] / mib:,.1f}) | "
-                    f"{max(s['foreign'] for s in samples):.0%} |")
+                    f"{max(s['foreign'] for s in samples):.0%} |"
+                )
             # targets, with paired per-round ratios too
             iapt_cell = cells[f"iapt/engine|{n}|{kind}"]
             bare_cell = cells[f"bare/engine|{n}|any"]
@@ -681,15 +835,20 @@ def render(args: argparse.Namespace, results: dict[str, Any]) -> tuple[str, list
                 lora_key = max(LORA_ROWS, key=lambda k: best[k]["decode_tok_s"])
                 lr = best["iapt/engine"]["decode_tok_s"] / best[lora_key]["decode_tok_s"]
                 lora_cell = cells[f"{lora_key}|{n}|{kind}"]
-                paired_l = statistics.median(i["decode_tok_s"] / x["decode_tok_s"]
-                                             for i, x in zip(iapt_cell, lora_cell))
+                paired_l = statistics.median(
+                    i["decode_tok_s"] / x["decode_tok_s"] for i, x in zip(iapt_cell, lora_cell)
+                )
                 target_lora.append((n, kind, lora_key, lr, paired_l))
     for n, kind, r, p in target_bare:
-        targets.append(f"- IAPT ≥ 0.95× bare decode tok/s (both on the engine), N={n}, {kind}: best {r:.3f}, "
-                       f"median paired {p:.3f} → **{'PASS' if r >= 0.95 else 'MISS'}**")
+        targets.append(
+            f"- IAPT ≥ 0.95× bare decode tok/s (both on the engine), N={n}, {kind}: best {r:.3f}, "
+            f"median paired {p:.3f} → **{'PASS' if r >= 0.95 else 'MISS'}**"
+        )
     for n, kind, key, r, p in target_lora:
-        targets.append(f"- IAPT ≥ 1.3× the best LoRA decode tok/s at N={n}, {kind} (best LoRA: {key}): best {r:.3f}, "
-                       f"median paired {p:.3f} → **{'PASS' if r >= 1.3 else 'MISS'}**")
+        targets.append(
+            f"- IAPT ≥ 1.3× the best LoRA decode tok/s at N={n}, {kind} (best LoRA: {key}): best {r:.3f}, "
+            f"median paired {p:.3f} → **{'PASS' if r >= 1.3 else 'MISS'}**"
+        )
     if 16 not in args.tenants:
         targets.append("- (N = 16 was not run: the LoRA target is shown at the largest N run instead)")
     return "\n".join(lines), targets
@@ -702,32 +861,53 @@ def _machine(args: argparse.Namespace) -> str:
     if args.device.startswith("cuda"):
         device = torch.cuda.get_device_name(args.device)
     else:
-        device = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                       if line.startswith("model name")), platform.processor() or platform.machine())
-    return (f"{args.device} ({device}, {os.cpu_count()} CPUs), {args.dtype}, "
-            f"{args.threads if args.threads > 0 else torch.get_num_threads()} threads per process, torch "
-            f"{torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
-            f"Python {platform.python_version()}")
+        device = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor() or platform.machine(),
+        )
+    return (
+        f"{args.device} ({device}, {os.cpu_count()} CPUs), {args.dtype}, "
+        f"{args.threads if args.threads > 0 else torch.get_num_threads()} threads per process, torch "
+        f"{torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
+        f"Python {platform.python_version()}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local HF folder")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     parser.add_argument("--dtype", default="float32", help="backbone dtype: float32, bfloat16, float16")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads per process (0 = torch's default). 1 by default: on a shared "
-                             "machine a 2-thread OpenMP team whose second core is taken by another job slows down "
-                             "~50x (measured here); on a dedicated machine use all its cores")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads per process (0 = torch's default). 1 by default: on a shared "
+        "machine a 2-thread OpenMP team whose second core is taken by another job slows down "
+        "~50x (measured here); on a dedicated machine use all its cores",
+    )
     parser.add_argument("--tenants", type=int, nargs="+", default=[1, 4, 16, 64], help="the N values")
-    parser.add_argument("--requests", type=int, default=16,
-                        help="R, requests per trace (16 = one batch of 16: the default set fits ~10 min on 2 cores)")
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=16,
+        help="R, requests per trace (16 = one batch of 16: the default set fits ~10 min on 2 cores)",
+    )
     parser.add_argument("--prompt-len", type=int, default=64, help="tokens per prompt (exact)")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per request (exact)")
     parser.add_argument("--max-batch-size", type=int, default=16, help="rows per batch, every scheduler")
-    parser.add_argument("--engine-mode", choices=("continuous", "chunks"), default="continuous",
-                        help="engine rows: the whole trace at once (continuous batching) or max-batch-size at a time")
+    parser.add_argument(
+        "--engine-mode",
+        choices=("continuous", "chunks"),
+        default="continuous",
+        help="engine rows: the whole trace at once (continuous batching) or max-batch-size at a time",
+    )
     parser.add_argument("--zipf-s", type=float, default=1.2, help="exponent of the skewed trace")
     parser.add_argument("--repeats", type=int, default=2, help="timed rounds (each cell once per round)")
     parser.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the untimed warm-up round")
@@ -736,9 +916,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (0 = IAPT's parameter budget)")
     parser.add_argument("--iapt-std", type=float, default=0.02, help="std of the random IAPT up-projections")
     parser.add_argument("--lora-std", type=float, default=0.02, help="std of the random LoRA B matrices")
-    parser.add_argument("--wait-quiet", type=float, default=0.0,
-                        help="before each timed run, wait up to this many seconds for other processes to use "
-                             "≤ 15%% of the machine (shared machines)")
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        help="before each timed run, wait up to this many seconds for other processes to use "
+        "≤ 15%% of the machine (shared machines)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--check", action="store_true", help="assert the token-for-token equivalences (see above)")
     parser.add_argument("--check-requests", type=int, default=3, help="requests checked against IAPTModel.generate")
@@ -771,8 +955,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         t = time.perf_counter()
         _subprocess(args, "setup")
-        _log(f"[setup] {max(args.tenants)} IAPT + {max(args.tenants)} LoRA adapters and {args.requests} prompts in "
-             f"{time.perf_counter() - t:.0f} s")
+        _log(
+            f"[setup] {max(args.tenants)} IAPT + {max(args.tenants)} LoRA adapters and {args.requests} prompts in "
+            f"{time.perf_counter() - t:.0f} s"
+        )
         results = benchmark(args)
     finally:
         if tmp is not None:
@@ -784,42 +970,66 @@ def main(argv: list[str] | None = None) -> int:
     table, targets = render(args, results)
     sched_ok, sched_text = _schedule_check(results, args)
     mem_method = next(iter(results["workers"].values()))["mem_method"]
-    traces = "; ".join(f"N={n}: " + ", ".join(f"{k} {v['distinct_per_batch']:.1f}" for k, v in d.items())
-                       for n, d in results["traces"].items())
+    traces = "; ".join(
+        f"N={n}: " + ", ".join(f"{k} {v['distinct_per_batch']:.1f}" for k, v in d.items())
+        for n, d in results["traces"].items()
+    )
     notes = [
-        (f"- Trace: R={args.requests} requests, all arriving at t=0; prompts exactly {args.prompt_len} tokens "
-        f"(chat-templated instructions), {args.new_tokens} new tokens each (greedy, EOS ignored); max batch "
-        f"{args.max_batch_size} for every scheduler. Distinct tenants per batch of {args.max_batch_size} "
-        f"(arrival order): {traces}."),
-        (f"- Adapters: IAPT r={args.bottleneck}, n={args.soft_tokens} at every layer = {meta['iapt_params']:,} params; "
-        f"LoRA q_proj,v_proj rank {meta['lora_rank']} = {meta['lora_params']:,} params (closest to IAPT's budget); "
-        f"all random, non-zero."),
-        (f"- Engine schedule {'equals' if sched_ok else 'DIFFERS from'} static batching for every engine run "
-        f"({sched_text}); engine mode: {args.engine_mode}."),
-        (f"- decode tok/s = R×({args.new_tokens}−1) / (wall − prefill); prefill = engine: time in the prefill forward "
-        f"passes; static: generate start → first token, summed over batches. total tok/s = R×{args.new_tokens} / "
-        f"wall. Latency = finish − arrival (t=0). Best of {args.repeats} interleaved rounds per cell"
-        f"{' after an untimed warm-up per cell (first batch, 4 new tokens)' if args.warmup else ''}; ratios are of decode tok/s."),
-        (f"- Memory: {mem_method}; one process per method and N (bare and gather-LoRA serve both schedulers in one "
-        f"process, so their peak covers both); (adapters) = exact bytes of the adapter tensors held "
-        f"(IAPT: the engine's stacked bank)."),
-        (f"- Machine: {_machine(args)}; load average {load_before[0]:.2f} → {load_after[0]:.2f} (1 min); "
-        f"{date}; {elapsed:.0f} s in all, {results.get('waited', 0.0):.0f} s of it waiting for other processes "
-        f"(--wait-quiet {args.wait_quiet:g})."),
+        (
+            f"- Trace: R={args.requests} requests, all arriving at t=0; prompts exactly {args.prompt_len} tokens "
+            f"(chat-templated instructions), {args.new_tokens} new tokens each (greedy, EOS ignored); max batch "
+            f"{args.max_batch_size} for every scheduler. Distinct tenants per batch of {args.max_batch_size} "
+            f"(arrival order): {traces}."
+        ),
+        (
+            f"- Adapters: IAPT r={args.bottleneck}, n={args.soft_tokens} at every layer = "
+            f"{meta['iapt_params']:,} params; LoRA q_proj,v_proj rank {meta['lora_rank']} = "
+            f"{meta['lora_params']:,} params (closest to IAPT's budget); "
+            f"all random, non-zero."
+        ),
+        (
+            f"- Engine schedule {'equals' if sched_ok else 'DIFFERS from'} static batching for every engine run "
+            f"({sched_text}); engine mode: {args.engine_mode}."
+        ),
+        (
+            f"- decode tok/s = R×({args.new_tokens}−1) / (wall − prefill); prefill = engine: time in the prefill "
+            f"forward passes; static: generate start → first token, summed over batches. "
+            f"total tok/s = R×{args.new_tokens} / wall. Latency = finish − arrival (t=0). "
+            f"Best of {args.repeats} interleaved rounds per cell"
+            f"{' after an untimed warm-up per cell (first batch, 4 new tokens)' if args.warmup else ''}; "
+            "ratios are of decode tok/s."
+        ),
+        (
+            f"- Memory: {mem_method}; one process per method and N (bare and gather-LoRA serve both schedulers in one "
+            f"process, so their peak covers both); (adapters) = exact bytes of the adapter tensors held "
+            f"(IAPT: the engine's stacked bank)."
+        ),
+        (
+            f"- Machine: {_machine(args)}; load average {load_before[0]:.2f} → {load_after[0]:.2f} (1 min); "
+            f"{date}; {elapsed:.0f} s in all, {results.get('waited', 0.0):.0f} s of it waiting for other processes "
+            f"(--wait-quiet {args.wait_quiet:g})."
+        ),
     ]
     if results["checks"]:
-        notes.append("- Checks (--check): " + "; ".join(
-            f"{c['check']}: {c.get('rows_equal', c.get('rows_differing'))}/{c['rows']} "
-            f"{'rows equal' if 'rows_equal' in c else 'rows differ'} {'✓' if c['ok'] else '✗'}"
-            for c in results["checks"]))
+        notes.append(
+            "- Checks (--check): "
+            + "; ".join(
+                f"{c['check']}: {c.get('rows_equal', c.get('rows_differing'))}/{c['rows']} "
+                f"{'rows equal' if 'rows_equal' in c else 'rows differ'} {'✓' if c['ok'] else '✗'}"
+                for c in results["checks"]
+            )
+        )
     print(table)
     print()
     print("\n".join(targets))
     print()
     print("\n".join(notes))
     if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "results": results, "table": table,
-                                              "targets": targets, "notes": notes}, indent=1))
+        Path(args.out).write_text(
+            json.dumps(
+                {"args": vars(args), "results": results, "table": table, "targets": targets, "notes": notes}, indent=1
+            )
+        )
     failed = [c for c in results["checks"] if not c["ok"]]
     if args.check and (failed or not sched_ok):
         _log(f"CHECK FAILED: {[c['check'] for c in failed]}" + ("" if sched_ok else f"; schedule: {sched_text}"))

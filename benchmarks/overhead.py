@@ -63,15 +63,21 @@ INSTRUCTIONS = [  # realistic instructions of different lengths; the batch takes
     "Name three primary colors.",
     "Translate into French: The weather is nice today, so we are going for a walk in the park.",
     "Write a haiku about autumn leaves.",
-    ("Explain in simple terms why the sky is blue during the day and red or orange at sunset. Keep the "
-    "answer short enough for a ten-year-old to follow, and avoid technical jargon."),
+    (
+        "Explain in simple terms why the sky is blue during the day and red or orange at sunset. Keep the "
+        "answer short enough for a ten-year-old to follow, and avoid technical jargon."
+    ),
     "Give me a Python function that returns the n-th Fibonacci number.",
-    ("Summarize the following paragraph in one sentence: Photosynthesis is the process by which green "
-    "plants and some other organisms use sunlight to synthesize foods from carbon dioxide and water. It "
-    "generally involves the green pigment chlorophyll and generates oxygen as a byproduct."),
+    (
+        "Summarize the following paragraph in one sentence: Photosynthesis is the process by which green "
+        "plants and some other organisms use sunlight to synthesize foods from carbon dioxide and water. It "
+        "generally involves the green pigment chlorophyll and generates oxygen as a byproduct."
+    ),
     "What is the capital of Australia?",
-    ("List four tips for writing a clear email to a colleague you have never met before, and explain "
-    "each tip in one line."),
+    (
+        "List four tips for writing a clear email to a colleague you have never met before, and explain "
+        "each tip in one line."
+    ),
 ]
 
 
@@ -116,8 +122,9 @@ def _plan_sizes(config: Any, iapt_config: Any) -> dict[str, Any]:
 def _lora_config(rank: int):
     from peft import LoraConfig, TaskType
 
-    return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-                      task_type=TaskType.CAUSAL_LM)
+    return LoraConfig(
+        r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type=TaskType.CAUSAL_LM
+    )
 
 
 def _prefix_config(tokens: int):
@@ -165,6 +172,7 @@ def _ablation(args: argparse.Namespace, base) -> tuple[Any, dict[str, Any]]:
     model = get_iapt_model(base, _iapt_config(args))
     n, d = args.soft_tokens, base.get_input_embeddings().weight.shape[1]
     if args.method == "iapt_const":
+
         def constant(generator: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
             return lambda hidden, mask: generator.const.expand(hidden.shape[0], -1, -1)
 
@@ -192,6 +200,7 @@ def _ablation(args: argparse.Namespace, base) -> tuple[Any, dict[str, Any]]:
     if args.method == "iapt_fixed":
         base.get_output_embeddings().register_forward_pre_hook(lambda module, inputs: (inputs[0].contiguous(),))
         for generator in model.generators.values():
+
             def trimmed(hidden, mask, forward=generator.forward):
                 used = mask.any(0).nonzero()
                 last = int(used.max()) + 1 if used.numel() else 1
@@ -252,8 +261,11 @@ def train_worker(args: argparse.Namespace) -> None:
     else:
         mem_base = (proc_status_kib("VmRSS") or 0) * 1024
         hwm_reset = reset_hwm()
-        mem_method = ("peak RSS (VmHWM, reset via /proc/self/clear_refs once built) − RSS once built"
-                      if hwm_reset else "ru_maxrss − RSS once built (the high-water mark could not be reset)")
+        mem_method = (
+            "peak RSS (VmHWM, reset via /proc/self/clear_refs once built) − RSS once built"
+            if hwm_reset
+            else "ru_maxrss − RSS once built (the high-water mark could not be reset)"
+        )
 
     def reply(obj: dict[str, Any]) -> None:
         proto.write(json.dumps(obj) + "\n")
@@ -278,8 +290,16 @@ def train_worker(args: argparse.Namespace) -> None:
                     optimizer.step()
                 sync()
                 t3 = time.perf_counter()
-            reply({"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "step": t3 - t0,
-                   "foreign": meter.foreign, "loss": float(loss)})
+            reply(
+                {
+                    "forward": t1 - t0,
+                    "backward": t2 - t1,
+                    "optimizer": t3 - t2,
+                    "step": t3 - t0,
+                    "foreign": meter.foreign,
+                    "loss": float(loss),
+                }
+            )
         elif command == "finish":
             if cuda:
                 peak = torch.cuda.max_memory_allocated()
@@ -295,10 +315,32 @@ def train_worker(args: argparse.Namespace) -> None:
 
 
 def _worker(args: argparse.Namespace, method: str, size: int, log_dir: str) -> WorkerProcess:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "train", "--method", method, "--size", str(size),
-           "--model", args.model, "--device", args.device, "--dtype", args.dtype,
-           "--threads", str(args.threads), "--batch", str(args.batch), "--seq", str(args.seq),
-           "--soft-tokens", str(args.soft_tokens), "--bottleneck", str(args.bottleneck)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        "train",
+        "--method",
+        method,
+        "--size",
+        str(size),
+        "--model",
+        args.model,
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--threads",
+        str(args.threads),
+        "--batch",
+        str(args.batch),
+        "--seq",
+        str(args.seq),
+        "--soft-tokens",
+        str(args.soft_tokens),
+        "--bottleneck",
+        str(args.bottleneck),
+    ]
     return WorkerProcess(cmd, f"training {method}", Path(log_dir) / f"{method}.log", args.threads)
 
 
@@ -323,10 +365,14 @@ def run_training(args: argparse.Namespace, plan: dict[str, Any], waited: dict[st
                 if not warm:
                     rounds += 1
                     quiet_rounds += quiet
-                print(f"[train] round {r + 1}{' (warm-up)' if warm else ''}: " + ", ".join(
-                    f"{m} {samples[m]['step']:.2f} s" for m in methods)
+                print(
+                    f"[train] round {r + 1}{' (warm-up)' if warm else ''}: "
+                    + ", ".join(f"{m} {samples[m]['step']:.2f} s" for m in methods)
                     + f"; others' CPU ≤ {max(s['foreign'] for s in samples.values()):.0%}"
-                    + ("" if quiet or warm else " (contended)"), file=sys.stderr, flush=True)
+                    + ("" if quiet or warm else " (contended)"),
+                    file=sys.stderr,
+                    flush=True,
+                )
                 r += 1
             for m, w in workers.items():
                 results[m].update(w.ask("finish"))
@@ -339,7 +385,8 @@ def run_training(args: argparse.Namespace, plan: dict[str, Any], waited: dict[st
         results[m]["median_step"] = _quiet_median([s["step"] for s in steps], quiet)
         # the ratio of each round's step to LoRA's step in the same round: drift between rounds cancels
         results[m]["paired_ratio"] = _quiet_median(
-            [s["step"] / ref["step"] for s, ref in zip(steps, results["lora"]["steps"])], quiet)
+            [s["step"] / ref["step"] for s, ref in zip(steps, results["lora"]["steps"])], quiet
+        )
         for part in ("forward", "backward", "optimizer"):
             results[m][f"median_{part}"] = _quiet_median([s[part] for s in steps], [s["quiet"] for s in steps])
     return results
@@ -349,8 +396,10 @@ def run_training(args: argparse.Namespace, plan: dict[str, Any], waited: dict[st
 def _prompts(tokenizer, batch: int, device: str) -> dict[str, torch.Tensor]:
     texts = [INSTRUCTIONS[i % len(INSTRUCTIONS)] for i in range(batch)]
     if getattr(tokenizer, "chat_template", None):
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
-                                               add_generation_prompt=True) for t in texts]
+        texts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+            for t in texts
+        ]
     tokenizer.padding_side = "left"
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
@@ -374,14 +423,25 @@ def run_generation(args: argparse.Namespace, base, tokenizer, waited: dict[str, 
             torch.cuda.reset_peak_memory_stats()
         sync()
         with CpuMeter() as meter:
-            out = models[name].generate(**inputs, streamer=clock, do_sample=False, max_new_tokens=max_new,
-                                        min_new_tokens=max_new, pad_token_id=tokenizer.pad_token_id)
+            out = models[name].generate(
+                **inputs,
+                streamer=clock,
+                do_sample=False,
+                max_new_tokens=max_new,
+                min_new_tokens=max_new,
+                pad_token_id=tokenizer.pad_token_id,
+            )
             sync()
         if out.shape[1] - plen != max_new:
             raise RuntimeError(f"{name} generated {out.shape[1] - plen} tokens, expected {max_new}")
         ttft = clock.times[1] - meter.start  # times[0]: put(prompt), before any forward; times[1]: first token
-        sample = {"total": meter.wall, "ttft": ttft, "decode": meter.wall - ttft, "foreign": meter.foreign,
-                  "tokens": out[:, plen:]}
+        sample = {
+            "total": meter.wall,
+            "ttft": ttft,
+            "decode": meter.wall - ttft,
+            "foreign": meter.foreign,
+            "tokens": out[:, plen:],
+        }
         if cuda:
             sample["peak_mem_bytes"] = torch.cuda.max_memory_allocated()
         return sample
@@ -403,16 +463,25 @@ def run_generation(args: argparse.Namespace, base, tokenizer, waited: dict[str, 
         for name in order:
             pair[name]["quiet"] = quiet
             samples[name].append(pair[name])
-        print(f"[gen] repeat {r + 1}: " + ", ".join(
-            f"{k} ttft {pair[k]['ttft'] * 1e3:.0f} ms, decode {pair[k]['decode']:.2f} s" for k in ("bare", "iapt"))
-            + f"; others' CPU ≤ {max(s['foreign'] for s in pair.values()):.0%}" + ("" if quiet else " (contended)"),
-            file=sys.stderr, flush=True)
+        print(
+            f"[gen] repeat {r + 1}: "
+            + ", ".join(
+                f"{k} ttft {pair[k]['ttft'] * 1e3:.0f} ms, decode {pair[k]['decode']:.2f} s" for k in ("bare", "iapt")
+            )
+            + f"; others' CPU ≤ {max(s['foreign'] for s in pair.values()):.0%}"
+            + ("" if quiet else " (contended)"),
+            file=sys.stderr,
+            flush=True,
+        )
         r += 1
 
     same = all(torch.equal(a["tokens"], b["tokens"]) for a, b in zip(samples["iapt"], samples["iapt"][1:]))
     decode_tokens = (args.new_tokens - 1) * args.batch
-    result: dict[str, Any] = {"prompt_lengths": inputs["attention_mask"].sum(1).tolist(), "padded_length": plen,
-                              "deterministic": same}
+    result: dict[str, Any] = {
+        "prompt_lengths": inputs["attention_mask"].sum(1).tolist(),
+        "padded_length": plen,
+        "deterministic": same,
+    }
     for name in models:
         s = samples[name]
         quiet = [x["quiet"] for x in s]
@@ -434,8 +503,9 @@ def run_generation(args: argparse.Namespace, base, tokenizer, waited: dict[str, 
         "ttft": _quiet_median([a["ttft"] / b["ttft"] for a, b in pairs], quiet),
         "decode_tok_s": _quiet_median([b["decode"] / a["decode"] for a, b in pairs], quiet),
         "total": _quiet_median([a["total"] / b["total"] for a, b in pairs], quiet),
-        "prefill_call": _quiet_median([a["total"] / b["total"] for a, b in zip(prefill["iapt"], prefill["bare"])],
-                                      quiet),
+        "prefill_call": _quiet_median(
+            [a["total"] / b["total"] for a, b in zip(prefill["iapt"], prefill["bare"])], quiet
+        ),
     }
     result["iapt"]["trainable_params"] = models["iapt"].get_nb_trainable_parameters()[0]
     return result
@@ -446,56 +516,89 @@ def _range(values: list[float], fmt: str) -> str:
     return f"{fmt.format(min(values))}–{fmt.format(max(values))}"
 
 
-def render(args: argparse.Namespace, plan: dict[str, Any], train: dict[str, Any], gen: dict[str, Any]) -> tuple[str, list[str]]:
+def render(
+    args: argparse.Namespace, plan: dict[str, Any], train: dict[str, Any], gen: dict[str, Any]
+) -> tuple[str, list[str]]:
     mib = 1024 * 1024
-    names = {"iapt": f"IAPT (r={args.bottleneck}, n={args.soft_tokens})",
-             "lora": f"LoRA q_proj,v_proj (rank {plan['lora']['size']})",
-             "prefix": f"Prefix tuning ({plan['prefix']['size']} virtual tokens)",
-             "bare": "bare backbone",
-             "frozen": "ablation: frozen backbone, no adapter",
-             "iapt_const": "ablation: IAPT slots, constant prompts (no generators)",
-             "iapt_skip_mlp": "ablation: IAPT, MLP skipped on slots (fix prototype)",
-             "iapt_fixed": "ablation: IAPT, MLP skip + generator trim + contiguous LM head (fix prototype)"}
-    rows = ["| Benchmark | Method | Trainable params | Median | Range | Peak memory Δ | Ratio: time | Ratio: memory |",
-            "|---|---|---:|---:|---:|---:|---:|---:|"]
+    names = {
+        "iapt": f"IAPT (r={args.bottleneck}, n={args.soft_tokens})",
+        "lora": f"LoRA q_proj,v_proj (rank {plan['lora']['size']})",
+        "prefix": f"Prefix tuning ({plan['prefix']['size']} virtual tokens)",
+        "bare": "bare backbone",
+        "frozen": "ablation: frozen backbone, no adapter",
+        "iapt_const": "ablation: IAPT slots, constant prompts (no generators)",
+        "iapt_skip_mlp": "ablation: IAPT, MLP skipped on slots (fix prototype)",
+        "iapt_fixed": "ablation: IAPT, MLP skip + generator trim + contiguous LM head (fix prototype)",
+    }
+    rows = [
+        "| Benchmark | Method | Trainable params | Median | Range | Peak memory Δ | Ratio: time | Ratio: memory |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     lora = train["lora"]
     for m in [m for m in (*METHODS, *ABLATIONS) if m in train]:
         t = train[m]
         steps = [s["step"] for s in t["steps"]]
-        rows.append(f"| Train step {args.batch}×{args.seq} (fwd+bwd+AdamW) | {names[m]} | {t['trainable_params']:,} "
-                    f"| {t['median_step']:.3f} s | {_range(steps, '{:.2f}')} s | {t['peak_mem_bytes'] / mib:,.0f} MiB "
-                    f"| {t['paired_ratio']:.3f} vs LoRA "
-                    f"| {t['peak_mem_bytes'] / lora['peak_mem_bytes']:.3f} vs LoRA |")
+        rows.append(
+            f"| Train step {args.batch}×{args.seq} (fwd+bwd+AdamW) | {names[m]} | {t['trainable_params']:,} "
+            f"| {t['median_step']:.3f} s | {_range(steps, '{:.2f}')} s | {t['peak_mem_bytes'] / mib:,.0f} MiB "
+            f"| {t['paired_ratio']:.3f} vs LoRA "
+            f"| {t['peak_mem_bytes'] / lora['peak_mem_bytes']:.3f} vs LoRA |"
+        )
     bare = gen["bare"]
     params = {"bare": 0, "iapt": gen["iapt"]["trainable_params"]}
     cuda_mem = "peak_mem_bytes" in bare  # CPU: both models share one process, so no per-model peak
     mem = {m: f"{gen[m]['peak_mem_bytes'] / mib:,.0f} MiB" if cuda_mem else "—" for m in params}
-    mem_ratio = {m: f"{gen[m]['peak_mem_bytes'] / bare['peak_mem_bytes']:.3f} vs bare" if cuda_mem else "—"
-                 for m in params}
+    mem_ratio = {
+        m: f"{gen[m]['peak_mem_bytes'] / bare['peak_mem_bytes']:.3f} vs bare" if cuda_mem else "—" for m in params
+    }
     decode_tokens = (args.new_tokens - 1) * args.batch
     specs = [
         ("Prefill: time to first token", "ttft", lambda x: x["ttft"] * 1e3, "ms", "{:.0f}", "samples"),
-        ("Prefill: generate(max_new_tokens=1)", "prefill_call", lambda x: x["total"] * 1e3, "ms", "{:.0f}",
-         "prefill_samples"),
-        (f"Decode ({args.batch}×{args.new_tokens - 1} tokens after the first)", "decode_tok_s",
-         lambda x: decode_tokens / x["decode"], "tok/s", "{:.1f}", "samples"),
-        (f"Generation end to end ({args.batch}×{args.new_tokens} new tokens)", "total", lambda x: x["total"], "s",
-         "{:.2f}", "samples"),
+        (
+            "Prefill: generate(max_new_tokens=1)",
+            "prefill_call",
+            lambda x: x["total"] * 1e3,
+            "ms",
+            "{:.0f}",
+            "prefill_samples",
+        ),
+        (
+            f"Decode ({args.batch}×{args.new_tokens - 1} tokens after the first)",
+            "decode_tok_s",
+            lambda x: decode_tokens / x["decode"],
+            "tok/s",
+            "{:.1f}",
+            "samples",
+        ),
+        (
+            f"Generation end to end ({args.batch}×{args.new_tokens} new tokens)",
+            "total",
+            lambda x: x["total"],
+            "s",
+            "{:.2f}",
+            "samples",
+        ),
     ]
     for label, key, per_sample, unit, fmt, source in specs:
         for m in ("iapt", "bare"):
             g = gen[m]
             value = g[key] * (1e3 if unit == "ms" else 1)
-            rows.append(f"| {label} | {names[m]} | {params[m]:,} | {fmt.format(value)} {unit} "
-                        f"| {_range([per_sample(x) for x in g[source]], fmt)} {unit} | {mem[m]} "
-                        f"| {gen['paired_ratio'][key] if m == 'iapt' else 1.0:.3f} vs bare | {mem_ratio[m]} |")
+            rows.append(
+                f"| {label} | {names[m]} | {params[m]:,} | {fmt.format(value)} {unit} "
+                f"| {_range([per_sample(x) for x in g[source]], fmt)} {unit} | {mem[m]} "
+                f"| {gen['paired_ratio'][key] if m == 'iapt' else 1.0:.3f} vs bare | {mem_ratio[m]} |"
+            )
     decode_ratio = gen["paired_ratio"]["decode_tok_s"]
     train_ratio = train["iapt"]["paired_ratio"]
     targets = [
-        (f"- Target: IAPT decode within 5% of the bare backbone (tok/s ratio ≥ 0.95): {decode_ratio:.3f} → "
-        f"**{'PASS' if decode_ratio >= 0.95 else 'MISS'}**"),
-        (f"- Target: IAPT training step no slower than LoRA's (time ratio ≤ 1.00): {train_ratio:.3f} → "
-        f"**{'PASS' if train_ratio <= 1.0 else 'MISS'}**"),
+        (
+            f"- Target: IAPT decode within 5% of the bare backbone (tok/s ratio ≥ 0.95): {decode_ratio:.3f} → "
+            f"**{'PASS' if decode_ratio >= 0.95 else 'MISS'}**"
+        ),
+        (
+            f"- Target: IAPT training step no slower than LoRA's (time ratio ≤ 1.00): {train_ratio:.3f} → "
+            f"**{'PASS' if train_ratio <= 1.0 else 'MISS'}**"
+        ),
     ]
     return "\n".join(rows), targets
 
@@ -509,8 +612,9 @@ def _parse_ablations(text: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local HF folder")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     parser.add_argument("--dtype", default="float32", help="backbone dtype: float32, bfloat16, float16")
@@ -523,15 +627,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per row")
     parser.add_argument("--bottleneck", type=int, default=32, help="IAPT bottleneck r")
     parser.add_argument("--soft-tokens", type=int, default=4, help="IAPT soft tokens n per layer")
-    parser.add_argument("--quiet-threshold", type=float, default=0.10,
-                        help="share of the machine's CPU other processes may take before a repeat counts as contended")
-    parser.add_argument("--max-extra", type=int, default=3, help="extra repeats/rounds allowed to replace contended ones")
-    parser.add_argument("--wait-quiet", type=float, default=60.0,
-                        help="before each repeat/round, wait up to this many seconds for other processes to calm down")
+    parser.add_argument(
+        "--quiet-threshold",
+        type=float,
+        default=0.10,
+        help="share of the machine's CPU other processes may take before a repeat counts as contended",
+    )
+    parser.add_argument(
+        "--max-extra", type=int, default=3, help="extra repeats/rounds allowed to replace contended ones"
+    )
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=60.0,
+        help="before each repeat/round, wait up to this many seconds for other processes to calm down",
+    )
     parser.add_argument("--skip-train", action="store_true", help="generation only")
-    parser.add_argument("--ablations", default="", type=lambda text: _parse_ablations(text),
-                        help=f"comma-separated variants to add to the training lockstep, or 'all': {', '.join(ABLATIONS)} "
-                             f"(see _ablation; each adds a process and a step per round)")
+    parser.add_argument(
+        "--ablations",
+        default="",
+        type=lambda text: _parse_ablations(text),
+        help=f"comma-separated variants to add to the training lockstep, or 'all': {', '.join(ABLATIONS)} "
+        f"(see _ablation; each adds a process and a step per round)",
+    )
     parser.add_argument("--out", default=None, help="also write every raw measurement to this JSON file")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--method", default=None, help=argparse.SUPPRESS)
@@ -552,9 +670,12 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     base, tokenizer = _load(args)
     plan = _plan_sizes(base.config, _iapt_config(args))
-    print(f"[plan] IAPT {plan['iapt']['params']:,} trainable; LoRA rank {plan['lora']['size']} → "
-          f"{plan['lora']['params']:,}; prefix {plan['prefix']['size']} tokens → {plan['prefix']['params']:,}",
-          file=sys.stderr, flush=True)
+    print(
+        f"[plan] IAPT {plan['iapt']['params']:,} trainable; LoRA rank {plan['lora']['size']} → "
+        f"{plan['lora']['params']:,}; prefix {plan['prefix']['size']} tokens → {plan['prefix']['params']:,}",
+        file=sys.stderr,
+        flush=True,
+    )
     waited = {"generation": 0.0, "training": 0.0}
     gen = run_generation(args, base, tokenizer, waited)
     del base
@@ -562,8 +683,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
     if args.skip_train:
-        print(json.dumps({k: ({kk: vv for kk, vv in v.items() if "samples" not in kk} if isinstance(v, dict) else v)
-                          for k, v in gen.items()}, indent=1))
+        print(
+            json.dumps(
+                {
+                    k: ({kk: vv for kk, vv in v.items() if "samples" not in kk} if isinstance(v, dict) else v)
+                    for k, v in gen.items()
+                },
+                indent=1,
+            )
+        )
         return 0
     train = run_training(args, plan, waited)
     load_after = os.getloadavg()
@@ -573,44 +701,78 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda"):
         device = torch.cuda.get_device_name(args.device)
     else:
-        device = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                       if line.startswith("model name")), platform.processor() or platform.machine())
+        device = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor() or platform.machine(),
+        )
     n_quiet = {m: sum(s["quiet"] for s in train[m]["steps"]) for m in train}
     g_quiet = sum(s["quiet"] for s in gen["iapt"]["samples"])
     notes = [
-        (f"- Parameter matching: IAPT {plan['iapt']['params']:,}; LoRA {plan['lora']['per_unit']:,} per rank → rank "
-        f"{plan['lora']['size']} = {plan['lora']['params']:,}; prefix {plan['prefix']['per_unit']:,} per virtual "
-        f"token → {plan['prefix']['size']} = {plan['prefix']['params']:,}"),
+        (
+            f"- Parameter matching: IAPT {plan['iapt']['params']:,}; LoRA {plan['lora']['per_unit']:,} per rank → rank "
+            f"{plan['lora']['size']} = {plan['lora']['params']:,}; prefix {plan['prefix']['per_unit']:,} per virtual "
+            f"token → {plan['prefix']['size']} = {plan['prefix']['params']:,}"
+        ),
         f"- Training: {args.batch}×{args.seq} random tokens, labels on the second half; one process per method, "
         f"stepped in lockstep with the order rotating; median of {n_quiet['iapt']} quiet of "
         f"{len(train['iapt']['steps'])} timed rounds after {args.warmup} warm-up; time ratio = median over rounds "
         f"of (step / LoRA's step in the same round). Median forward / backward / AdamW (s): "
-        + "; ".join(f"{m} {train[m]['median_forward']:.3f} / {train[m]['median_backward']:.3f} / "
-                    f"{train[m]['median_optimizer']:.3f}" for m in train),
+        + "; ".join(
+            f"{m} {train[m]['median_forward']:.3f} / {train[m]['median_backward']:.3f} / "
+            f"{train[m]['median_optimizer']:.3f}"
+            for m in train
+        ),
         f"- Training memory: {train['iapt']['mem_method']}",
-        (f"- Generation: {args.batch} chat-templated instructions of {gen['prompt_lengths']} tokens, left padded to "
-        f"{gen['padded_length']}; {args.new_tokens} new tokens each, greedy, min_new_tokens={args.new_tokens}; "
-        f"median of {g_quiet} quiet of {len(gen['iapt']['samples'])} repeats (order alternating); TTFT from streamer "
-        f"timestamps; decode tok/s = {args.new_tokens - 1}×{args.batch} / (total − TTFT); ratio = median over "
-        f"repeats of IAPT / bare within the repeat; IAPT output identical across repeats: {gen['deterministic']}"),
-        (f"- Machine: {args.device} ({device}, {os.cpu_count()} CPUs), {args.dtype}, {args.threads} threads, torch "
-        f"{torch.__version__}, transformers {transformers.__version__}; load average {load_before[0]:.2f} → "
-        f"{load_after[0]:.2f}; quiet = others' CPU ≤ {args.quiet_threshold:.0%}; {elapsed:.0f} s in all, of which "
-        f"{sum(waited.values()):.0f} s waiting for other processes to calm down"),
+        (
+            f"- Generation: {args.batch} chat-templated instructions of {gen['prompt_lengths']} tokens, left padded to "
+            f"{gen['padded_length']}; {args.new_tokens} new tokens each, greedy, min_new_tokens={args.new_tokens}; "
+            f"median of {g_quiet} quiet of {len(gen['iapt']['samples'])} repeats (order alternating); TTFT from "
+            f"streamer timestamps; decode tok/s = {args.new_tokens - 1}×{args.batch} / (total − TTFT); "
+            f"ratio = median over repeats of IAPT / bare within the repeat; "
+            f"IAPT output identical across repeats: {gen['deterministic']}"
+        ),
+        (
+            f"- Machine: {args.device} ({device}, {os.cpu_count()} CPUs), {args.dtype}, {args.threads} threads, torch "
+            f"{torch.__version__}, transformers {transformers.__version__}; load average {load_before[0]:.2f} → "
+            f"{load_after[0]:.2f}; quiet = others' CPU ≤ {args.quiet_threshold:.0%}; {elapsed:.0f} s in all, of which "
+            f"{sum(waited.values()):.0f} s waiting for other processes to calm down"
+        ),
     ]
     if min(n_quiet["iapt"], g_quiet) < min(3, args.steps, args.repeats):
-        targets.append("- **Warning: too few quiet repeats — other processes took the CPU; these medians include "
-                       "contended samples and are unreliable. Rerun on a quiet machine.**")
+        targets.append(
+            "- **Warning: too few quiet repeats — other processes took the CPU; these medians include "
+            "contended samples and are unreliable. Rerun on a quiet machine.**"
+        )
     print(table)
     print()
     print("\n".join(targets + notes))
     if args.out:
-        Path(args.out).write_text(json.dumps({
-            "args": vars(args), "plan": plan, "train": train, "generation": gen, "targets": targets, "notes": notes,
-            "table": table, "loadavg": [load_before, load_after], "elapsed_s": elapsed, "waited_s": waited,
-            "date": datetime.datetime.now().isoformat(timespec="seconds"), "device": device,
-            "torch": torch.__version__, "transformers": transformers.__version__,
-        }, indent=1) + "\n")
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "args": vars(args),
+                    "plan": plan,
+                    "train": train,
+                    "generation": gen,
+                    "targets": targets,
+                    "notes": notes,
+                    "table": table,
+                    "loadavg": [load_before, load_after],
+                    "elapsed_s": elapsed,
+                    "waited_s": waited,
+                    "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                    "device": device,
+                    "torch": torch.__version__,
+                    "transformers": transformers.__version__,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
     return 0
 
 

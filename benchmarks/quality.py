@@ -67,8 +67,10 @@ def method_settings(method: str) -> dict[str, Any]:
             else:
                 settings["num_soft_tokens"] = int(value)
         else:
-            raise ValueError(f"unknown IAPT variant {method!r}: chain zero, pad, vocab, fp32, joint, frozen-<fn>, "
-                             "pool-<mode>, tokens-<n>, every-<k>, kv after 'iapt'")
+            raise ValueError(
+                f"unknown IAPT variant {method!r}: chain zero, pad, vocab, fp32, joint, frozen-<fn>, "
+                "pool-<mode>, tokens-<n>, every-<k>, kv after 'iapt'"
+            )
     return settings
 
 
@@ -90,8 +92,18 @@ def tuning_name(method: str, task: str, budget: int, lr: float) -> str:
     return f"tune-{method}-{task}-b{budget}-lr{lr:g}"
 
 
-def run_cell(args: argparse.Namespace, base: Any, tokenizer: Any, method: str, task: str, seed: int,
-             budget: int, lr: float, test: bool = True, tuning: bool = False) -> dict[str, Any]:
+def run_cell(
+    args: argparse.Namespace,
+    base: Any,
+    tokenizer: Any,
+    method: str,
+    task: str,
+    seed: int,
+    budget: int,
+    lr: float,
+    test: bool = True,
+    tuning: bool = False,
+) -> dict[str, Any]:
     """Train one cell and (unless ``test`` is off) score its best adapter on the test split.
 
     A tuning cell (``tuning``: the first task and seed, one LR of the grid) is scored too when ``test`` is on, so
@@ -122,16 +134,38 @@ def run_cell(args: argparse.Namespace, base: Any, tokenizer: Any, method: str, t
             sized = count_for(method, base, args.cap[method])
     settings = method_settings(method)
     dtype = settings.pop("dtype", args.dtype)
-    cfg = TrainConfig(model=args.model, task=task, out=str(cell), seed=seed, budget=sized, max_steps=args.steps,
-                      batch_size=args.batch_size, lr=lr, max_length=args.max_length,
-                      eval_every=args.eval_every or args.steps, max_train_examples=args.train_examples,
-                      max_dev_examples=args.dev_examples, dtype=dtype, progress=False, **settings)
+    cfg = TrainConfig(
+        model=args.model,
+        task=task,
+        out=str(cell),
+        seed=seed,
+        budget=sized,
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        lr=lr,
+        max_length=args.max_length,
+        eval_every=args.eval_every or args.steps,
+        max_train_examples=args.train_examples,
+        max_dev_examples=args.dev_examples,
+        dtype=dtype,
+        progress=False,
+        **settings,
+    )
     started = time.perf_counter()
     trainer = Trainer(cfg, base, tokenizer)
     summary = trainer.run()
-    result = {"method": method, "task": task, "seed": seed, "budget": budget, "lr": lr,
-              "params": summary["trainable_params"], "steps": summary["steps"], "dtype": dtype,
-              "dev_loss": summary["best_dev_loss"], "train_seconds": summary["train_seconds"]}
+    result = {
+        "method": method,
+        "task": task,
+        "seed": seed,
+        "budget": budget,
+        "lr": lr,
+        "params": summary["trainable_params"],
+        "steps": summary["steps"],
+        "dtype": dtype,
+        "dev_loss": summary["best_dev_loss"],
+        "train_seconds": summary["train_seconds"],
+    }
     if tuning:
         result["tuning"] = True
     if not test:
@@ -143,17 +177,25 @@ def run_cell(args: argparse.Namespace, base: Any, tokenizer: Any, method: str, t
 
     bare = trainer.unwrapped.unload() if hasattr(trainer.unwrapped, "unload") else trainer.unwrapped.base_model
     model = load_adapter(bare, cell / "adapter")
-    report = evaluate_task(model, tokenizer, task, "test", args.test_examples, args.eval_batch_size, args.max_length,
-                           progress=False)
+    report = evaluate_task(
+        model, tokenizer, task, "test", args.test_examples, args.eval_batch_size, args.max_length, progress=False
+    )
     if hasattr(model, "unload"):
         model.unload()
-    result.update(metrics=report["metrics"], score=report["metrics"][PRIMARY[task]],
-                  per_example=report["per_example"], samples=report["samples"][:3],
-                  seconds=round(time.perf_counter() - started, 1),
-                  **{k: report[k] for k in ("majority_rate", "gold_labels", "predicted_labels") if k in report})
+    result.update(
+        metrics=report["metrics"],
+        score=report["metrics"][PRIMARY[task]],
+        per_example=report["per_example"],
+        samples=report["samples"][:3],
+        seconds=round(time.perf_counter() - started, 1),
+        **{k: report[k] for k in ("majority_rate", "gold_labels", "predicted_labels") if k in report},
+    )
     atomic_write_text(result_file, json.dumps(result, indent=2) + "\n")
-    print(f"{method:18s} {task:10s} seed {seed}: {result['score']:.1f} ({result['params']:,d} params, "
-          f"{result['seconds']:.0f} s)", flush=True)
+    print(
+        f"{method:18s} {task:10s} seed {seed}: {result['score']:.1f} ({result['params']:,d} params, "
+        f"{result['seconds']:.0f} s)",
+        flush=True,
+    )
     return result
 
 
@@ -181,15 +223,18 @@ def beyond(args: argparse.Namespace, lr: float) -> float | None:
     ratio = grid[1] / grid[0] if lr == grid[0] else grid[-1] / grid[-2]
     raw = lr / ratio if lr == grid[0] else lr * ratio
     exponent = math.floor(math.log10(raw))
-    nice = [m * 10.0 ** e for e in (exponent - 1, exponent, exponent + 1) for m in (1, 3)]
+    nice = [m * 10.0**e for e in (exponent - 1, exponent, exponent + 1) for m in (1, 3)]
     return float(f"{min(nice, key=lambda x: abs(math.log(x / raw))):.1e}")
 
 
 def edge_lrs(args: argparse.Namespace, results: list[dict[str, Any]], method: str) -> list[float]:
     """The LRs beyond the grid that ``method`` gets: one past the grid's edge when the grid's best is there
     (decided once every grid point of ``method`` is finished; empty until then or with --no-edge)."""
-    grid = [r for r in results if is_tuning(r) and r["method"] == method and r["budget"] == args.budget
-            and r["lr"] in args.lr_grid]
+    grid = [
+        r
+        for r in results
+        if is_tuning(r) and r["method"] == method and r["budget"] == args.budget and r["lr"] in args.lr_grid
+    ]
     if not args.edge or len({r["lr"] for r in grid}) < len(set(args.lr_grid)):
         return []
     extra = beyond(args, min(grid, key=lambda r: r["dev_loss"])["lr"])
@@ -206,8 +251,11 @@ def choose_lrs(args: argparse.Namespace, results: list[dict[str, Any]]) -> dict[
             chosen[method] = args.fixed_lr[parent]
             continue
         tried = [*args.lr_grid, *edge_lrs(args, results, parent)]
-        tuned = [r for r in results if is_tuning(r) and r["method"] == parent and r["budget"] == args.budget
-                 and r["lr"] in tried]
+        tuned = [
+            r
+            for r in results
+            if is_tuning(r) and r["method"] == parent and r["budget"] == args.budget and r["lr"] in tried
+        ]
         chosen[method] = min(tuned, key=lambda r: r["dev_loss"])["lr"] if tuned else args.lr
     return chosen
 
@@ -217,8 +265,9 @@ def tuned_methods(args: argparse.Namespace) -> list[str]:
     return [m for m in dict.fromkeys(args.methods + args.tune_ablations) if m not in args.fixed_lr]
 
 
-def missing_tuning(args: argparse.Namespace, results: list[dict[str, Any]],
-                   methods: Sequence[str] | None = None, edges: bool = True) -> set[tuple[str, float]]:
+def missing_tuning(
+    args: argparse.Namespace, results: list[dict[str, Any]], methods: Sequence[str] | None = None, edges: bool = True
+) -> set[tuple[str, float]]:
     """The (method, LR) tuning cells of this run (of ``methods``: default all) not finished yet, the points
     beyond the grid's edge included (``edges``) once the grid is done; LRs are chosen only when none is missing."""
     done = {(r["method"], r["lr"]) for r in results if is_tuning(r) and r["budget"] == args.budget}
@@ -227,8 +276,9 @@ def missing_tuning(args: argparse.Namespace, results: list[dict[str, Any]],
     return wanted - done
 
 
-def missing_cells(args: argparse.Namespace, results: list[dict[str, Any]], seeds: Sequence[int]
-                  ) -> set[tuple[str, str, int]]:
+def missing_cells(
+    args: argparse.Namespace, results: list[dict[str, Any]], seeds: Sequence[int]
+) -> set[tuple[str, str, int]]:
     """The main-table cells of ``seeds`` not finished yet."""
     done = {(r["method"], r["task"], r["seed"]) for r in results if is_scored(r) and r["budget"] == args.budget}
     return {(m, t, s) for m in args.methods for t in args.tasks for s in seeds} - done
@@ -243,8 +293,12 @@ def tuning_method(method: str, tuned_separately: Sequence[str] = ()) -> str:
     return max(parents, key=len) if parents else "iapt"
 
 
-def paired_interval(ours: Sequence[Sequence[Sequence[float]]], theirs: Sequence[Sequence[Sequence[float]]],
-                    draws: int = 4000, seed: int = 0) -> tuple[float, float, float]:
+def paired_interval(
+    ours: Sequence[Sequence[Sequence[float]]],
+    theirs: Sequence[Sequence[Sequence[float]]],
+    draws: int = 4000,
+    seed: int = 0,
+) -> tuple[float, float, float]:
     """Mean difference ours − theirs, averaged over tasks, with a 95% percentile bootstrap interval.
 
     ``ours[t][s]`` holds the per-example scores of seed s on task t (every seed scores the same test examples,
@@ -274,13 +328,24 @@ def paired_interval(ours: Sequence[Sequence[Sequence[float]]], theirs: Sequence[
 
 def per_example(results: list[dict[str, Any]], method: str, task: str, budget: int) -> list[list[float]]:
     """Per-example test scores of ``method`` on ``task``, one list per seed (seed order)."""
-    mine = sorted((r for r in results if is_scored(r) and r["method"] == method and r["task"] == task
-                   and r["budget"] == budget and "per_example" in r), key=lambda r: r["seed"])
+    mine = sorted(
+        (
+            r
+            for r in results
+            if is_scored(r)
+            and r["method"] == method
+            and r["task"] == task
+            and r["budget"] == budget
+            and "per_example" in r
+        ),
+        key=lambda r: r["seed"],
+    )
     return [r["per_example"] for r in mine]
 
 
-def difference(args: argparse.Namespace, results: list[dict[str, Any]], ours: str, theirs: str,
-               tasks: Sequence[str]) -> tuple[float, float, float] | None:
+def difference(
+    args: argparse.Namespace, results: list[dict[str, Any]], ours: str, theirs: str, tasks: Sequence[str]
+) -> tuple[float, float, float] | None:
     """IAPT − baseline over ``tasks`` with its interval, or None while a task lacks either method."""
     a = [per_example(results, ours, t, args.budget) for t in tasks]
     b = [per_example(results, theirs, t, args.budget) for t in tasks]
@@ -305,8 +370,10 @@ def needs_more_seeds(args: argparse.Namespace, results: list[dict[str, Any]]) ->
 
 def differences_table(args: argparse.Namespace, results: list[dict[str, Any]]) -> list[str]:
     ours = args.methods[0]
-    lines = [f"| {ours} − baseline | " + " | ".join(args.tasks) + " | mean |",
-             "|---|" + "---:|" * (len(args.tasks) + 1)]
+    lines = [
+        f"| {ours} − baseline | " + " | ".join(args.tasks) + " | mean |",
+        "|---|" + "---:|" * (len(args.tasks) + 1),
+    ]
     for method in args.methods[1:]:
         cells = []
         for tasks in [[t] for t in args.tasks] + [args.tasks]:
@@ -320,32 +387,63 @@ def labels_table(args: argparse.Namespace, results: list[dict[str, Any]], method
     """What each method answers on the classification tasks (first seed), beside the gold distribution."""
     lines = []
     for task in args.tasks:
-        cells = {m: r for r in results if is_scored(r) and r["task"] == task and r["seed"] == args.seeds[0]
-                 and r["budget"] == args.budget and "predicted_labels" in r for m in [r["method"]] if m in methods}
+        cells = {
+            m: r
+            for r in results
+            if is_scored(r)
+            and r["task"] == task
+            and r["seed"] == args.seeds[0]
+            and r["budget"] == args.budget
+            and "predicted_labels" in r
+            for m in [r["method"]]
+            if m in methods
+        }
         if not cells:
             continue
         gold = next(iter(cells.values()))["gold_labels"]
         names = list(gold) + ["(none)"]
-        lines += ["", f"**{task}** (seed {args.seeds[0]}, {sum(gold.values())} test examples): answers per label; "
-                  "(none) = names no label or several", "",
-                  "| | accuracy | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names),
-                  "| gold | | " + " | ".join(str(gold.get(n, 0)) for n in names) + " |"]
+        lines += [
+            "",
+            f"**{task}** (seed {args.seeds[0]}, {sum(gold.values())} test examples): answers per label; "
+            "(none) = names no label or several",
+            "",
+            "| | accuracy | " + " | ".join(names) + " |",
+            "|---|---:|" + "---:|" * len(names),
+            "| gold | | " + " | ".join(str(gold.get(n, 0)) for n in names) + " |",
+        ]
         for method in methods:
             if method in cells:
                 pred = cells[method]["predicted_labels"]
-                lines.append(f"| {method} | {cells[method]['score']:.1f} | "
-                             + " | ".join(str(pred.get(n, 0)) for n in names) + " |")
+                lines.append(
+                    f"| {method} | {cells[method]['score']:.1f} | "
+                    + " | ".join(str(pred.get(n, 0)) for n in names)
+                    + " |"
+                )
     return lines
 
 
-def table(args: argparse.Namespace, results: list[dict[str, Any]], methods: list[str],
-          seeds: Sequence[int] | None = None, tasks: Sequence[str] | None = None) -> list[str]:
+def table(
+    args: argparse.Namespace,
+    results: list[dict[str, Any]],
+    methods: list[str],
+    seeds: Sequence[int] | None = None,
+    tasks: Sequence[str] | None = None,
+) -> list[str]:
     tasks = list(tasks or args.tasks)
-    lines = ["| method | trainable params | LR | seeds | " + " | ".join(tasks) + " | mean |",
-             "|---|---:|---:|---:|" + "---:|" * (len(tasks) + 1)]
+    lines = [
+        "| method | trainable params | LR | seeds | " + " | ".join(tasks) + " | mean |",
+        "|---|---:|---:|---:|" + "---:|" * (len(tasks) + 1),
+    ]
     for method in methods:
-        mine = [r for r in results if is_scored(r) and r["method"] == method and r["budget"] == args.budget
-                and r["task"] in tasks and (seeds is None or r["seed"] in seeds)]
+        mine = [
+            r
+            for r in results
+            if is_scored(r)
+            and r["method"] == method
+            and r["budget"] == args.budget
+            and r["task"] in tasks
+            and (seeds is None or r["seed"] in seeds)
+        ]
         if not mine:
             continue
         scores, cells = [], []
@@ -360,12 +458,18 @@ def table(args: argparse.Namespace, results: list[dict[str, Any]], methods: list
         mean = f"**{statistics.mean(scores):.1f}**" if len(scores) == len(tasks) else "—"
         counts = [len({r["seed"] for r in mine if r["task"] == task}) for task in tasks]
         seed_count = str(max(counts)) if min(counts) == max(counts) else f"{min(counts)}–{max(counts)}"
-        lines.append(f"| {method} | {mine[0]['params']:,d} | {mine[0]['lr']:g} | {seed_count} | "
-                     + " | ".join(cells) + f" | {mean} |")
+        lines.append(
+            f"| {method} | {mine[0]['params']:,d} | {mine[0]['lr']:g} | {seed_count} | "
+            + " | ".join(cells)
+            + f" | {mean} |"
+        )
     majority = {r["task"]: r["majority_rate"] for r in results if is_scored(r) and "majority_rate" in r}
     if majority:  # the trivial answer, beside every accuracy
-        lines.append("| *majority class* | | | | " + " | ".join(f"*{majority[t]:.1f}*" if t in majority else ""
-                                                           for t in tasks) + " | |")
+        lines.append(
+            "| *majority class* | | | | "
+            + " | ".join(f"*{majority[t]:.1f}*" if t in majority else "" for t in tasks)
+            + " | |"
+        )
     return lines
 
 
@@ -375,63 +479,113 @@ def write_report(args: argparse.Namespace, results: list[dict[str, Any]]) -> str
     cell_minutes = sum(r["seconds"] for r in results) / 60
     dtypes = sorted({r.get("dtype", "float32") for r in results}) or [args.dtype]
     train_note = f", the first {args.train_examples} training examples" if args.train_examples else ""
-    lines = [f"## {args.model} — budget {args.budget:,d} trainable parameters", "",
-             (f"Test score, mean over seeds (range in brackets); sentiment/nli: accuracy, squad: F1, e2e: ROUGE-L, "
-             f"in percent. Each cell: {args.steps} optimiser steps of {args.batch_size} examples{train_note}, max "
-             f"length {args.max_length}, the adapter with the best dev loss ({args.dev_examples} dev examples), "
-             f"scored by greedy generation on the first {args.test_examples} test examples (fewer where the split "
-             f"is smaller). {len(tests)} scored cells + {len(tunes)} LR-tuning cells, {cell_minutes:.0f} min of "
-             f"cell time on {platform.machine()} (torch threads per worker: {args.threads}, backbone "
-             f"{'/'.join(dtypes)}, torch {torch.__version__})."), "",
-             ]
+    lines = [
+        f"## {args.model} — budget {args.budget:,d} trainable parameters",
+        "",
+        (
+            f"Test score, mean over seeds (range in brackets); sentiment/nli: accuracy, squad: F1, e2e: ROUGE-L, "
+            f"in percent. Each cell: {args.steps} optimiser steps of {args.batch_size} examples{train_note}, max "
+            f"length {args.max_length}, the adapter with the best dev loss ({args.dev_examples} dev examples), "
+            f"scored by greedy generation on the first {args.test_examples} test examples (fewer where the split "
+            f"is smaller). {len(tests)} scored cells + {len(tunes)} LR-tuning cells, {cell_minutes:.0f} min of "
+            f"cell time on {platform.machine()} (torch threads per worker: {args.threads}, backbone "
+            f"{'/'.join(dtypes)}, torch {torch.__version__})."
+        ),
+        "",
+    ]
     if args.fixed_lr:
-        lines += ["LRs given, not tuned in this run (`--fixed-lr`): "
-                  + ", ".join(f"{k} {v:g}" for k, v in args.fixed_lr.items()) + ".", ""]
+        lines += [
+            "LRs given, not tuned in this run (`--fixed-lr`): "
+            + ", ".join(f"{k} {v:g}" for k, v in args.fixed_lr.items())
+            + ".",
+            "",
+        ]
     if args.cap:
-        lines += ["Size caps (the budget rule would exceed them; the parameter column is exact): "
-                  + ", ".join(f"{k} {v}" for k, v in args.cap.items()) + ".", ""]
+        lines += [
+            "Size caps (the budget rule would exceed them; the parameter column is exact): "
+            + ", ".join(f"{k} {v}" for k, v in args.cap.items())
+            + ".",
+            "",
+        ]
     lines += ["### Methods at the budget", ""]
     lines += table(args, results, args.methods)
-    lines += ["", f"### {args.methods[0]} − each baseline: mean difference [95% bootstrap interval]", "",
-              "Paired by test example; the interval resamples test examples and seeds (each method's own seeds); "
-              "the mean column averages the task differences. An interval above 0 is a win, one containing 0 is "
-              "not a difference.", ""]
+    lines += [
+        "",
+        f"### {args.methods[0]} − each baseline: mean difference [95% bootstrap interval]",
+        "",
+        "Paired by test example; the interval resamples test examples and seeds (each method's own seeds); "
+        "the mean column averages the task differences. An interval above 0 is a win, one containing 0 is "
+        "not a difference.",
+        "",
+    ]
     lines += differences_table(args, results)
     spread = labels_table(args, results, args.methods + args.ablations)
     if spread:
         lines += ["", "### Predicted labels (classification tasks)"] + spread
     if args.ablations:
         own = [m for m in args.ablations if tuning_method(m, args.tune_ablations) != "iapt"]  # the LR column says
-        lines += ["", "### IAPT ablations (seed " + str(args.seeds[0]) + "; IAPT's LR"
-                  + (f", except {', '.join(own)}: their own LR (tuned, or fixed by --fixed-lr)" if own else "") + ")", ""]
+        lines += [
+            "",
+            "### IAPT ablations (seed "
+            + str(args.seeds[0])
+            + "; IAPT's LR"
+            + (f", except {', '.join(own)}: their own LR (tuned, or fixed by --fixed-lr)" if own else "")
+            + ")",
+            "",
+        ]
         ablation_tasks = args.ablation_tasks or args.tasks
         lines += table(args, results, ["iapt"] + args.ablations, seeds=args.seeds[:1], tasks=ablation_tasks)
-        lines += ["", f"iapt − ablation over {', '.join(ablation_tasks)} (iapt: all its seeds; the ablation: "
-                  "its one seed, so its seed noise is not in the interval): "
-                  + "; ".join(f"{m} {d[0]:+.1f} [{d[1]:+.1f}, {d[2]:+.1f}]" for m in args.ablations
-                              if (d := difference(args, results, "iapt", m, ablation_tasks)) is not None)]
+        lines += [
+            "",
+            f"iapt − ablation over {', '.join(ablation_tasks)} (iapt: all its seeds; the ablation: "
+            "its one seed, so its seed noise is not in the interval): "
+            + "; ".join(
+                f"{m} {d[0]:+.1f} [{d[1]:+.1f}, {d[2]:+.1f}]"
+                for m in args.ablations
+                if (d := difference(args, results, "iapt", m, ablation_tasks)) is not None
+            ),
+        ]
     if tunes:
         columns = sorted({*args.lr_grid, *(r["lr"] for r in tunes if r["budget"] == args.budget)})
-        lines += ["", (f"### LR tuning (task {args.tasks[0]}, seed {args.seeds[0]}, dev loss after {args.steps} "
-                       "steps; lowest chosen; the chosen LR's cell is that task's seed-1 table cell)"), "",
-                  "| method | " + " | ".join(f"{lr:g}" for lr in columns) + " |",
-                  "|---|" + "---:|" * len(columns)]
+        lines += [
+            "",
+            (
+                f"### LR tuning (task {args.tasks[0]}, seed {args.seeds[0]}, dev loss after {args.steps} "
+                "steps; lowest chosen; the chosen LR's cell is that task's seed-1 table cell)"
+            ),
+            "",
+            "| method | " + " | ".join(f"{lr:g}" for lr in columns) + " |",
+            "|---|" + "---:|" * len(columns),
+        ]
         for method in dict.fromkeys(args.methods + args.tune_ablations):  # fixed LRs too: their earlier tuning
             row = {r["lr"]: r["dev_loss"] for r in tunes if r["method"] == method}
             if row:
-                lines.append(f"| {method} | " + " | ".join(f"{row[lr]:.3f}" if lr in row else "—"
-                                                        for lr in columns) + " |")
+                lines.append(
+                    f"| {method} | " + " | ".join(f"{row[lr]:.3f}" if lr in row else "—" for lr in columns) + " |"
+                )
     sweep = [r for r in tests if r["budget"] != args.budget]
     if sweep:
-        lines += ["", "### Budget sweep (seed " + str(args.seeds[0]) + ")", "",
-                  "| method | trainable params | " + " | ".join(args.sweep_tasks) + " |",
-                  "|---|---:|" + "---:|" * len(args.sweep_tasks)]
+        lines += [
+            "",
+            "### Budget sweep (seed " + str(args.seeds[0]) + ")",
+            "",
+            "| method | trainable params | " + " | ".join(args.sweep_tasks) + " |",
+            "|---|---:|" + "---:|" * len(args.sweep_tasks),
+        ]
         for r_method in ("iapt", "lora"):
-            for params in sorted({r["params"] for r in tests if r["method"] == r_method and r["seed"] == args.seeds[0]}):
-                row = {r["task"]: r["score"] for r in tests if r["method"] == r_method and r["params"] == params
-                       and r["seed"] == args.seeds[0]}
-                lines.append(f"| {r_method} | {params:,d} | "
-                             + " | ".join(f"{row[t]:.1f}" if t in row else "—" for t in args.sweep_tasks) + " |")
+            for params in sorted(
+                {r["params"] for r in tests if r["method"] == r_method and r["seed"] == args.seeds[0]}
+            ):
+                row = {
+                    r["task"]: r["score"]
+                    for r in tests
+                    if r["method"] == r_method and r["params"] == params and r["seed"] == args.seeds[0]
+                }
+                lines.append(
+                    f"| {r_method} | {params:,d} | "
+                    + " | ".join(f"{row[t]:.1f}" if t in row else "—" for t in args.sweep_tasks)
+                    + " |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -470,7 +624,7 @@ def write_between_markers(path: Path, text: str) -> None:
     """Replace only the generated part of the report, keeping the prose written around it."""
     old = path.read_text() if path.is_file() else ""
     if BEGIN in old and END in old:
-        new = old[: old.index(BEGIN)] + BEGIN + "\n" + text + old[old.index(END):]
+        new = old[: old.index(BEGIN)] + BEGIN + "\n" + text + old[old.index(END) :]
     else:
         new = old + ("\n" if old else "") + BEGIN + "\n" + text + END + "\n"
     atomic_write_text(path, new)
@@ -494,8 +648,9 @@ def claim(work: Path, key: str) -> bool:
     return True
 
 
-def method_values(parser: argparse.ArgumentParser, flag: str, items: Sequence[str], cast: Callable[[str], Any]
-                  ) -> dict[str, Any]:
+def method_values(
+    parser: argparse.ArgumentParser, flag: str, items: Sequence[str], cast: Callable[[str], Any]
+) -> dict[str, Any]:
     """``METHOD=VALUE`` arguments as a dict; a malformed one is a usage error naming the flag, not a traceback."""
     values = {}
     for item in items:
@@ -505,7 +660,7 @@ def method_values(parser: argparse.ArgumentParser, flag: str, items: Sequence[st
         except ValueError:
             sep = ""
         if not sep or not method:
-            parser.error(f"{flag} takes METHOD=VALUE items (a method name, \"=\", a number), got {item!r}")
+            parser.error(f'{flag} takes METHOD=VALUE items (a method name, "=", a number), got {item!r}')
     return values
 
 
@@ -514,50 +669,105 @@ def main() -> None:
     p.add_argument("--model", default="default")
     p.add_argument("--tasks", nargs="+", default=["sentiment", "nli", "squad", "e2e"])
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
-    p.add_argument("--ablations", nargs="*", default=DEFAULT_ABLATIONS,
-                   help="IAPT variants, run on every task with the first seed only, at IAPT's tuned LR")
-    p.add_argument("--ablation-tasks", nargs="*", default=["sentiment", "squad"],
-                   help="tasks the ablations run on (first seed); empty = all of --tasks")
+    p.add_argument(
+        "--ablations",
+        nargs="*",
+        default=DEFAULT_ABLATIONS,
+        help="IAPT variants, run on every task with the first seed only, at IAPT's tuned LR",
+    )
+    p.add_argument(
+        "--ablation-tasks",
+        nargs="*",
+        default=["sentiment", "squad"],
+        help="tasks the ablations run on (first seed); empty = all of --tasks",
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    p.add_argument("--always-seeded", nargs="*", default=["lora"],
-                   help="methods run on every seed besides the first method; the other baselines get seeds after "
-                        "the first only while their interval against the first method contains 0")
-    p.add_argument("--budget", type=int, default=IAPT_PAPER_RATIO_BUDGET,
-                   help="trainable parameters (default: IAPT r=45 on SmolLM2-135M, the paper's bottleneck ratio)")
+    p.add_argument(
+        "--always-seeded",
+        nargs="*",
+        default=["lora"],
+        help="methods run on every seed besides the first method; the other baselines get seeds after "
+        "the first only while their interval against the first method contains 0",
+    )
+    p.add_argument(
+        "--budget",
+        type=int,
+        default=IAPT_PAPER_RATIO_BUDGET,
+        help="trainable parameters (default: IAPT r=45 on SmolLM2-135M, the paper's bottleneck ratio)",
+    )
     p.add_argument("--lr", type=float, default=1e-3, help="LR of every method when --lr-grid is empty")
-    p.add_argument("--lr-grid", nargs="*", type=float, default=[3e-4, 1e-3, 3e-3],
-                   help="LRs tried per method on the first task and seed (dev loss, no test); the lowest wins")
-    p.add_argument("--edge", action=argparse.BooleanOptionalAction, default=True,
-                   help="a method whose best LR is the grid's top or bottom gets one point beyond it")
-    p.add_argument("--sweep-budgets", nargs="*", type=int, default=[],
-                   help="extra budgets for the IAPT-vs-LoRA plot (first seed, --sweep-tasks)")
+    p.add_argument(
+        "--lr-grid",
+        nargs="*",
+        type=float,
+        default=[3e-4, 1e-3, 3e-3],
+        help="LRs tried per method on the first task and seed (dev loss, no test); the lowest wins",
+    )
+    p.add_argument(
+        "--edge",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a method whose best LR is the grid's top or bottom gets one point beyond it",
+    )
+    p.add_argument(
+        "--sweep-budgets",
+        nargs="*",
+        type=int,
+        default=[],
+        help="extra budgets for the IAPT-vs-LoRA plot (first seed, --sweep-tasks)",
+    )
     p.add_argument("--sweep-tasks", nargs="+", default=["sentiment", "e2e"])
     p.add_argument("--steps", type=int, default=250)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=192)
     p.add_argument("--eval-every", type=int, default=None, help="dev loss every N steps (default: at the end only)")
-    p.add_argument("--train-examples", type=int, default=1000, help="the first N training examples (one epoch = "
-                                                                    "N / batch size steps)")
+    p.add_argument(
+        "--train-examples",
+        type=int,
+        default=1000,
+        help="the first N training examples (one epoch = N / batch size steps)",
+    )
     p.add_argument("--dev-examples", type=int, default=100)
     p.add_argument("--test-examples", type=int, default=200)
     p.add_argument("--eval-batch-size", type=int, default=20)
     p.add_argument("--dtype", default="bfloat16", help="backbone dtype (adapters train in float32 either way)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--cap", nargs="*", default=["prompt-tuning=100"],
-                   help="METHOD=SIZE: never larger than this (prompt tuning at IAPT's budget would be 1,959 tokens "
-                        "per sequence: 13+ GB and ~15x the compute here); the table shows the exact count")
-    p.add_argument("--workers", type=int, default=2, help="processes taking cells in parallel (threads each: --threads)")
+    p.add_argument(
+        "--cap",
+        nargs="*",
+        default=["prompt-tuning=100"],
+        help="METHOD=SIZE: never larger than this (prompt tuning at IAPT's budget would be 1,959 tokens "
+        "per sequence: 13+ GB and ~15x the compute here); the table shows the exact count",
+    )
+    p.add_argument(
+        "--workers", type=int, default=2, help="processes taking cells in parallel (threads each: --threads)"
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--work", default="runs/quality", help="run folders (adapters, checkpoints, logs)")
-    p.add_argument("--results", default="benchmarks/quality-results",
-                   help="one JSON per finished cell (commit it: a run resumes from it anywhere)")
-    p.add_argument("--tune-ablations", nargs="*", default=["iapt-zero"],
-                   help="ablations that get their own LR tuning instead of IAPT's LR")
-    p.add_argument("--fixed-lr", nargs="*", default=[],
-                   help="METHOD=LR: use this LR instead of tuning one (e.g. LRs tuned by an earlier, shorter run)")
+    p.add_argument(
+        "--results",
+        default="benchmarks/quality-results",
+        help="one JSON per finished cell (commit it: a run resumes from it anywhere)",
+    )
+    p.add_argument(
+        "--tune-ablations",
+        nargs="*",
+        default=["iapt-zero"],
+        help="ablations that get their own LR tuning instead of IAPT's LR",
+    )
+    p.add_argument(
+        "--fixed-lr",
+        nargs="*",
+        default=[],
+        help="METHOD=LR: use this LR instead of tuning one (e.g. LRs tuned by an earlier, shorter run)",
+    )
     p.add_argument("--report-only", action="store_true", help="rewrite QUALITY.md from --results and stop")
-    p.add_argument("--seeds-first", type=int, default=None,
-                   help="run only this many seeds of the main table before the ablations and the sweep")
+    p.add_argument(
+        "--seeds-first",
+        type=int,
+        default=None,
+        help="run only this many seeds of the main table before the ablations and the sweep",
+    )
     p.add_argument("--tag", default="q")
     p.add_argument("--report", default="benchmarks/QUALITY.md", help="where the tables go (written after every cell)")
     args = p.parse_args()
@@ -580,8 +790,9 @@ def main() -> None:
         procs = [subprocess.Popen([sys.executable, *sys.argv, "--worker"], env=env) for _ in range(args.workers)]
         raise SystemExit(max(p.wait() for p in procs))
 
-    def cell(method: str, task: str, seed: int, budget: int, lr: float, test: bool = True,
-             tuning: bool = False) -> None:
+    def cell(
+        method: str, task: str, seed: int, budget: int, lr: float, test: bool = True, tuning: bool = False
+    ) -> None:
         dtype = method_settings(method).get("dtype", args.dtype)
         base, tokenizer = load_model(args.model, dtype=dtype)  # a fresh, untouched backbone per cell
         run_cell(args, base, tokenizer, method, task, seed, budget, lr, test, tuning)
@@ -601,8 +812,7 @@ def main() -> None:
     # worker until what comes after it can be decided.
     Cell = tuple[str, str, int, int, "str | float", bool]
     ours = args.methods[0]
-    leading = [m for m in tuned_methods(args)
-               if m == ours or m in args.always_seeded or m in args.tune_ablations]
+    leading = [m for m in tuned_methods(args) if m == ours or m in args.always_seeded or m in args.tune_ablations]
     trailing = [m for m in tuned_methods(args) if m not in leading]
     first = args.seeds[: args.seeds_first or 1]
     ablation_tasks = args.ablation_tasks or args.tasks
@@ -634,8 +844,7 @@ def main() -> None:
         yield from main_table(first, [m for m in args.methods if m in trailing], args.tasks)
         # which baselines need more seeds depends on every first-seed cell
         yield lambda: not missing_cells(args, load_results(results_dir), first)
-        yield from main_table(args.seeds[len(first):], needs_more_seeds(args, load_results(results_dir)),
-                              args.tasks)
+        yield from main_table(args.seeds[len(first) :], needs_more_seeds(args, load_results(results_dir)), args.tasks)
         for budget in args.sweep_budgets:
             for task in args.sweep_tasks:
                 for method in ("iapt", "lora"):

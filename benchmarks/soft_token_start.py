@@ -32,13 +32,24 @@ def run_one(args: argparse.Namespace, anchor: str, lr: float, warmup: int, out: 
 
     torch.set_num_threads(args.threads)
     base, tokenizer = load_model(args.model, dtype=args.dtype)
-    cfg = TrainConfig(model=args.model, task=args.task, out=str(Path(args.work) / out.stem), seed=args.seed,
-                      anchor="tokens" if anchor in FIXED_IDS else anchor, lr=lr,
-                      anchor_token_ids=[FIXED_IDS[anchor]] * 4 if anchor in FIXED_IDS else None,
-                      bottleneck=args.bottleneck, batch_size=args.batch_size,
-                      max_length=args.max_length, max_steps=args.schedule_steps,
-                      warmup_ratio=warmup / args.schedule_steps, max_dev_examples=args.dev_examples,
-                      rational_every=args.rational_every, dtype=args.dtype, progress=False)
+    cfg = TrainConfig(
+        model=args.model,
+        task=args.task,
+        out=str(Path(args.work) / out.stem),
+        seed=args.seed,
+        anchor="tokens" if anchor in FIXED_IDS else anchor,
+        lr=lr,
+        anchor_token_ids=[FIXED_IDS[anchor]] * 4 if anchor in FIXED_IDS else None,
+        bottleneck=args.bottleneck,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        max_steps=args.schedule_steps,
+        warmup_ratio=warmup / args.schedule_steps,
+        max_dev_examples=args.dev_examples,
+        rational_every=args.rational_every,
+        dtype=args.dtype,
+        progress=False,
+    )
     trainer = Trainer(cfg, base, tokenizer)
     trainer.model.train()
     losses, started = [], time.perf_counter()
@@ -47,22 +58,39 @@ def run_one(args: argparse.Namespace, anchor: str, lr: float, warmup: int, out: 
         losses.append(trainer._optimiser_step([next(batches)]))
         trainer.state.step += 1
     seconds = time.perf_counter() - started
-    result = {"anchor": anchor, "lr": lr, "warmup": warmup, "task": args.task, "seed": args.seed,
-              "dtype": args.dtype, "bottleneck": args.bottleneck, "losses": losses,
-              "dev_loss": trainer.dev_loss(), "train_seconds": round(seconds, 1),
-              "anchor_token_ids": trainer.unwrapped.iapt_config.anchor_token_ids}
+    result = {
+        "anchor": anchor,
+        "lr": lr,
+        "warmup": warmup,
+        "task": args.task,
+        "seed": args.seed,
+        "dtype": args.dtype,
+        "bottleneck": args.bottleneck,
+        "losses": losses,
+        "dev_loss": trainer.dev_loss(),
+        "train_seconds": round(seconds, 1),
+        "anchor_token_ids": trainer.unwrapped.iapt_config.anchor_token_ids,
+    }
     atomic_write_text(out, json.dumps(result, indent=1) + "\n")
-    print(f"{anchor:7s} lr {lr:g} warm-up {warmup:2d}: first {losses[0]:.2f} max {max(losses):.2f} "
-          f"last-10 {statistics.mean(losses[-10:]):.2f} dev {result['dev_loss']:.3f} ({seconds:.0f} s)", flush=True)
+    print(
+        f"{anchor:7s} lr {lr:g} warm-up {warmup:2d}: first {losses[0]:.2f} max {max(losses):.2f} "
+        f"last-10 {statistics.mean(losses[-10:]):.2f} dev {result['dev_loss']:.3f} ({seconds:.0f} s)",
+        flush=True,
+    )
 
 
 def report(args: argparse.Namespace) -> str:
     rows = [json.loads(f.read_text()) for f in sorted(Path(args.results).glob("*.json"))]
-    lines = [f"| start | LR | warm-up | step-1 loss | max loss (steps 1-{args.steps}) | mean loss, last 10 steps "
-             "| dev loss |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"| start | LR | warm-up | step-1 loss | max loss (steps 1-{args.steps}) | mean loss, last 10 steps "
+        "| dev loss |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in sorted(rows, key=lambda r: (STARTS.index(r["anchor"]), r["lr"], r["warmup"])):
-        lines.append(f"| {r['anchor']} | {r['lr']:g} | {r['warmup']} | {r['losses'][0]:.2f} | {max(r['losses']):.2f} "
-                     f"| {statistics.mean(r['losses'][-10:]):.3f} | {r['dev_loss']:.3f} |")
+        lines.append(
+            f"| {r['anchor']} | {r['lr']:g} | {r['warmup']} | {r['losses'][0]:.2f} | {max(r['losses']):.2f} "
+            f"| {statistics.mean(r['losses'][-10:]):.3f} | {r['dev_loss']:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -80,9 +108,13 @@ def plot(args: argparse.Namespace, path: Path) -> None:
     for ax, lr in zip(axes[0], lrs):
         for r in rows:
             if r["lr"] == lr:
-                ax.plot(range(1, len(r["losses"]) + 1), r["losses"], color=colours[r["anchor"]],
-                        linestyle="-" if r["warmup"] <= 1 else "--",
-                        label=f"{r['anchor']}, warm-up {r['warmup']}")
+                ax.plot(
+                    range(1, len(r["losses"]) + 1),
+                    r["losses"],
+                    color=colours[r["anchor"]],
+                    linestyle="-" if r["warmup"] <= 1 else "--",
+                    label=f"{r['anchor']}, warm-up {r['warmup']}",
+                )
         ax.set_title(f"LR {lr:g}", fontsize=9)
         ax.set_xlabel("optimiser step")
         ax.set_yscale("log")
@@ -123,10 +155,17 @@ def main() -> None:
         return
     if args.one:
         anchor, lr, warmup = args.one[0], float(args.one[1]), int(args.one[2])
-        run_one(args, anchor, lr, warmup, Path(args.results) / f"{args.task}-{anchor}-lr{lr:g}-w{warmup}-s{args.seed}.json")
+        run_one(
+            args, anchor, lr, warmup, Path(args.results) / f"{args.task}-{anchor}-lr{lr:g}-w{warmup}-s{args.seed}.json"
+        )
         return
-    todo = [(a, lr, w) for a in args.starts for lr in args.lrs for w in args.warmups
-            if not (Path(args.results) / f"{args.task}-{a}-lr{lr:g}-w{w}-s{args.seed}.json").exists()]
+    todo = [
+        (a, lr, w)
+        for a in args.starts
+        for lr in args.lrs
+        for w in args.warmups
+        if not (Path(args.results) / f"{args.task}-{a}-lr{lr:g}-w{w}-s{args.seed}.json").exists()
+    ]
     # One process per run (a fresh RNG and allocator each), ``--workers`` at a time with ``--threads`` each.
     passthrough = [a for a in sys.argv[1:] if a != "--report"]
     running: list[subprocess.Popen] = []
@@ -134,8 +173,9 @@ def main() -> None:
     while todo or running:
         while todo and len(running) < args.workers:
             a, lr, w = todo.pop(0)
-            running.append(subprocess.Popen([sys.executable, __file__, *passthrough, "--one", a, str(lr), str(w)],
-                                            env=env))
+            running.append(
+                subprocess.Popen([sys.executable, __file__, *passthrough, "--one", a, str(lr), str(w)], env=env)
+            )
         time.sleep(2)
         running = [r for r in running if r.poll() is None]
     print(report(args))

@@ -7,6 +7,7 @@ if [ ! -x .venv/bin/iapt ] || [ pyproject.toml -nt .venv/.installed ]; then
   touch .venv/.installed
 fi
 .venv/bin/ruff check src tests benchmarks  # lint (pyproject [tool.ruff]); a finding fails the run
+.venv/bin/ruff format --check src tests benchmarks  # layout: `ruff format src tests benchmarks` fixes it
 .venv/bin/python -m mypy src/iapt  # types (pyproject [tool.mypy]: check_untyped_defs); an error fails the run
 # --- vLLM plugin (docs/VLLM.md): tests/vllm run in their own venv, .venv-vllm (scripts/setup_vllm.sh builds it,
 # quick when built). The main suite runs in .venv without them, then tests/vllm with the same options; a path

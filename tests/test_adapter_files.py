@@ -26,8 +26,11 @@ def test_each_problem_gets_its_own_message(tmp_path):
     with pytest.raises(FileNotFoundError, match="adapter_model.safetensors are missing"):
         weights_path(tmp_path)
     d = folder(tmp_path, {"a": torch.ones(2, 3), "extra": torch.ones(1)})
-    with pytest.raises(ValueError, match=r"missing \['b'\]; unexpected \['extra'\]; shape of a is \(2, 3\), "
-                                         r"expected \(3, 2\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"missing \['b'\]; unexpected \['extra'\]; shape of a is \(2, 3\), "
+        r"expected \(3, 2\)",
+    ):
         read_weights(d, {"a": (3, 2), "b": (4,)})
     with pytest.raises(ValueError, match="do not match"):
         validate_weights(d, {"a": (2, 3)})

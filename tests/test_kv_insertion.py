@@ -47,7 +47,7 @@ def test_trained_kv_adapter_steers_and_keeps_rows_independent(family):
         batch = model(ids, attention_mask=mask).logits
         assert (batch - fresh).abs().max() > 1e-3, "the written keys/values change the output"
         for i, row in enumerate(rows):
-            torch.testing.assert_close(batch[i, -len(row):], model(row.unsqueeze(0)).logits[0], atol=ATOL, rtol=1e-4)
+            torch.testing.assert_close(batch[i, -len(row) :], model(row.unsqueeze(0)).logits[0], atol=ATOL, rtol=1e-4)
     cached = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     uncached = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, use_cache=False)
     assert torch.equal(cached, uncached)

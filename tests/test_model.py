@@ -48,7 +48,7 @@ def test_left_padded_batch_matches_each_row_alone(family):
         assert batch_logits.shape == (*ids.shape, VOCAB)
         for i, row in enumerate(rows):
             alone = model(row.unsqueeze(0)).logits[0]
-            torch.testing.assert_close(batch_logits[i, -len(row):], alone, atol=ATOL, rtol=1e-4)
+            torch.testing.assert_close(batch_logits[i, -len(row) :], alone, atol=ATOL, rtol=1e-4)
 
 
 def test_fresh_generators_write_zero_soft_tokens(family):
@@ -84,10 +84,10 @@ def test_greedy_generation_cache_no_cache_and_rows_alone_agree(family):
     assert torch.equal(cached, uncached)
     for i, row in enumerate(rows):
         alone = model.generate(input_ids=row.unsqueeze(0), max_new_tokens=8, do_sample=False)[0]
-        in_batch = cached[i, -(len(row) + 8):]
+        in_batch = cached[i, -(len(row) + 8) :]
         # a row that hits EOS early stops alone, and is padded in the batch
         assert torch.equal(in_batch[: len(alone)], alone)
-        assert (in_batch[len(alone):] == model.config.pad_token_id).all()
+        assert (in_batch[len(alone) :] == model.config.pad_token_id).all()
 
 
 def test_generators_run_at_prefill_only(family):
@@ -155,8 +155,7 @@ def test_only_generators_train_and_backbone_is_untouched(family):
             assert p.requires_grad
         else:
             assert not p.requires_grad and p.grad is None, name
-    assert all(g.down.weight.grad is not None and g.down.weight.grad.abs().sum() > 0
-               for g in model.generators.values())
+    assert all(g.down.weight.grad is not None and g.down.weight.grad.abs().sum() > 0 for g in model.generators.values())
     optimizer.step()
     after = model.base_model.state_dict()
     assert before.keys() == after.keys()
@@ -225,8 +224,12 @@ def test_base_model_alone_is_the_bare_backbone(family):
     model = iapt(family)
     ids, mask, _ = left_padded_batch()
     with torch.no_grad():
-        torch.testing.assert_close(model.base_model(ids, attention_mask=mask).logits,
-                                   reference(ids, attention_mask=mask).logits, atol=0, rtol=0)
+        torch.testing.assert_close(
+            model.base_model(ids, attention_mask=mask).logits,
+            reference(ids, attention_mask=mask).logits,
+            atol=0,
+            rtol=0,
+        )
     assert model.unload() is model.base_model
 
 
@@ -243,9 +246,14 @@ def test_sliding_window_rows_padded_past_the_window_match_each_row_alone():
     from tests.tiny import _COMMON
 
     torch.manual_seed(0)
-    bases = [Gemma3ForCausalLM(Gemma3TextConfig(**_COMMON, head_dim=12, sliding_window=6,
-                                                layer_types=["sliding_attention", "full_attention"])),
-             MistralForCausalLM(MistralConfig(**_COMMON, sliding_window=6))]
+    bases = [
+        Gemma3ForCausalLM(
+            Gemma3TextConfig(
+                **_COMMON, head_dim=12, sliding_window=6, layer_types=["sliding_attention", "full_attention"]
+            )
+        ),
+        MistralForCausalLM(MistralConfig(**_COMMON, sliding_window=6)),
+    ]
     for base in bases:
         with torch.no_grad():
             base.get_output_embeddings().weight.mul_(8.0)  # sharper logits: greedy tokens differ when inputs do
@@ -254,14 +262,15 @@ def test_sliding_window_rows_padded_past_the_window_match_each_row_alone():
         ids, mask, rows = left_padded_batch()
         with torch.no_grad():
             batch_logits = model(ids, attention_mask=mask).logits
-            generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
-                                       pad_token_id=0)
+            generated = model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0
+            )
             for i, row in enumerate(rows):
                 alone = model(row.unsqueeze(0)).logits[0]
-                torch.testing.assert_close(batch_logits[i, -len(row):], alone, atol=ATOL, rtol=1e-4)
+                torch.testing.assert_close(batch_logits[i, -len(row) :], alone, atol=ATOL, rtol=1e-4)
                 own = model.generate(input_ids=row.unsqueeze(0), max_new_tokens=6, do_sample=False, pad_token_id=0)
-                assert generated[i, ids.shape[1]:].tolist() == own[0, len(row):].tolist()
-                assert generated[i, -6 - len(row):-6].tolist() == row.tolist(), "the prompt comes back, no slots"
+                assert generated[i, ids.shape[1] :].tolist() == own[0, len(row) :].tolist()
+                assert generated[i, -6 - len(row) : -6].tolist() == row.tolist(), "the prompt comes back, no slots"
 
 
 def with_visible_pad(base):
@@ -289,15 +298,17 @@ def test_anchored_fresh_adapter_is_the_backbone_with_slot_tokens_in_front(family
     with torch.no_grad():
         batch_logits = model(ids, attention_mask=mask).logits
         for i, row in enumerate(rows):
-            torch.testing.assert_close(batch_logits[i, -len(row):], model(row.unsqueeze(0)).logits[0],
-                                       atol=ATOL, rtol=1e-4)
+            torch.testing.assert_close(
+                batch_logits[i, -len(row) :], model(row.unsqueeze(0)).logits[0], atol=ATOL, rtol=1e-4
+            )
     assert not any("anchor" in k for k in model.state_dict()), "anchors are derived from the base, never saved"
 
 
 def test_anchored_adapter_save_and_load(tmp_path):
     model = get_iapt_model(with_visible_pad(make_base("llama")), IAPTConfig(bottleneck=8, anchor=True, layers=[1]))
-    assert all(float(g.up.weight.detach().abs().sum()) == 0 for g in model.generators.values()), \
+    assert all(float(g.up.weight.detach().abs().sum()) == 0 for g in model.generators.values()), (
         "anchored slots are never zero, so a layer subset keeps the zero start"
+    )
     randomize_up_projections(model)
     ids, mask, _ = left_padded_batch()
     with torch.no_grad():

@@ -24,8 +24,9 @@ def model() -> IAPTModel:
 
 def test_beam_search_and_multiple_return_sequences(model):
     ids, mask, _ = left_padded_batch()
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, num_beams=3,
-                         num_return_sequences=2, do_sample=False)
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=5, num_beams=3, num_return_sequences=2, do_sample=False
+    )
     assert out.shape[0] == 2 * ids.shape[0]
     assert torch.equal(out[::2, : ids.shape[1]], ids)
 
@@ -34,7 +35,7 @@ def test_beam_search_row_matches_row_alone(model):
     ids, mask, rows = left_padded_batch(seed=2)
     batch = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, num_beams=3, do_sample=False)
     alone = model.generate(input_ids=rows[1].unsqueeze(0), max_new_tokens=5, num_beams=3, do_sample=False)
-    assert torch.equal(batch[1, -alone.shape[1]:], alone[0])
+    assert torch.equal(batch[1, -alone.shape[1] :], alone[0])
 
 
 def test_sampling_is_reproducible_and_returns_dicts(model):
@@ -42,8 +43,15 @@ def test_sampling_is_reproducible_and_returns_dicts(model):
     torch.manual_seed(0)
     a = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=True, top_k=20)
     torch.manual_seed(0)
-    b = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=True, top_k=20,
-                       return_dict_in_generate=True, output_scores=True)
+    b = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=6,
+        do_sample=True,
+        top_k=20,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
     assert torch.equal(a, b.sequences)
     assert len(b.scores) == 6
 
@@ -136,8 +144,15 @@ def test_adapter_on_another_base_is_refused_naming_both_sides(tmp_path, other, w
         base = make_base(other)
         have = "'gpt2'"
     else:
-        cfg = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+        cfg = dict(
+            vocab_size=VOCAB,
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            pad_token_id=0,
+        )
         cfg.update(other)
         base = LlamaForCausalLM(LlamaConfig(**cfg))
         have = str(next(iter(other.values())))
@@ -185,16 +200,32 @@ def test_weights_that_do_not_match_the_config_are_refused(tmp_path):
 
 
 def test_unsupported_model_names_the_supported_families():
-    opt = OPTForCausalLM(OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, ffn_dim=64,
-                                   num_attention_heads=2, word_embed_proj_dim=32))
+    opt = OPTForCausalLM(
+        OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=1,
+            ffn_dim=64,
+            num_attention_heads=2,
+            word_embed_proj_dim=32,
+        )
+    )
     with pytest.raises(ValueError, match="model_type='opt'.*Supported decoder-only families: .*gpt2.*llama") as err:
         get_iapt_model(opt)
     assert "layers_path" in str(err.value)
 
 
 def test_layers_path_opens_other_families():
-    opt = OPTForCausalLM(OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
-                                   num_attention_heads=2, word_embed_proj_dim=32))
+    opt = OPTForCausalLM(
+        OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            ffn_dim=64,
+            num_attention_heads=2,
+            word_embed_proj_dim=32,
+        )
+    )
     model = get_iapt_model(opt, IAPTConfig(bottleneck=4, layers_path="model.decoder.layers"))
     assert len(model.generators) == 2
 
@@ -252,13 +283,18 @@ def test_peft_style_model_api(tmp_path, monkeypatch):
         ours = model(ids, attention_mask=mask).logits
         with model.disable_adapter():
             bare = model(ids, attention_mask=mask).logits
-            bare_gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
-                                      pad_token_id=0)
+            bare_gen = model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0
+            )
         torch.testing.assert_close(bare, model.base_model(ids, attention_mask=mask).logits)
         assert not torch.allclose(bare, ours)
         torch.testing.assert_close(model(ids, attention_mask=mask).logits, ours)  # back on after the block
-        assert torch.equal(bare_gen, model.base_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3,
-                                                               do_sample=False, pad_token_id=0))
+        assert torch.equal(
+            bare_gen,
+            model.base_model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0
+            ),
+        )
     uploaded = {}
 
     class FakeApi:

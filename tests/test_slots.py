@@ -25,8 +25,11 @@ def test_layout_puts_each_rows_slots_after_its_padding():
 
 def test_write_keeps_rows_without_a_generator_and_slots_past_a_rows_count():
     hidden = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3)
-    plan = SlotPlan(columns=torch.tensor([[0, 1], [2, 3]]), pooled=torch.ones(2, 5, dtype=torch.bool),
-                    valid=torch.tensor([[True, True], [True, False]]))
+    plan = SlotPlan(
+        columns=torch.tensor([[0, 1], [2, 3]]),
+        pooled=torch.ones(2, 5, dtype=torch.bool),
+        valid=torch.tensor([[True, True], [True, False]]),
+    )
     prompts = -torch.ones(2, 2, 3)
     out = write_slots(hidden, plan, prompts)
     assert (out[0, :2] == -1).all() and (out[1, 2] == -1).all()
@@ -53,8 +56,9 @@ def test_a_writer_acts_only_inside_its_own_session_and_thread():
         assert calls == [], "no session: the bare backbone"
 
         class State:
-            plan = SlotPlan.contiguous(torch.zeros_like(mask, dtype=torch.bool).index_fill(1, torch.tensor([0, 1]),
-                                                                                          True), mask.bool(), 2)
+            plan = SlotPlan.contiguous(
+                torch.zeros_like(mask, dtype=torch.bool).index_fill(1, torch.tensor([0, 1]), True), mask.bool(), 2
+            )
 
         other: list[torch.Tensor] = []
         with writer.session(State()):

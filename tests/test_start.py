@@ -33,7 +33,7 @@ def test_token_start_is_the_backbone_reading_real_tokens_first(family):
     with torch.no_grad():
         for row in rows:
             ours = model(row.unsqueeze(0)).logits[0]
-            bare = model.base_model(torch.cat([anchors, row]).unsqueeze(0)).logits[0, len(anchors):]
+            bare = model.base_model(torch.cat([anchors, row]).unsqueeze(0)).logits[0, len(anchors) :]
             torch.testing.assert_close(ours, bare, atol=1e-4, rtol=1e-4)
 
 
@@ -99,8 +99,11 @@ def test_one_small_step_moves_anchored_slots_a_little_and_zero_slots_all_the_way
     """The zero start's spike (docs/METHOD.md): the layer's norm rescales whatever the first update writes to full
     size, so one step of any LR turns 'nothing' into full-size tokens of arbitrary direction. Anchored soft tokens
     start as real states, and a small step moves what the layer reads a little."""
-    trainer = Trainer(config(tmp_path, anchor=anchor, max_steps=1, eval_every=1, lr=1e-3, activation_mode="frozen"),
-                      with_visible_pad(tiny_lm()), tiny_tokenizer())
+    trainer = Trainer(
+        config(tmp_path, anchor=anchor, max_steps=1, eval_every=1, lr=1e-3, activation_mode="frozen"),
+        with_visible_pad(tiny_lm()),
+        tiny_tokenizer(),
+    )
     model = trainer.unwrapped
     hidden, mask = torch.randn(2, 7, 32), torch.ones(2, 7, dtype=torch.bool)
     with torch.no_grad():
@@ -138,16 +141,20 @@ def test_bf16_backbone_keeps_float32_generators(how):
     out = model(ids, attention_mask=mask, labels=labels)
     out.loss.backward()
     assert torch.isfinite(out.loss)
-    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.generators.parameters()
-               if p.requires_grad)
+    assert all(
+        p.grad is not None and p.grad.dtype == torch.float32 for p in model.generators.parameters() if p.requires_grad
+    )
     generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert generated.shape == (3, ids.shape[1] + 3)
 
 
 @pytest.mark.parametrize("method", ["iapt", "lora", "prompt-tuning", "prefix", "idpg", "lpt"])
 def test_every_method_trains_on_a_bf16_backbone(tmp_path, method):
-    summary = train(config(tmp_path, method=method, max_steps=2, eval_every=2, budget=600),
-                    tiny_lm().to(torch.bfloat16), tiny_tokenizer())
+    summary = train(
+        config(tmp_path, method=method, max_steps=2, eval_every=2, budget=600),
+        tiny_lm().to(torch.bfloat16),
+        tiny_tokenizer(),
+    )
     assert summary["steps"] == 2 and summary["best_dev_loss"] < 50
 
 

@@ -17,10 +17,24 @@ PAIRS = [("apple", "yes"), ("zebra", "nah"), ("melon", "yes"), ("wagon", "nah")]
 
 
 def sft(tmp_path, data: Dataset, **config) -> trl.SFTTrainer:
-    args = trl.SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=3, per_device_train_batch_size=4, report_to=[],
-                         use_cpu=True, logging_steps=1, learning_rate=1e-2, save_strategy="no", **config)
-    return trl.SFTTrainer(model=tiny_lm(), args=args, train_dataset=data, processing_class=tiny_tokenizer(),
-                          peft_config=IAPTConfig(bottleneck=4))
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path / "sft"),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        learning_rate=1e-2,
+        save_strategy="no",
+        **config,
+    )
+    return trl.SFTTrainer(
+        model=tiny_lm(),
+        args=args,
+        train_dataset=data,
+        processing_class=tiny_tokenizer(),
+        peft_config=IAPTConfig(bottleneck=4),
+    )
 
 
 def test_sft_on_prompt_completion_data_trains_the_generators(tmp_path):
@@ -61,8 +75,15 @@ def test_fused_head_loss_equals_the_plain_loss_and_drops_the_slot_columns():
 
 
 def test_conversational_prompt_completion_pools_the_prompt_turns(tmp_path):
-    data = Dataset.from_list([{"prompt": [{"role": "user", "content": f"first letter early? {w}"}],
-                               "completion": [{"role": "assistant", "content": a}]} for w, a in PAIRS])
+    data = Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": f"first letter early? {w}"}],
+                "completion": [{"role": "assistant", "content": a}],
+            }
+            for w, a in PAIRS
+        ]
+    )
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="IAPT: .* no instruction token")
         sft(tmp_path, data).train()
@@ -70,8 +91,12 @@ def test_conversational_prompt_completion_pools_the_prompt_turns(tmp_path):
 
 def test_every_token_labelled_is_a_loud_warning_not_silent(tmp_path):
     """Chat `messages` data trains on every token by default: nothing is left for the generators to pool."""
-    data = Dataset.from_list([{"messages": [{"role": "user", "content": f"first letter early? {w}"},
-                                            {"role": "assistant", "content": a}]} for w, a in PAIRS])
+    data = Dataset.from_list(
+        [
+            {"messages": [{"role": "user", "content": f"first letter early? {w}"}, {"role": "assistant", "content": a}]}
+            for w, a in PAIRS
+        ]
+    )
     with pytest.warns(UserWarning, match="no instruction token to pool"):
         sft(tmp_path, data).train()
 
@@ -79,15 +104,30 @@ def test_every_token_labelled_is_a_loud_warning_not_silent(tmp_path):
 def test_chat_messages_with_assistant_only_loss_pool_the_user_turns(tmp_path):
     """With a template that marks the assistant's turns, TRL labels those only: the user turns are pooled."""
     tok = tiny_tokenizer()
-    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'assistant' %}<assistant>{% generation %}"
-                         "{{ m['content'] }}\n{% endgeneration %}{% else %}<{{ m['role'] }}>{{ m['content'] }}\n"
-                         "{% endif %}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
-    data = Dataset.from_list([{"messages": [{"role": "user", "content": f"first letter early? {w}"},
-                                            {"role": "assistant", "content": a}]} for w, a in PAIRS])
-    args = trl.SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=2, per_device_train_batch_size=4, report_to=[],
-                         use_cpu=True, learning_rate=1e-2, save_strategy="no", assistant_only_loss=True)
-    trainer = trl.SFTTrainer(model=tiny_lm(), args=args, train_dataset=data, processing_class=tok,
-                             peft_config=IAPTConfig(bottleneck=4))
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}<assistant>{% generation %}"
+        "{{ m['content'] }}\n{% endgeneration %}{% else %}<{{ m['role'] }}>{{ m['content'] }}\n"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    data = Dataset.from_list(
+        [
+            {"messages": [{"role": "user", "content": f"first letter early? {w}"}, {"role": "assistant", "content": a}]}
+            for w, a in PAIRS
+        ]
+    )
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path / "sft"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        report_to=[],
+        use_cpu=True,
+        learning_rate=1e-2,
+        save_strategy="no",
+        assistant_only_loss=True,
+    )
+    trainer = trl.SFTTrainer(
+        model=tiny_lm(), args=args, train_dataset=data, processing_class=tok, peft_config=IAPTConfig(bottleneck=4)
+    )
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="IAPT: .* no instruction token")
         trainer.train()

@@ -17,9 +17,18 @@ from transformers import (
 )
 
 VOCAB = 96
-_COMMON = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-               pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=48,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 def _llama() -> torch.nn.Module:
@@ -35,14 +44,25 @@ def _mistral() -> torch.nn.Module:
 
 
 def _gemma3() -> torch.nn.Module:
-    cfg = Gemma3TextConfig(**_COMMON, head_dim=12, sliding_window=64,
-                           layer_types=["sliding_attention", "full_attention"])
+    cfg = Gemma3TextConfig(
+        **_COMMON, head_dim=12, sliding_window=64, layer_types=["sliding_attention", "full_attention"]
+    )
     return Gemma3ForCausalLM(cfg)
 
 
 def _gpt2() -> torch.nn.Module:
-    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=128,
-                                      bos_token_id=1, eos_token_id=2, pad_token_id=0))
+    return GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=48,
+            n_layer=2,
+            n_head=4,
+            n_positions=128,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+    )
 
 
 FAMILIES = {"llama": _llama, "qwen2": _qwen2, "mistral": _mistral, "gemma3": _gemma3, "gpt2": _gpt2}
@@ -66,8 +86,8 @@ def left_padded_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[t
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, width - len(r):] = r
-        mask[i, width - len(r):] = 1
+        ids[i, width - len(r) :] = r
+        mask[i, width - len(r) :] = 1
     return ids, mask, rows
 
 
@@ -84,16 +104,20 @@ def tiny_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
-                                   unk_token="<unk>")
-    fast.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-                          "{% if add_generation_prompt %}<assistant>{% endif %}")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
+    fast.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
     return fast
 
 
 def tiny_lm(family: str = "llama", seed: int = 0) -> torch.nn.Module:
     """A tiny model whose vocabulary fits ``tiny_tokenizer``."""
     torch.manual_seed(seed)
-    cfg = LlamaConfig(**{**_COMMON, "vocab_size": 104, "hidden_size": 32, "intermediate_size": 64,
-                         "initializer_range": 0.2})  # sharper than the default: a backbone prompts can steer
+    cfg = LlamaConfig(
+        **{**_COMMON, "vocab_size": 104, "hidden_size": 32, "intermediate_size": 64, "initializer_range": 0.2}
+    )  # sharper than the default: a backbone prompts can steer
     return LlamaForCausalLM(cfg)

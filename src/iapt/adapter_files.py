@@ -37,11 +37,17 @@ def check_shapes(path: Path, found: Shapes, expected: Shapes) -> None:
     missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
     wrong = sorted(k for k in expected.keys() & found.keys() if tuple(expected[k]) != tuple(found[k]))
     if missing or unexpected or wrong:
-        detail = "; ".join(part for part in (
-            f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else "",
-            "shape of " + ", ".join(f"{k} is {tuple(found[k])}, expected {tuple(expected[k])}" for k in wrong[:3])
-            if wrong else "",
-        ) if part)
+        detail = "; ".join(
+            part
+            for part in (
+                f"missing {missing[:3]}" if missing else "",
+                f"unexpected {unexpected[:3]}" if unexpected else "",
+                "shape of " + ", ".join(f"{k} is {tuple(found[k])}, expected {tuple(expected[k])}" for k in wrong[:3])
+                if wrong
+                else "",
+            )
+            if part
+        )
         raise ValueError(f"adapter weights {path} do not match its {CONFIG_NAME}: {detail}")
 
 

@@ -73,13 +73,17 @@ def kv_projections(layer: nn.Module) -> tuple[nn.Linear, nn.Linear]:
         leaf = name.rsplit(".", 1)[-1]
         if leaf in ("k_proj", "v_proj") and isinstance(module, nn.Linear):
             if leaf in found:
-                raise ValueError(f"{type(layer).__name__} has more than one {leaf}; insertion='kv' cannot tell "
-                                 "which one its attention uses: use insertion='hidden'")
+                raise ValueError(
+                    f"{type(layer).__name__} has more than one {leaf}; insertion='kv' cannot tell "
+                    "which one its attention uses: use insertion='hidden'"
+                )
             found[leaf] = module
     if len(found) != 2:
-        raise ValueError(f"insertion='kv' needs separate k_proj and v_proj linear layers, which "
-                         f"{type(layer).__name__} does not have (a fused query/key/value projection?); use "
-                         "insertion='hidden' (the paper's, which works on every family)")
+        raise ValueError(
+            f"insertion='kv' needs separate k_proj and v_proj linear layers, which "
+            f"{type(layer).__name__} does not have (a fused query/key/value projection?); use "
+            "insertion='hidden' (the paper's, which works on every family)"
+        )
     return found["k_proj"], found["v_proj"]
 
 
@@ -187,12 +191,16 @@ def check_compatible(config: IAPTConfig | GeneratedPromptConfig, base_model: Pre
     }
     anchor, anchor_ids = getattr(config, "anchor", "none"), getattr(config, "anchor_token_ids", None)
     if anchor == "tokens" and anchor_ids is None:
-        raise ValueError(f"adapter {directory} is anchored on tokens (anchor='tokens') but records no "
-                         f"anchor_token_ids; add the ids it was trained with to its {CONFIG_NAME}")
+        raise ValueError(
+            f"adapter {directory} is anchored on tokens (anchor='tokens') but records no "
+            f"anchor_token_ids; add the ids it was trained with to its {CONFIG_NAME}"
+        )
     vocab = input_embeddings(base_model).weight.shape[0]
     if anchor_ids is not None and max(anchor_ids) >= vocab:
-        raise ValueError(f"adapter {directory} anchors its slots on token ids {anchor_ids}, but this "
-                         f"base has a vocabulary of {vocab}; load it on the base it was trained on")
+        raise ValueError(
+            f"adapter {directory} anchors its slots on token ids {anchor_ids}, but this "
+            f"base has a vocabulary of {vocab}; load it on the base it was trained on"
+        )
     for what, have in base.items():
         want = saved[what]
         if want is not None and want != have:

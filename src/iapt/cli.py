@@ -26,8 +26,9 @@ TRAINING_ARGUMENT_ALIASES: dict[str, list[str]] = {
 }
 
 
-def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type,
-                         aliases: dict[str, list[str]] | None = None) -> None:
+def _add_dataclass_flags(
+    parser: argparse.ArgumentParser, cls: type, aliases: dict[str, list[str]] | None = None
+) -> None:
     """One --flag per dataclass field, with the field's help text: the command line is the config."""
     hints = typing.get_type_hints(cls)
     aliases = aliases or {}
@@ -39,23 +40,47 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type,
         base = next((a for a in args if a is not type(None)), kind) if isinstance(kind, types.UnionType) else kind
         help_text = f.metadata.get("help", "") + f" (default: {f.default})"
         if base is bool:
-            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=help_text)
+            parser.add_argument(
+                *names, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
         elif typing.get_origin(base) is list:  # e.g. --anchor-token-ids 0 0 0 0
-            parser.add_argument(*names, dest=f.name, nargs="+", type=typing.get_args(base)[0], default=None,
-                                help=help_text, metavar=f.name.upper())
+            parser.add_argument(
+                *names,
+                dest=f.name,
+                nargs="+",
+                type=typing.get_args(base)[0],
+                default=None,
+                help=help_text,
+                metavar=f.name.upper(),
+            )
         else:  # a field type (int, float, str, Path, ...) converts the flag's text
-            parser.add_argument(*names, dest=f.name, type=cast(Callable[[str], Any], base), default=None,
-                                help=help_text, metavar=f.name.upper())
+            parser.add_argument(
+                *names,
+                dest=f.name,
+                type=cast(Callable[[str], Any], base),
+                default=None,
+                help=help_text,
+                metavar=f.name.upper(),
+            )
 
 
 def _add_training_argument_flags(parser: argparse.ArgumentParser) -> None:
     """TrainingArguments flags that are not a plain rename of one of ours."""
-    parser.add_argument("--per-device-train-batch-size", type=int, default=None, metavar="N",
-                        help="transformers' name: examples per micro-batch; batch size = N x "
-                             "gradient accumulation steps")
-    parser.add_argument("--bf16", action="store_const", const="bfloat16", dest="bf16_dtype", default=None,
-                        help="transformers' name for --dtype bfloat16")
+    parser.add_argument(
+        "--per-device-train-batch-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="transformers' name: examples per micro-batch; batch size = N x gradient accumulation steps",
+    )
+    parser.add_argument(
+        "--bf16",
+        action="store_const",
+        const="bfloat16",
+        dest="bf16_dtype",
+        default=None,
+        help="transformers' name for --dtype bfloat16",
+    )
 
 
 def _training_argument_values(ns: argparse.Namespace, given: dict[str, Any]) -> dict[str, Any]:
@@ -97,8 +122,17 @@ def cmd_train(ns: argparse.Namespace) -> int:
     cfg = TrainConfig.from_yaml(ns.recipe, **overrides) if ns.recipe else TrainConfig.from_dict(overrides)
     summary = train(cfg)
     if cfg.eval_test and cfg.task:
-        report = _evaluate(Path(cfg.out) / "adapter", cfg.model, cfg.task, "test", cfg.eval_limit,
-                           cfg.eval_batch_size, cfg.max_length, cfg.progress, cfg.dtype)
+        report = _evaluate(
+            Path(cfg.out) / "adapter",
+            cfg.model,
+            cfg.task,
+            "test",
+            cfg.eval_limit,
+            cfg.eval_batch_size,
+            cfg.max_length,
+            cfg.progress,
+            cfg.dtype,
+        )
         summary["test"] = report["metrics"]
         from iapt.io import atomic_write_text
 
@@ -140,12 +174,31 @@ def cmd_eval(ns: argparse.Namespace) -> int:
         if ns.metric is None:
             raise ValueError("--data needs --metric: exact_match, accuracy, f1, rougeL or bleu")
         model, tokenizer = _load_for_eval(ns.adapter, ns.model, ns.dtype)
-        report = evaluate_file(model, tokenizer, ns.data, ns.metric, ns.limit, ns.batch_size, ns.max_length,
-                               ns.max_new_tokens, ns.labels, not ns.no_progress)
+        report = evaluate_file(
+            model,
+            tokenizer,
+            ns.data,
+            ns.metric,
+            ns.limit,
+            ns.batch_size,
+            ns.max_length,
+            ns.max_new_tokens,
+            ns.labels,
+            not ns.no_progress,
+        )
         report.update(adapter=None if ns.adapter is None else str(ns.adapter), model=ns.model)
     else:
-        report = _evaluate(ns.adapter, ns.model, ns.task, ns.split, ns.limit, ns.batch_size, ns.max_length,
-                           not ns.no_progress, ns.dtype)
+        report = _evaluate(
+            ns.adapter,
+            ns.model,
+            ns.task,
+            ns.split,
+            ns.limit,
+            ns.batch_size,
+            ns.max_length,
+            not ns.no_progress,
+            ns.dtype,
+        )
     text = json.dumps(report, indent=2)
     if ns.out:
         from iapt.io import atomic_write_text
@@ -174,10 +227,22 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     base, tokenizer = load_model(ns.model, dtype=dtype)
     print(f"[demo] zero-shot {ns.model} ({dtype}) on {ns.task} (test, first {ns.test_examples}) ...", flush=True)
     before = evaluate_task(base, tokenizer, ns.task, "test", ns.test_examples, 16, ns.max_length)
-    cfg = TrainConfig(model=ns.model, task=ns.task, out=ns.out, max_steps=ns.steps, batch_size=ns.batch_size,
-                      lr=ns.lr, max_length=ns.max_length, eval_every=ns.steps, max_dev_examples=ns.dev_examples,
-                      warmup_ratio=0.1, bottleneck=ns.bottleneck, rational_every=ns.rational_every, dtype=dtype,
-                      resume=False)
+    cfg = TrainConfig(
+        model=ns.model,
+        task=ns.task,
+        out=ns.out,
+        max_steps=ns.steps,
+        batch_size=ns.batch_size,
+        lr=ns.lr,
+        max_length=ns.max_length,
+        eval_every=ns.steps,
+        max_dev_examples=ns.dev_examples,
+        warmup_ratio=0.1,
+        bottleneck=ns.bottleneck,
+        rational_every=ns.rational_every,
+        dtype=dtype,
+        resume=False,
+    )
     if (Path(ns.out) / "checkpoint.pt").exists():
         import shutil
 
@@ -202,10 +267,15 @@ def cmd_demo(ns: argparse.Namespace) -> int:
         gold = ", ".join(f"{k} {v}" for k, v in before["gold_labels"].items())
         rows.append((f"{metric}: majority class", f"{before['majority_rate']:.1f} (test labels: {gold})"))
     rows += [
-        (f"{metric}: zero-shot backbone", f"{before['metrics'][metric]:.1f}"
-         + (f" (answers: {spread(before)})" if "predicted_labels" in before else "")),
-        (f"{metric}: IAPT ({summary['steps']} steps)", f"{after['metrics'][metric]:.1f}"
-         + (f" (answers: {spread(after)})" if "predicted_labels" in after else "")),
+        (
+            f"{metric}: zero-shot backbone",
+            f"{before['metrics'][metric]:.1f}"
+            + (f" (answers: {spread(before)})" if "predicted_labels" in before else ""),
+        ),
+        (
+            f"{metric}: IAPT ({summary['steps']} steps)",
+            f"{after['metrics'][metric]:.1f}" + (f" (answers: {spread(after)})" if "predicted_labels" in after else ""),
+        ),
         ("gain over max(zero-shot, majority)", f"{after['metrics'][metric] - trivial:+.1f} points"),
         ("trainable parameters", f"{summary['trainable_params']:,d}"),
         ("training time", f"{summary['train_seconds']:.0f} s"),
@@ -227,8 +297,7 @@ def _lora_module(text: str) -> tuple[str, str]:
             entry = json.loads(text)
             name, path = entry["name"], entry["path"]
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise argparse.ArgumentTypeError(
-                f"{text!r}: expected name=path or {{\"name\": ..., \"path\": ...}}") from None
+            raise argparse.ArgumentTypeError(f'{text!r}: expected name=path or {{"name": ..., "path": ...}}') from None
     else:
         name, sep, path = text.partition("=")
         if not sep:
@@ -246,11 +315,25 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         if name in modules:
             raise ValueError(f"--lora-modules: the name {name!r} is given twice")
         modules[name] = path
-    serve(model=ns.model, adapters_dir=ns.adapters, host=ns.host, port=ns.port, keys_file=ns.keys,
-          max_batch_size=ns.max_batch_size, max_queue=ns.max_queue, max_prompt_tokens=ns.max_prompt_tokens,
-          max_tokens_limit=ns.max_tokens_limit, dtype=ns.dtype, log_level=ns.log_level,
-          max_bottleneck=ns.max_bottleneck, max_soft_tokens=ns.max_soft_tokens, docs=not ns.no_docs,
-          api_key=ns.api_key, served_model_name=ns.served_model_name, lora_modules=modules)
+    serve(
+        model=ns.model,
+        adapters_dir=ns.adapters,
+        host=ns.host,
+        port=ns.port,
+        keys_file=ns.keys,
+        max_batch_size=ns.max_batch_size,
+        max_queue=ns.max_queue,
+        max_prompt_tokens=ns.max_prompt_tokens,
+        max_tokens_limit=ns.max_tokens_limit,
+        dtype=ns.dtype,
+        log_level=ns.log_level,
+        max_bottleneck=ns.max_bottleneck,
+        max_soft_tokens=ns.max_soft_tokens,
+        docs=not ns.no_docs,
+        api_key=ns.api_key,
+        served_model_name=ns.served_model_name,
+        lora_modules=modules,
+    )
     return 0
 
 
@@ -266,9 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("tasks", nargs="*", help="tasks to fetch (default: all)")
     p.set_defaults(func=cmd_data)
 
-    p = sub.add_parser("train", help="train an adapter (IAPT by default)",
-                       description="Every setting is a flag and may also come from a YAML --recipe; flags win. "
-                                   "Runs on accelerate: `accelerate launch -m iapt.cli train ...` for several GPUs.")
+    p = sub.add_parser(
+        "train",
+        help="train an adapter (IAPT by default)",
+        description="Every setting is a flag and may also come from a YAML --recipe; flags win. "
+        "Runs on accelerate: `accelerate launch -m iapt.cli train ...` for several GPUs.",
+    )
     p.add_argument("--recipe", help="YAML file of settings (flags override it)")
     _add_dataclass_flags(p, TrainConfig, TRAINING_ARGUMENT_ALIASES)
     _add_training_argument_flags(p)
@@ -279,10 +365,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-only", action="store_true", help="score the zero-shot backbone")
     p.add_argument("--model", default="default", help="base model: 'default' or a local folder")
     p.add_argument("--task", help="built-in task (iapt data list)")
-    p.add_argument("--data", help="your own test file instead of --task (JSONL/JSON/CSV or a saved datasets folder, "
-                                  "the training formats)")
-    p.add_argument("--metric", choices=["exact_match", "accuracy", "f1", "rougeL", "bleu"],
-                   help="with --data: how answers are scored")
+    p.add_argument(
+        "--data",
+        help="your own test file instead of --task (JSONL/JSON/CSV or a saved datasets folder, the training formats)",
+    )
+    p.add_argument(
+        "--metric",
+        choices=["exact_match", "accuracy", "f1", "rougeL", "bleu"],
+        help="with --data: how answers are scored",
+    )
     p.add_argument("--labels", nargs="+", help="with --metric accuracy: the label set (default: the responses seen)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="with --data: generated tokens per answer")
     p.add_argument("--split", default="test", choices=["train", "dev", "test"])
@@ -316,14 +407,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--keys", help="API keys file, JSON or YAML (key -> {tenant, adapters, admin}); none = open API")
-    p.add_argument("--api-key", metavar="KEY",
-                   help="as vLLM's: one key with access to everything (admin), beside any --keys file")
-    p.add_argument("--served-model-name", nargs="+", metavar="NAME",
-                   help="as vLLM's: the base model's name in the API instead of --model (several: all are "
-                        "accepted, the first is shown)")
-    p.add_argument("--lora-modules", nargs="+", type=_lora_module, metavar="NAME=PATH",
-                   help="as vLLM's: IAPT adapter folders to serve under these names (beside --adapters); one that "
-                        "cannot be loaded stops the start")
+    p.add_argument(
+        "--api-key", metavar="KEY", help="as vLLM's: one key with access to everything (admin), beside any --keys file"
+    )
+    p.add_argument(
+        "--served-model-name",
+        nargs="+",
+        metavar="NAME",
+        help="as vLLM's: the base model's name in the API instead of --model (several: all are "
+        "accepted, the first is shown)",
+    )
+    p.add_argument(
+        "--lora-modules",
+        nargs="+",
+        type=_lora_module,
+        metavar="NAME=PATH",
+        help="as vLLM's: IAPT adapter folders to serve under these names (beside --adapters); one that "
+        "cannot be loaded stops the start",
+    )
     p.add_argument("--max-batch-size", type=int, default=32, help="requests decoded together")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
     p.add_argument("--max-prompt-tokens", type=int, default=2048, help="longer prompts get 400")
@@ -346,8 +447,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"iapt {ns.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"iapt {ns.command}: interrupted (checkpoints are intact; `iapt train --resume` continues)",
-              file=sys.stderr)
+        print(
+            f"iapt {ns.command}: interrupted (checkpoints are intact; `iapt train --resume` continues)", file=sys.stderr
+        )
         return 130
 
 

@@ -38,49 +38,61 @@ class IAPTConfig(PeftConfig):
     )
     pooling: str = field(
         default="attention",
-        metadata={"help": "How a generator summarises the instruction: 'attention' (the method: one learned query "
-                          "per soft token), or the ablations 'mean' / 'last' (masked mean / last instruction token, "
-                          "plus a learned offset per soft token)."},
+        metadata={
+            "help": "How a generator summarises the instruction: 'attention' (the method: one learned query "
+            "per soft token), or the ablations 'mean' / 'last' (masked mean / last instruction token, "
+            "plus a learned offset per soft token)."
+        },
     )
     bias: bool = field(default=True, metadata={"help": "Biases on the down- and up-projections."})
     input_norm: bool = field(
         default=True,
-        metadata={"help": "Parameter-free RMS normalisation of the hidden states before the down-projection. "
-                          "Residual streams carry outlier channels in the hundreds, which would push the rational "
-                          "function far outside the range its initial fit is valid on."},
+        metadata={
+            "help": "Parameter-free RMS normalisation of the hidden states before the down-projection. "
+            "Residual streams carry outlier channels in the hundreds, which would push the rational "
+            "function far outside the range its initial fit is valid on."
+        },
     )
     anchor: str = field(
         default="pad",
-        metadata={"help": "What the soft tokens start from. 'pad' (default): soft tokens = the bare backbone's own "
-                          "states of n pad tokens at the slots (computed from the base at load, not saved) + the "
-                          "generator's output; a fresh adapter is then exactly the backbone with n pad tokens in "
-                          "front. 'tokens': the same with n frequent vocabulary tokens (``anchor_token_ids``). "
-                          "'none': the paper's zero start, where the layer's RMS norm turns the first update, however "
-                          "small, into a full-size vector of arbitrary direction (the loss spike of docs/METHOD.md). "
-                          "Old files' true/false read as 'pad'/'none'."},
+        metadata={
+            "help": "What the soft tokens start from. 'pad' (default): soft tokens = the bare backbone's own "
+            "states of n pad tokens at the slots (computed from the base at load, not saved) + the "
+            "generator's output; a fresh adapter is then exactly the backbone with n pad tokens in "
+            "front. 'tokens': the same with n frequent vocabulary tokens (``anchor_token_ids``). "
+            "'none': the paper's zero start, where the layer's RMS norm turns the first update, however "
+            "small, into a full-size vector of arbitrary direction (the loss spike of docs/METHOD.md). "
+            "Old files' true/false read as 'pad'/'none'."
+        },
     )
     anchor_token_ids: list[int] | None = field(
         default=None,
-        metadata={"help": "The n token ids whose backbone states anchor the slots ('tokens': drawn on install from "
-                          "frequent vocabulary ids when not given; 'pad': n pad ids). Recorded on install."},
+        metadata={
+            "help": "The n token ids whose backbone states anchor the slots ('tokens': drawn on install from "
+            "frequent vocabulary ids when not given; 'pad': n pad ids). Recorded on install."
+        },
     )
     insertion: str = field(
         default="hidden",
-        metadata={"help": "Where the soft tokens enter each layer. 'hidden' (the paper): they replace the slots' "
-                          "hidden states at the layer's input, so they reach attention through the layer's frozen "
-                          "norm and key/value projections. 'kv': the generator writes the slots' keys and values "
-                          "directly (P-tuning v2's insertion, fed by IAPT's instruction-aware generator): its output "
-                          "(n x (key + value width)) is added to the slots' k_proj / v_proj outputs, whose input is "
-                          "the anchor state. Needs separate k_proj and v_proj modules (Llama, Qwen2, Mistral, "
-                          "Gemma); not yet served by the built-in engine."},
+        metadata={
+            "help": "Where the soft tokens enter each layer. 'hidden' (the paper): they replace the slots' "
+            "hidden states at the layer's input, so they reach attention through the layer's frozen "
+            "norm and key/value projections. 'kv': the generator writes the slots' keys and values "
+            "directly (P-tuning v2's insertion, fed by IAPT's instruction-aware generator): its output "
+            "(n x (key + value width)) is added to the slots' k_proj / v_proj outputs, whose input is "
+            "the anchor state. Needs separate k_proj and v_proj modules (Llama, Qwen2, Mistral, "
+            "Gemma); not yet served by the built-in engine."
+        },
     )
     layers: list[int] | None = field(
         default=None, metadata={"help": "Indices of the layers that get a generator; None = every layer (the method)."}
     )
     layers_path: str | None = field(
         default=None,
-        metadata={"help": "Dotted path to the decoder's layer list (e.g. 'model.layers') for a family iapt does not "
-                          "know yet; None = look it up by model_type."},
+        metadata={
+            "help": "Dotted path to the decoder's layer list (e.g. 'model.layers') for a family iapt does not "
+            "know yet; None = look it up by model_type."
+        },
     )
     base_model_name_or_path: str | None = field(
         default=None, metadata={"help": "What base model the adapter was trained on (recorded, informational)."}
@@ -119,9 +131,12 @@ class IAPTConfig(PeftConfig):
             if self.anchor == "none":
                 raise ValueError("anchor_token_ids are given but anchor='none' (the zero start) uses none")
             if len(self.anchor_token_ids) != self.num_soft_tokens or not all(
-                    isinstance(t, int) and t >= 0 for t in self.anchor_token_ids):
-                raise ValueError(f"anchor_token_ids must be {self.num_soft_tokens} non-negative token ids (one per "
-                                 f"soft token), got {self.anchor_token_ids!r}")
+                isinstance(t, int) and t >= 0 for t in self.anchor_token_ids
+            ):
+                raise ValueError(
+                    f"anchor_token_ids must be {self.num_soft_tokens} non-negative token ids (one per "
+                    f"soft token), got {self.anchor_token_ids!r}"
+                )
         if self.peft_type != "IAPT":
             raise ValueError(f"this is not an IAPT adapter config (peft_type={self.peft_type!r})")
 
@@ -134,8 +149,11 @@ class IAPTConfig(PeftConfig):
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            warnings.warn(f"ignoring IAPTConfig fields this version does not know: {unknown} (written by a newer "
-                          f"iapt or PEFT?); upgrade to use them", stacklevel=2)
+            warnings.warn(
+                f"ignoring IAPTConfig fields this version does not know: {unknown} (written by a newer "
+                f"iapt or PEFT?); upgrade to use them",
+                stacklevel=2,
+            )
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def save(self, directory: str | os.PathLike) -> Path:

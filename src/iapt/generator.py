@@ -97,8 +97,9 @@ class PromptGenerator(nn.Module):
         self.down = nn.Linear(hidden_size, r, bias=config.bias, dtype=torch.float32)
         self.queries = nn.Parameter(torch.empty(r, n, dtype=torch.float32))
         self.activation = RationalActivation(config.activation_init)
-        self.up = nn.Linear(r, hidden_size if out_features is None else out_features, bias=config.bias,
-                            dtype=torch.float32)
+        self.up = nn.Linear(
+            r, hidden_size if out_features is None else out_features, bias=config.bias, dtype=torch.float32
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -125,7 +126,15 @@ class PromptGenerator(nn.Module):
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return soft_prompts(
-            hidden, mask, self.down.weight, self.down.bias, self.queries,
-            self.activation.numerator, self.activation.denominator, self.up.weight, self.up.bias,
-            pooling=self.pooling, input_norm=self.input_norm,
+            hidden,
+            mask,
+            self.down.weight,
+            self.down.bias,
+            self.queries,
+            self.activation.numerator,
+            self.activation.denominator,
+            self.up.weight,
+            self.up.bias,
+            pooling=self.pooling,
+            input_norm=self.input_norm,
         )

@@ -22,23 +22,35 @@ from iapt.options import Method, MethodOptions
 
 
 def _iapt_config(size: int, options: Any) -> IAPTConfig:
-    return IAPTConfig(num_soft_tokens=options.num_soft_tokens, bottleneck=size, activation_init=options.activation_init,
-                      pooling=options.pooling, anchor=options.anchor,
-                      anchor_token_ids=getattr(options, "anchor_token_ids", None),
-                      insertion=getattr(options, "insertion", "hidden"))
+    return IAPTConfig(
+        num_soft_tokens=options.num_soft_tokens,
+        bottleneck=size,
+        activation_init=options.activation_init,
+        pooling=options.pooling,
+        anchor=options.anchor,
+        anchor_token_ids=getattr(options, "anchor_token_ids", None),
+        insertion=getattr(options, "insertion", "hidden"),
+    )
 
 
 def _iapt_count(base: nn.Module, size: int, options: Any) -> int:
     text = text_config(base)
     config = _iapt_config(size, options)
     return text.num_hidden_layers * generator_parameter_count(
-        text.hidden_size, config, generator_out_features(base, config))
+        text.hidden_size, config, generator_out_features(base, config)
+    )
 
 
 # The registry's bases are Hugging Face causal LMs (IAPTModel checks them: check_base).
-IAPT = Method("iapt", "IAPT", "bottleneck", lambda options: options.bottleneck, _iapt_count,
-              lambda base, size, options: get_iapt_model(cast(PreTrainedModel, base), _iapt_config(size, options)),
-              lambda base, directory: IAPTModel.from_pretrained(cast(PreTrainedModel, base), directory))
+IAPT = Method(
+    "iapt",
+    "IAPT",
+    "bottleneck",
+    lambda options: options.bottleneck,
+    _iapt_count,
+    lambda base, size, options: get_iapt_model(cast(PreTrainedModel, base), _iapt_config(size, options)),
+    lambda base, directory: IAPTModel.from_pretrained(cast(PreTrainedModel, base), directory),
+)
 
 METHODS: dict[str, Method] = {m.name: m for m in [IAPT, *BASELINES]}
 _BY_PEFT_TYPE = {m.peft_type: m for m in METHODS.values()}
@@ -94,6 +106,8 @@ def load(base: nn.Module, directory: str | Path, peft_type: str) -> nn.Module:
     """Install the adapter saved in ``directory`` (whose config says ``peft_type``) on ``base``."""
     directory = Path(directory)
     if peft_type not in _BY_PEFT_TYPE:
-        raise ValueError(f"adapter {directory} is of type {peft_type!r}, which this version cannot load; known "
-                         f"types: {', '.join(_BY_PEFT_TYPE)}")
+        raise ValueError(
+            f"adapter {directory} is of type {peft_type!r}, which this version cannot load; known "
+            f"types: {', '.join(_BY_PEFT_TYPE)}"
+        )
     return _BY_PEFT_TYPE[peft_type].load(base, directory)

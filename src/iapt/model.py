@@ -1,16 +1,17 @@
 """IAPTModel: a frozen Hugging Face decoder with a prompt generator at every layer.
 
 How the soft tokens get in, without copying any family's modeling code: the model is fed ``n`` reserved
-slots in front of each row's tokens, after its left padding (positions 0..n-1, real tokens shifted by n). A forward pre-hook on each
-decoder layer overwrites the slots' hidden states with that layer's generated soft tokens, so layer l sees
+slots in front of each row's tokens, after its left padding (positions 0..n-1, real tokens shifted by n). A
+forward pre-hook on each decoder layer (``iapt.slots``) overwrites the slots' hidden states with that layer's
+generated soft tokens, so layer l sees
 ``[P_l ; H]`` and every real token can attend to them; the next layer replaces them again. Masks, rotary
 or absolute positions and the KV cache are the backbone's own. Generators run only at prefill (an empty
 cache): during decoding the slots' keys and values already sit in the cache, so a decoded token costs the
 bare backbone's work plus n cached positions.
 
 The hooks act only inside IAPTModel's own ``forward`` and ``generate``: calling ``model.base_model``
-directly runs the bare backbone. Users see none of the slots: logits are aligned with ``input_ids`` and ``generate`` returns the prompt
-followed by the new tokens, like transformers.
+directly runs the bare backbone. Users see none of the slots: logits are aligned with ``input_ids`` and
+``generate`` returns the prompt followed by the new tokens, like transformers.
 """
 
 from __future__ import annotations
@@ -111,8 +112,9 @@ class IAPTModel(nn.Module):
         config.base_model_type = base_model.config.model_type
         config.base_hidden_size = hidden_size
         config.base_num_layers = num_layers
-        config.base_model_name_or_path = config.base_model_name_or_path or getattr(
-            base_model.config, "_name_or_path", None) or None
+        config.base_model_name_or_path = (
+            config.base_model_name_or_path or getattr(base_model.config, "_name_or_path", None) or None
+        )
 
         for p in base_model.parameters():
             p.requires_grad_(False)
@@ -140,11 +142,16 @@ class IAPTModel(nn.Module):
         if self.insertion == "kv":
             for i in layer_ids:  # first of the layer's hooks: a decode step (no plan) must not reuse a prefill's
                 layer_generator = cast(PromptGenerator, self.generators[str(i)])
-                self._hooks.append(decoder_layers[i].register_forward_pre_hook(
-                    functools.partial(self._clear_pending, layer_generator), prepend=True))
+                self._hooks.append(
+                    decoder_layers[i].register_forward_pre_hook(
+                        functools.partial(self._clear_pending, layer_generator), prepend=True
+                    )
+                )
                 k_proj, v_proj = kv_projections(decoder_layers[i])
-                for projection, part in ((k_proj, slice(0, k_proj.out_features)),
-                                         (v_proj, slice(k_proj.out_features, None))):
+                for projection, part in (
+                    (k_proj, slice(0, k_proj.out_features)),
+                    (v_proj, slice(k_proj.out_features, None)),
+                ):
                     hook = functools.partial(self._after_projection, layer_generator, part)
                     self._hooks.append(projection.register_forward_hook(hook))
         self.slot_writer = SlotWriter({i: decoder_layers[i] for i in layer_ids}, self._soft_tokens)
@@ -205,8 +212,11 @@ class IAPTModel(nn.Module):
             # (_after_projection), kept with the slot columns until this layer's projections run (and run again
             # under gradient checkpointing's recomputation, after the call).
             generator.pending = (prompts, plan.columns)
-            prompts = anchor.expand(hidden.shape[0], -1, -1) if anchor is not None else hidden.new_zeros(
-                hidden.shape[0], self.num_soft_tokens, hidden.shape[-1])
+            prompts = (
+                anchor.expand(hidden.shape[0], -1, -1)
+                if anchor is not None
+                else hidden.new_zeros(hidden.shape[0], self.num_soft_tokens, hidden.shape[-1])
+            )
         elif anchor is not None:
             prompts = prompts + anchor
         return prompts, None
@@ -214,8 +224,9 @@ class IAPTModel(nn.Module):
     def _clear_pending(self, generator: PromptGenerator, module: nn.Module, args: tuple) -> None:
         generator.pending = None
 
-    def _after_projection(self, generator: PromptGenerator, part: slice, module: nn.Module, args: tuple,
-                          output: torch.Tensor) -> torch.Tensor | None:
+    def _after_projection(
+        self, generator: PromptGenerator, part: slice, module: nn.Module, args: tuple, output: torch.Tensor
+    ) -> torch.Tensor | None:
         """``insertion='kv'``: add the generator's keys (or values) to this projection's output at the slots."""
         pending = getattr(generator, "pending", None)
         if pending is None:
@@ -259,9 +270,15 @@ class IAPTModel(nn.Module):
         if self._disabled:  # disable_adapter(): the bare backbone, on the same inputs
             for key in ("labelled_logits_only", "fused_lm_head"):
                 kwargs.pop(key, None)
-            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                                   inputs_embeds=inputs_embeds, past_key_values=past_key_values,
-                                   position_ids=position_ids, **kwargs)
+            return self.base_model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                labels=labels,
+                inputs_embeds=inputs_embeds,
+                past_key_values=past_key_values,
+                position_ids=position_ids,
+                **kwargs,
+            )
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         source = input_ids if input_ids is not None else inputs_embeds
@@ -297,8 +314,18 @@ class IAPTModel(nn.Module):
         if labels is not None and instruction_mask is None and pooled is not None:  # pooled is None when decoding
             _warn_if_nothing_pooled(pooled, attention_mask)
         if kwargs.get("fused_lm_head") and not decoding:
-            return self._fused_forward(input_ids, inputs_embeds, full_mask, labels, pooled, source_columns, is_slot,
-                                       past_key_values, position_ids, kwargs)
+            return self._fused_forward(
+                input_ids,
+                inputs_embeds,
+                full_mask,
+                labels,
+                pooled,
+                source_columns,
+                is_slot,
+                past_key_values,
+                position_ids,
+                kwargs,
+            )
         labelled_only = bool(kwargs.pop("labelled_logits_only", False)) and labels is not None and not decoding
         if labelled_only:
             # Training fast path: project onto the vocabulary only the positions that predict a label. With
@@ -311,8 +338,12 @@ class IAPTModel(nn.Module):
             kwargs.setdefault("use_cache", False)  # training needs no cache
         with self._slots(pooled, None if decoding else is_slot):
             out = self.base_model(
-                input_ids=input_ids, attention_mask=full_mask, inputs_embeds=inputs_embeds,
-                past_key_values=past_key_values, position_ids=position_ids, **kwargs,
+                input_ids=input_ids,
+                attention_mask=full_mask,
+                inputs_embeds=inputs_embeds,
+                past_key_values=past_key_values,
+                position_ids=position_ids,
+                **kwargs,
             )
         if not decoding:
             if out.logits is not None and out.logits.shape[1] == length + n:
@@ -323,7 +354,8 @@ class IAPTModel(nn.Module):
             assert labels is not None, "labelled_only implies labels"
             targets = labels[:, predicts + 1]
             out.loss = torch.nn.functional.cross_entropy(
-                out.logits.float().reshape(-1, out.logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+                out.logits.float().reshape(-1, out.logits.shape[-1]), targets.reshape(-1), ignore_index=-100
+            )
         elif labels is not None:
             if out.logits.shape[1] != length:
                 raise ValueError("labels need logits for every position; do not combine them with logits_to_keep")
@@ -332,10 +364,19 @@ class IAPTModel(nn.Module):
             )
         return out
 
-    def _fused_forward(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
-                       full_mask: torch.Tensor, labels: torch.Tensor | None, pooled: torch.Tensor | None,
-                       source_columns: torch.Tensor, is_slot: torch.Tensor, past_key_values: Any,
-                       position_ids: torch.Tensor | None, kwargs: dict[str, Any]) -> ModelOutput:
+    def _fused_forward(
+        self,
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        full_mask: torch.Tensor,
+        labels: torch.Tensor | None,
+        pooled: torch.Tensor | None,
+        source_columns: torch.Tensor,
+        is_slot: torch.Tensor,
+        past_key_values: Any,
+        position_ids: torch.Tensor | None,
+        kwargs: dict[str, Any],
+    ) -> ModelOutput:
         """TRL's fused LM head (``SFTTrainer`` patches the backbone's forward and calls it with ``fused_lm_head=True``):
         the labels get -100 at the slots, the backbone's fused loss counts the real labels only, and its per-token
         outputs (``(B, T + n - 1)``: position j predicts j + 1) lose the n slot columns, as logits do."""
@@ -346,8 +387,14 @@ class IAPTModel(nn.Module):
                 kwargs[key] = insert_slots(value, source_columns, is_slot, -100)
         kwargs.setdefault("use_cache", False)
         with self._slots(pooled, is_slot):
-            out = self.base_model(input_ids=input_ids, attention_mask=full_mask, inputs_embeds=inputs_embeds,
-                                  past_key_values=past_key_values, position_ids=position_ids, **kwargs)
+            out = self.base_model(
+                input_ids=input_ids,
+                attention_mask=full_mask,
+                inputs_embeds=inputs_embeds,
+                past_key_values=past_key_values,
+                position_ids=position_ids,
+                **kwargs,
+            )
         width = full_mask.shape[1] - (0 if kwargs.get("shift_labels") is not None else 1)
         for key, value in out.items():
             if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == width:
@@ -381,15 +428,20 @@ class IAPTModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}"
+            )
         n = self.num_soft_tokens
         pooled = _instruction_mask(attention_mask, instruction_mask, None)
         generation_config = kwargs.get("generation_config") or self.base_model.generation_config
         for key in ("max_length", "min_length"):
             if key in kwargs and kwargs[key] is not None:
                 kwargs[key] = kwargs[key] + n
-        if kwargs.get("max_new_tokens") is None and getattr(generation_config, "max_new_tokens", None) is None \
-                and "max_length" not in kwargs:
+        if (
+            kwargs.get("max_new_tokens") is None
+            and getattr(generation_config, "max_new_tokens", None) is None
+            and "max_length" not in kwargs
+        ):
             kwargs["max_length"] = generation_config.max_length + n
         source_columns, is_slot = slot_layout(attention_mask, n, self.slots_after_padding)
         with self._slots(pooled, is_slot):
@@ -415,10 +467,12 @@ class IAPTModel(nn.Module):
 
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
         """transformers' count, over backbone and generators (the backbone's own would say 0 trainable)."""
-        embeddings = {id(p) for p in self.base_model.get_input_embeddings().parameters()} if exclude_embeddings \
-            else set()
-        return sum(p.numel() for p in self.parameters()
-                   if (p.requires_grad or not only_trainable) and id(p) not in embeddings)
+        embeddings = (
+            {id(p) for p in self.base_model.get_input_embeddings().parameters()} if exclude_embeddings else set()
+        )
+        return sum(
+            p.numel() for p in self.parameters() if (p.requires_grad or not only_trainable) and id(p) not in embeddings
+        )
 
     def get_base_model(self) -> PreTrainedModel:
         """The backbone (PEFT's name for it); calling it runs the bare model."""
@@ -434,8 +488,14 @@ class IAPTModel(nn.Module):
         finally:
             self._disabled = was
 
-    def push_to_hub(self, repo_id: str, commit_message: str = "Upload IAPT adapter", private: bool | None = None,
-                    token: str | None = None, **kwargs: Any) -> Any:
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str = "Upload IAPT adapter",
+        private: bool | None = None,
+        token: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """Upload the adapter folder (config + generator weights), never the backbone."""
         import tempfile
 
@@ -449,14 +509,17 @@ class IAPTModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
 
     def expected_parameter_count(self) -> int:
         """2·d·r + r·n + 12 (+ r + d biases) per generator, summed over the layers that have one."""
         hidden_size = self.iapt_config.base_hidden_size
         assert hidden_size is not None, "IAPTModel.__init__ records base_hidden_size"
         return len(self.generators) * generator_parameter_count(
-            hidden_size, self.iapt_config, generator_out_features(self.base_model, self.iapt_config))
+            hidden_size, self.iapt_config, generator_out_features(self.base_model, self.iapt_config)
+        )
 
     def rational_parameters(self) -> list[nn.Parameter]:
         """The rational coefficients Θ (the 'architecture' of bi-level training)."""

@@ -243,9 +243,7 @@ def _load_cached(
     meta_file = folder / _META_FILE
     if not meta_file.is_file() or json.loads(meta_file.read_text()) != _meta(source):
         raise ValueError(f"{_META_FILE} is missing or names another source than {source.name}")
-    loaded = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=dtype, local_files_only=True, output_loading_info=True
-    )
+    loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, output_loading_info=True)
     # output_loading_info=True returns (model, info), which transformers' annotation does not say
     model, info = cast(tuple[PreTrainedModel, dict[str, Any]], loaded)
     problems = {key: value for key, value in info.items() if value}

@@ -19,24 +19,39 @@ class MethodOptions:
     """Sizes and shapes of an adapter beyond its budget (each method reads the ones it has)."""
 
     num_soft_tokens: int = field(default=4, metadata={"help": "Soft tokens per layer (IAPT; IDPG and LPT: m)."})
-    bottleneck: int = field(default=32, metadata={"help": "Generator bottleneck r (IAPT, IDPG, LPT) without a "
-                                                          "--budget."})
-    activation_init: str = field(default="gelu", metadata={"help": "Initial function of IAPT's rational "
-                                                                   "activations."})
-    pooling: str = field(default="attention", metadata={"help": "IAPT pooling: attention, mean or last (IDPG/LPT "
-                                                                "poolings pass through to them)."})
-    anchor: str = field(default="pad", metadata={"help": "IAPT start: pad (soft tokens = the backbone's states of n "
-                                                       "pad tokens + the generator output), tokens (n frequent "
-                                                       "vocabulary tokens), none (the paper's zero start, which "
-                                                       "spikes the loss); see IAPTConfig.anchor."})
+    bottleneck: int = field(
+        default=32, metadata={"help": "Generator bottleneck r (IAPT, IDPG, LPT) without a --budget."}
+    )
+    activation_init: str = field(default="gelu", metadata={"help": "Initial function of IAPT's rational activations."})
+    pooling: str = field(
+        default="attention",
+        metadata={"help": "IAPT pooling: attention, mean or last (IDPG/LPT poolings pass through to them)."},
+    )
+    anchor: str = field(
+        default="pad",
+        metadata={
+            "help": "IAPT start: pad (soft tokens = the backbone's states of n "
+            "pad tokens + the generator output), tokens (n frequent "
+            "vocabulary tokens), none (the paper's zero start, which "
+            "spikes the loss); see IAPTConfig.anchor."
+        },
+    )
 
-    anchor_token_ids: list[int] | None = field(default=None, metadata={
-        "help": "IAPT anchor='tokens': the n token ids whose backbone states anchor the slots (default: drawn from "
-                "frequent vocabulary ids)."})
+    anchor_token_ids: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "IAPT anchor='tokens': the n token ids whose backbone states anchor the slots (default: drawn from "
+            "frequent vocabulary ids)."
+        },
+    )
 
-    insertion: str = field(default="hidden", metadata={
-        "help": "IAPT: where the soft tokens enter each layer: hidden (the paper: the slots' hidden states) or kv "
-                "(the generator writes the slots' keys and values); see IAPTConfig.insertion."})
+    insertion: str = field(
+        default="hidden",
+        metadata={
+            "help": "IAPT: where the soft tokens enter each layer: hidden (the paper: the slots' hidden states) or kv "
+            "(the generator writes the slots' keys and values); see IAPTConfig.insertion."
+        },
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.anchor, bool):  # recipes and run folders written when it was a flag

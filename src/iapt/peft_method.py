@@ -53,8 +53,14 @@ class IAPTTuner(nn.Module):
 
     prefix = _KEY_PREFIX
 
-    def __init__(self, model: nn.Module, peft_config: dict[str, Any], adapter_name: str,
-                 low_cpu_mem_usage: bool = False, state_dict: dict | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: dict[str, Any],
+        adapter_name: str,
+        low_cpu_mem_usage: bool = False,
+        state_dict: dict | None = None,
+    ) -> None:
         super().__init__()
         if len(peft_config) != 1:
             raise ValueError("an IAPT PeftModel holds one adapter; serve several with iapt.serving.Engine")
@@ -103,8 +109,10 @@ class IAPTTuner(nn.Module):
         return self._iapt.unload()
 
     def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
-        raise ValueError("IAPT's soft tokens depend on each input, so they cannot be merged into the weights; "
-                         "use unload() for the bare backbone")
+        raise ValueError(
+            "IAPT's soft tokens depend on each input, so they cannot be merged into the weights; "
+            "use unload() for the bare backbone"
+        )
 
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
@@ -112,9 +120,14 @@ class IAPTTuner(nn.Module):
 
     # PEFT's state-dict hooks (save: the generators under IAPTModel's keys; load: back under this module's) ----
     @classmethod
-    def _get_adapter_state_dict(cls, model: nn.Module, config: Any, adapter_name: str,
-                                state_dict: dict[str, torch.Tensor], unwanted_adapter_names: list[str]
-                                ) -> dict[str, torch.Tensor]:
+    def _get_adapter_state_dict(
+        cls,
+        model: nn.Module,
+        config: Any,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+        unwanted_adapter_names: list[str],
+    ) -> dict[str, torch.Tensor]:
         marker = "." + _KEY_PREFIX
         return {k.split(marker, 1)[1]: v for k, v in state_dict.items() if marker in k}
 
@@ -123,8 +136,9 @@ class IAPTTuner(nn.Module):
         return key
 
     @classmethod
-    def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config: Any, adapter_name: str,
-                                           state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: Any, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         here = next((name for name, module in model.named_modules() if isinstance(module, IAPTTuner)), None)
         if here is None:
             raise ValueError("no IAPT tuner in this model to load the adapter into")
@@ -133,8 +147,9 @@ class IAPTTuner(nn.Module):
         unknown = sorted(set(state_dict) - expected)
         missing = sorted(expected - set(state_dict))
         if unknown or missing:
-            raise ValueError(f"the adapter's weights do not match its config: missing {missing[:5]}, "
-                             f"unexpected {unknown[:5]}")
+            raise ValueError(
+                f"the adapter's weights do not match its config: missing {missing[:5]}, unexpected {unknown[:5]}"
+            )
         return {head + k: v for k, v in state_dict.items()}
 
     def __getattr__(self, name: str) -> Any:

@@ -128,8 +128,14 @@ def fit_rational(
     solution = torch.linalg.lstsq(design, y[:, None]).solution[:, 0]
     a = solution[: NUMERATOR_DEGREE + 1].clone().requires_grad_(True)
     b = solution[NUMERATOR_DEGREE + 1 :].clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([a, b], max_iter=2000, tolerance_grad=1e-14, tolerance_change=1e-16,
-                            history_size=50, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [a, b],
+        max_iter=2000,
+        tolerance_grad=1e-14,
+        tolerance_change=1e-16,
+        history_size=50,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure() -> torch.Tensor:
         opt.zero_grad()

@@ -23,8 +23,7 @@ import torch
 from torch import nn
 
 
-def slot_layout(attention_mask: torch.Tensor, n: int, after_padding: bool = True
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def slot_layout(attention_mask: torch.Tensor, n: int, after_padding: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Where each row's n slots go: just before its first attended token, after any left padding.
 
     A row is then ``[padding | slots | tokens]``, laid out exactly as it would be alone: same positions, and
@@ -66,8 +65,9 @@ class SlotPlan:
         return cls(start + torch.arange(n, device=is_slot.device), pooled)
 
 
-def write_slots(hidden: torch.Tensor, plan: SlotPlan, prompts: torch.Tensor,
-                present: torch.Tensor | None = None) -> torch.Tensor:
+def write_slots(
+    hidden: torch.Tensor, plan: SlotPlan, prompts: torch.Tensor, present: torch.Tensor | None = None
+) -> torch.Tensor:
     """``hidden`` with ``prompts`` (B, N, d) at the plan's slot columns; rows not ``present`` (B,) and slots past a
     row's own count keep what they held."""
     columns = plan.columns[..., None].expand(-1, -1, hidden.shape[-1])
@@ -92,8 +92,7 @@ Source = Callable[[int, torch.Tensor, Any], tuple[torch.Tensor, torch.Tensor | N
 """(layer index, hidden (B, W, d), the session's state) -> soft tokens (B, N, d) and the rows (B,) that have a
 generator at this layer (None: all)."""
 
-_SESSIONS: contextvars.ContextVar[Mapping[int, Any] | None] = contextvars.ContextVar("iapt_slot_sessions",
-                                                                                     default=None)
+_SESSIONS: contextvars.ContextVar[Mapping[int, Any] | None] = contextvars.ContextVar("iapt_slot_sessions", default=None)
 
 
 class SlotWriter:
@@ -101,8 +100,10 @@ class SlotWriter:
 
     def __init__(self, layers: Mapping[int, nn.Module], source: Source) -> None:
         self.source = source
-        self.hooks = [layer.register_forward_pre_hook(functools.partial(self._before_layer, i), with_kwargs=True)
-                      for i, layer in layers.items()]
+        self.hooks = [
+            layer.register_forward_pre_hook(functools.partial(self._before_layer, i), with_kwargs=True)
+            for i, layer in layers.items()
+        ]
 
     @contextlib.contextmanager
     def session(self, state: _State) -> Iterator[_State]:

@@ -18,8 +18,7 @@ from tests.tiny import VOCAB, left_padded_batch, make_base
 METHODS = {m.name: m for m in BASELINES}  # this file tests the baselines; IAPT has its own files
 ATOL = 2e-5
 SMALL = {"bottleneck": 4, "num_soft_tokens": 2}  # IDPG / LPT sizes for fast tests
-PEFT_TYPES = {"lora": "LORA", "prompt-tuning": "PROMPT_TUNING", "prefix": "PREFIX_TUNING", "idpg": "IDPG",
-              "lpt": "LPT"}
+PEFT_TYPES = {"lora": "LORA", "prompt-tuning": "PROMPT_TUNING", "prefix": "PREFIX_TUNING", "idpg": "IDPG", "lpt": "LPT"}
 
 
 def build(method: str, family: str = "llama", seed: int = 0, **cfg) -> torch.nn.Module:
@@ -46,7 +45,7 @@ def training_batch() -> dict[str, torch.Tensor]:
     labels = ids.masked_fill(mask == 0, -100)
     for i, row in enumerate(rows):
         start = ids.shape[1] - len(row)
-        labels[i, start:start + 3] = -100
+        labels[i, start : start + 3] = -100
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
@@ -168,7 +167,13 @@ def test_left_padding_and_generate_match_each_row_alone(method, family):
     model = build(method, family).eval()
     perturb(model)
     ids, mask, rows = left_padded_batch()
-    kw = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0, "output_scores": True, "return_dict_in_generate": True}
+    kw = {
+        "max_new_tokens": 4,
+        "do_sample": False,
+        "pad_token_id": 0,
+        "output_scores": True,
+        "return_dict_in_generate": True,
+    }
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask).logits
         assert logits.shape == (*ids.shape, VOCAB)
@@ -177,12 +182,13 @@ def test_left_padding_and_generate_match_each_row_alone(method, family):
         assert torch.equal(batch.sequences[:, : ids.shape[1]], ids), "generate returns the prompt, then new tokens"
         for i, row in enumerate(rows):
             alone = model(input_ids=row.unsqueeze(0)).logits[0]
-            torch.testing.assert_close(logits[i, -len(row):], alone, atol=ATOL, rtol=1e-4)
-            single = model.generate(input_ids=row.unsqueeze(0), attention_mask=torch.ones(1, len(row), dtype=torch.long),
-                                    **kw)
-            new = single.sequences[0, len(row):]  # stops early at EOS; the batch row then pads
-            assert torch.equal(new, batch.sequences[i, ids.shape[1]:ids.shape[1] + len(new)])
-            assert (batch.sequences[i, ids.shape[1] + len(new):] == 0).all()
+            torch.testing.assert_close(logits[i, -len(row) :], alone, atol=ATOL, rtol=1e-4)
+            single = model.generate(
+                input_ids=row.unsqueeze(0), attention_mask=torch.ones(1, len(row), dtype=torch.long), **kw
+            )
+            new = single.sequences[0, len(row) :]  # stops early at EOS; the batch row then pads
+            assert torch.equal(new, batch.sequences[i, ids.shape[1] : ids.shape[1] + len(new)])
+            assert (batch.sequences[i, ids.shape[1] + len(new) :] == 0).all()
             for a, b in zip(single.scores, batch.scores):
                 torch.testing.assert_close(a[0], b[i], atol=1e-4, rtol=1e-4)
 
@@ -224,7 +230,7 @@ def test_raw_peft_prompt_learning_misplaces_left_padded_rows(kind):
         warnings.simplefilter("ignore")
         logits = raw(input_ids=ids, attention_mask=mask).logits[:, m:]
         alone = raw(input_ids=rows[0].unsqueeze(0)).logits[0, m:]
-    assert (logits[0, -len(rows[0]):] - alone).abs().max() > 1e-3
+    assert (logits[0, -len(rows[0]) :] - alone).abs().max() > 1e-3
 
 
 # ------------------------------------------------------------------------------------------ LPT, IDPG specifics
@@ -289,8 +295,9 @@ def test_lpt_poolings_pool_the_instruction_only(pooling):
         changed[:, -2:] = (changed[:, -2:] + 1) % VOCAB
         out2 = model(input_ids=changed, attention_mask=mask, instruction_mask=instruction).logits
     # positions before the changed tokens see the same soft tokens and the same tokens: identical
-    torch.testing.assert_close(out[:, :-2][mask[:, :-2].bool()], out2[:, :-2][mask[:, :-2].bool()], atol=1e-6,
-                               rtol=1e-6)
+    torch.testing.assert_close(
+        out[:, :-2][mask[:, :-2].bool()], out2[:, :-2][mask[:, :-2].bool()], atol=1e-6, rtol=1e-6
+    )
     assert sum(p.numel() for p in model.prompt_generator.parameters()) == model.expected_parameter_count()
 
 
@@ -325,18 +332,21 @@ def test_idpg_writes_input_layer_prompts_from_the_instruction(source, tmp_path):
         if source == "embeddings":
             torch.testing.assert_close(seen[-1], base.get_input_embeddings()(row))
         for i, r in enumerate(rows):
-            torch.testing.assert_close(logits[i, -len(r):], model(input_ids=r.unsqueeze(0)).logits[0], atol=ATOL,
-                                       rtol=1e-4)
+            torch.testing.assert_close(
+                logits[i, -len(r) :], model(input_ids=r.unsqueeze(0)).logits[0], atol=ATOL, rtol=1e-4
+            )
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
-        beams = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, num_beams=2, do_sample=False,
-                               pad_token_id=0)
+        beams = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=4, num_beams=2, do_sample=False, pad_token_id=0
+        )
         assert gen.shape == beams.shape == (3, ids.shape[1] + 4)
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["source"] == source
     again = load_adapter(make_base("llama"), tmp_path)
     with torch.no_grad():
-        torch.testing.assert_close(again(input_ids=ids, attention_mask=mask).logits[mask.bool()],
-                                   logits[mask.bool()], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(
+            again(input_ids=ids, attention_mask=mask).logits[mask.bool()], logits[mask.bool()], atol=1e-6, rtol=1e-6
+        )
 
 
 @pytest.mark.parametrize("method", ["idpg", "lpt", "lora"])
@@ -349,15 +359,31 @@ def test_a_base_of_another_shape_is_refused(method, tmp_path):
             load_adapter(other, tmp_path)
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        wider = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
-                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+        wider = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=VOCAB,
+                hidden_size=64,
+                intermediate_size=96,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+            )
+        )
         with pytest.raises(ValueError, match="hidden size 48 .* hidden size 64"):
             load_adapter(wider, tmp_path)
     else:
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        wider = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
-                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+        wider = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=VOCAB,
+                hidden_size=64,
+                intermediate_size=96,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+            )
+        )
         with pytest.raises(ValueError, match="does not fit this base model"):
             load_adapter(wider, tmp_path)
 
@@ -370,8 +396,12 @@ def test_unload_gives_the_bare_backbone_back():
         perturb(model)
         bare = model.unload()
         with torch.no_grad():
-            torch.testing.assert_close(bare(input_ids=ids, attention_mask=mask).logits,
-                                       reference(input_ids=ids, attention_mask=mask).logits, atol=0, rtol=0)
+            torch.testing.assert_close(
+                bare(input_ids=ids, attention_mask=mask).logits,
+                reference(input_ids=ids, attention_mask=mask).logits,
+                atol=0,
+                rtol=0,
+            )
 
 
 # ------------------------------------------------------------------------------------------ budgets at scale
@@ -395,14 +425,27 @@ def test_budget_sizes_on_smollm2_135m():
     """The default model's shape (d=576, 30 layers, 9 heads, 3 KV heads, head dim 64), on the meta device."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        tie_word_embeddings=True,
+    )
     with torch.device("meta"):
         base = LlamaForCausalLM(config)
     budget = 30 * (2 * 576 * 32 + 32 * 4 + 12 + 32 + 576)
     assert budget == count_for("iapt", base, 32) == 1_128_360
-    expected = {"lora": (20, 1_152_000), "prompt-tuning": (1959, 1_128_384), "prefix": (98, 1_128_960),
-                "idpg": (391, 1_128_775), "lpt": (391, 1_128_775)}
+    expected = {
+        "lora": (20, 1_152_000),
+        "prompt-tuning": (1959, 1_128_384),
+        "prefix": (98, 1_128_960),
+        "idpg": (391, 1_128_775),
+        "lpt": (391, 1_128_775),
+    }
     for method, (size, count) in expected.items():
         assert size_for_budget(method, base, budget) == size, method
         assert count_for(method, base, size) == count, method
@@ -418,7 +461,7 @@ def test_prefix_starts_as_the_keys_and_values_of_real_tokens(family):
     row = left_padded_batch()[2][0]
     with torch.no_grad():
         mine = model(input_ids=row.unsqueeze(0)).logits[0]
-        theirs = make_base(family)(input_ids=torch.cat([prompt, row]).unsqueeze(0)).logits[0, len(prompt):]
+        theirs = make_base(family)(input_ids=torch.cat([prompt, row]).unsqueeze(0)).logits[0, len(prompt) :]
     torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)
 
 

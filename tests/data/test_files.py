@@ -214,8 +214,11 @@ def test_saved_dataset(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
 def test_binary_line_names_file_and_line(tmp_path: Path, suffix: str) -> None:
-    good = {".jsonl": b'{"prompt": "a", "response": "b"}\n', ".json": b'[{"prompt": "a", "response": "b"},\n',
-            ".csv": b"prompt,response\n"}[suffix]
+    good = {
+        ".jsonl": b'{"prompt": "a", "response": "b"}\n',
+        ".json": b'[{"prompt": "a", "response": "b"},\n',
+        ".csv": b"prompt,response\n",
+    }[suffix]
     path = tmp_path / f"data{suffix}"
     path.write_bytes(good + b'{"prompt": "caf\xff", "response": "b"}\n')
     with pytest.raises(DataError, match=rf"data\{suffix}, line 2: not UTF-8 text \(byte 0xff at column 16\)"):

@@ -71,7 +71,7 @@ def reference():
                     out = model.generate(ids, **kwargs)
                 finally:
                     model.unload()
-            cache[key] = out[0, len(prompt):].tolist()
+            cache[key] = out[0, len(prompt) :].tolist()
         return cache[key]
 
     return generate

@@ -31,10 +31,8 @@ MAX_PROMPT, MAX_TOKENS, MAX_QUEUE = 60, 40, 2
 def server(adapters_dir, tokenizer, tmp_path_factory):
     keys_file = tmp_path_factory.mktemp("keys") / "keys.yaml"
     keys_file.write_text(KEYS)
-    engine = Engine(tiny_lm().eval(), tokenizer, adapters_dir, base_name="tiny", max_batch_size=4,
-                    max_queue=MAX_QUEUE)
-    app = create_app(engine, KeyRing.from_file(keys_file), max_prompt_tokens=MAX_PROMPT,
-                     max_tokens_limit=MAX_TOKENS)
+    engine = Engine(tiny_lm().eval(), tokenizer, adapters_dir, base_name="tiny", max_batch_size=4, max_queue=MAX_QUEUE)
+    app = create_app(engine, KeyRing.from_file(keys_file), max_prompt_tokens=MAX_PROMPT, max_tokens_limit=MAX_TOKENS)
     with BackgroundServer(app) as srv:
         srv.engine = engine
         yield srv
@@ -49,8 +47,13 @@ def client(server, key: str | None = "sk-alice") -> openai.OpenAI:
 def post(server, path: str, body, key: str | None = "sk-alice", **kw) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     content = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return httpx.post(server.url + path, content=content, headers={**headers, "Content-Type": "application/json"},
-                      timeout=kw.pop("timeout", 30), **kw)
+    return httpx.post(
+        server.url + path,
+        content=content,
+        headers={**headers, "Content-Type": "application/json"},
+        timeout=kw.pop("timeout", 30),
+        **kw,
+    )
 
 
 @pytest.fixture
@@ -108,8 +111,7 @@ def test_completions_match_offline_generate(server, reference, adapters_dir, tok
 
 def test_chat_matches_offline_generate(server, reference, adapters_dir, tokenizer):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
-    out = client(server, "sk-bob").chat.completions.create(model="bob", messages=messages, max_tokens=10,
-                                                            temperature=0)
+    out = client(server, "sk-bob").chat.completions.create(model="bob", messages=messages, max_tokens=10, temperature=0)
     expected = reference(adapters_dir / "bob", chat_ids(tokenizer, messages), 10)
     assert out.choices[0].message.content == text_of(tokenizer, expected)
     assert out.choices[0].message.role == "assistant"
@@ -130,9 +132,10 @@ def test_streaming_equals_non_streaming(server):
     assert usage.completion_tokens == whole.usage.completion_tokens
     messages = [{"role": "user", "content": "hi"}]
     whole = c.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
-    streamed = "".join(ch.choices[0].delta.content or "" for ch in
-                       c.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
-                                                 stream=True))
+    streamed = "".join(
+        ch.choices[0].delta.content or ""
+        for ch in c.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0, stream=True)
+    )
     assert streamed == whole.choices[0].message.content
 
 
@@ -148,20 +151,23 @@ def test_keys_and_tenant_isolation(server):
         with pytest.raises(openai.NotFoundError) as info:
             client(server, key).completions.create(model=model, prompt="x", max_tokens=2)
         answers.append(info.value.response.json())
-        assert answers[-1]["error"] == {"message": f"The model `{model}` does not exist or you do not have access "
-                                                   "to it.", "type": "invalid_request_error", "param": None,
-                                        "code": "model_not_found"}
+        assert answers[-1]["error"] == {
+            "message": f"The model `{model}` does not exist or you do not have access to it.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "model_not_found",
+        }
     r = post(server, "/v1/load_adapter", {"lora_name": "x", "lora_path": "/tmp"})
     assert r.status_code == 403 and "admin" in r.json()["error"]["message"]
     assert httpx.get(server.url + "/metrics", headers={"Authorization": "Bearer sk-alice"}).status_code == 403
 
 
 def test_load_and_unload_adapters_at_run_time(server, adapters_dir, wrong_base_adapter, reference, tokenizer):
-    r = post(server, "/v1/load_adapter", {"lora_name": "mallory", "lora_path": str(wrong_base_adapter)},
-             key="sk-admin")
+    r = post(server, "/v1/load_adapter", {"lora_name": "mallory", "lora_path": str(wrong_base_adapter)}, key="sk-admin")
     assert r.status_code == 400 and "trained on a base" in r.json()["error"]["message"]
-    r = post(server, "/v1/load_adapter", {"lora_name": "bob-v2", "lora_path": str(adapters_dir / "carol")},
-             key="sk-admin")
+    r = post(
+        server, "/v1/load_adapter", {"lora_name": "bob-v2", "lora_path": str(adapters_dir / "carol")}, key="sk-admin"
+    )
     assert r.status_code == 200, r.text
     bob = client(server, "sk-bob")
     assert {m.id for m in bob.models.list()} == {"bob", "bob-v2"}
@@ -204,9 +210,14 @@ def test_full_queue_answers_429_with_retry_after(server):
     engine.pause()
     results = []
     try:
-        threads = [threading.Thread(target=lambda: results.append(
-            client(server).completions.create(model="alice", prompt="q", max_tokens=3, temperature=0)))
-            for _ in range(MAX_QUEUE)]
+        threads = [
+            threading.Thread(
+                target=lambda: results.append(
+                    client(server).completions.create(model="alice", prompt="q", max_tokens=3, temperature=0)
+                )
+            )
+            for _ in range(MAX_QUEUE)
+        ]
         for t in threads:
             t.start()
         wait_for(lambda: engine.stats()["waiting"] == MAX_QUEUE)
@@ -223,8 +234,9 @@ def test_full_queue_answers_429_with_retry_after(server):
 def test_client_disconnect_frees_its_slot(server, slow_decode, handles):
     engine = server.engine
     body = {"model": "alice", "prompt": "go", "max_tokens": MAX_TOKENS, "stream": True, "ignore_eos": True}
-    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30,
-                      headers={"Authorization": "Bearer sk-alice"}) as r:
+    with httpx.stream(
+        "POST", server.url + "/v1/completions", json=body, timeout=30, headers={"Authorization": "Bearer sk-alice"}
+    ) as r:
         for line in r.iter_lines():
             if line.startswith("data:"):
                 break  # read one token, then hang up
@@ -249,18 +261,30 @@ def test_bad_requests_do_not_disturb_others(server, slow_decode, reference, adap
     results = {}
 
     def good() -> None:
-        stream = client(server).completions.create(model="alice", prompt=ids, max_tokens=30, temperature=0,
-                                                   stream=True)
+        stream = client(server).completions.create(model="alice", prompt=ids, max_tokens=30, temperature=0, stream=True)
         results["good"] = "".join(ch.choices[0].text for ch in stream if ch.choices)
 
     worker = threading.Thread(target=good)
     worker.start()
-    bad = [b"\xff\xfe", b'{"model": "alice", "prompt": [1, -5]}', b'{"model": "alice", "prompt": [[]]}',
-           b'{"model": "alice", "prompt": "x", "max_tokens": "lots"}', b'{"model": 5, "messages": 3}',
-           b'{"model": "alice", "prompt": "x", "stop": [""], "max_tokens": 2}']
+    bad = [
+        b"\xff\xfe",
+        b'{"model": "alice", "prompt": [1, -5]}',
+        b'{"model": "alice", "prompt": [[]]}',
+        b'{"model": "alice", "prompt": "x", "max_tokens": "lots"}',
+        b'{"model": 5, "messages": 3}',
+        b'{"model": "alice", "prompt": "x", "stop": [""], "max_tokens": 2}',
+    ]
     statuses = [post(server, "/v1/completions", body).status_code for body in bad]
-    statuses.append(post(server, "/v1/chat/completions", {"model": "alice", "messages": [
-        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}).status_code)
+    statuses.append(
+        post(
+            server,
+            "/v1/chat/completions",
+            {
+                "model": "alice",
+                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+            },
+        ).status_code
+    )
     worker.join(60)
     assert statuses[:5] == [400] * 5 and statuses[5] == 200 and statuses[6] == 400, statuses
     assert results["good"] == text_of(tokenizer, reference(adapters_dir / "alice", ids, 30))

@@ -10,9 +10,11 @@ from iapt.serving.auth import KeyRing
 
 
 def test_keys_file_json_and_yaml(tmp_path):
-    entries = {"sk-a": {"tenant": "alice", "adapters": ["alice-*"]}, "sk-b": {"tenant": "bob", "adapters": "bob",
-                                                                             "base": False},
-               "sk-root": {"admin": True}}
+    entries = {
+        "sk-a": {"tenant": "alice", "adapters": ["alice-*"]},
+        "sk-b": {"tenant": "bob", "adapters": "bob", "base": False},
+        "sk-root": {"admin": True},
+    }
     (tmp_path / "keys.json").write_text(json.dumps(entries))
     (tmp_path / "keys.yaml").write_text("keys:\n" + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in entries.items()))
     for name in ("keys.json", "keys.yaml"):
@@ -25,8 +27,9 @@ def test_keys_file_json_and_yaml(tmp_path):
         assert ring.authenticate("sk-a") is None  # not a bearer header
 
 
-@pytest.mark.parametrize("text", ["[1, 2]", "{}", '{"k": {"adapters": ["a"]}}', '{"k": {"tenant": "t", "oops": 1}}',
-                                  "{not json"])
+@pytest.mark.parametrize(
+    "text", ["[1, 2]", "{}", '{"k": {"adapters": ["a"]}}', '{"k": {"tenant": "t", "oops": 1}}', "{not json"]
+)
 def test_bad_keys_files_say_what_is_wrong(tmp_path, text):
     (tmp_path / "keys.json").write_text(text)
     with pytest.raises(ValueError, match="keys file"):
@@ -37,20 +40,23 @@ def test_open_mode_lets_everyone_in():
     assert KeyRing(None).authenticate(None).admin
 
 
-@pytest.mark.parametrize(("text", "problem"), [
-    ('sk-a: {tenant: a, admin: "false"}', r"entry #1: admin: Input should be a valid boolean"),
-    ("sk-a: {tenant: a, base: 'no'}", r"entry #1: base: Input should be a valid boolean"),
-    ("sk-a: {tenant: a, admin: 1}", r"entry #1: admin: Input should be a valid boolean"),
-    ('"": {tenant: a}', r"entry #1: the API key must be a non-empty string"),
-    ("sk-a: {tenant: a}\n'  ': {tenant: b}", r"entry #2: the API key must be a non-empty string"),
-    ("~: {tenant: a}", r"entry #1: the API key must be a non-empty string.*None"),
-    ("123: {tenant: a}", r"entry #1: the API key must be a non-empty string"),
-    ("sk-a: {tenant: a}\nsk-a: {tenant: b, admin: true}", r"'sk-a' appears twice"),
-    ("sk-a: {tenant: a, adapters: null}", r"entry #1: adapters"),
-    ("sk-a: {tenant: a, adapters: [1]}", r"entry #1: adapters"),
-    ("sk-a: {tenant: ''}", r"entry #1: tenant"),
-    ("sk-a: null", r"entry #1 must be a mapping"),
-])
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ('sk-a: {tenant: a, admin: "false"}', r"entry #1: admin: Input should be a valid boolean"),
+        ("sk-a: {tenant: a, base: 'no'}", r"entry #1: base: Input should be a valid boolean"),
+        ("sk-a: {tenant: a, admin: 1}", r"entry #1: admin: Input should be a valid boolean"),
+        ('"": {tenant: a}', r"entry #1: the API key must be a non-empty string"),
+        ("sk-a: {tenant: a}\n'  ': {tenant: b}", r"entry #2: the API key must be a non-empty string"),
+        ("~: {tenant: a}", r"entry #1: the API key must be a non-empty string.*None"),
+        ("123: {tenant: a}", r"entry #1: the API key must be a non-empty string"),
+        ("sk-a: {tenant: a}\nsk-a: {tenant: b, admin: true}", r"'sk-a' appears twice"),
+        ("sk-a: {tenant: a, adapters: null}", r"entry #1: adapters"),
+        ("sk-a: {tenant: a, adapters: [1]}", r"entry #1: adapters"),
+        ("sk-a: {tenant: ''}", r"entry #1: tenant"),
+        ("sk-a: null", r"entry #1 must be a mapping"),
+    ],
+)
 def test_keys_file_is_type_checked_strictly(tmp_path, text, problem):
     """Lax parsing grants access: "false" read as true, ~ as the key "None", a duplicate keeping the last."""
     (tmp_path / "keys.yaml").write_text(text + "\n")

@@ -21,7 +21,7 @@ def test_bf16_backbone_serves_like_offline_generate(tmp_path):
         model.save_pretrained(tmp_path / name)
         for p in prompts:
             out = model.generate(input_ids=torch.tensor([p]), max_new_tokens=5, do_sample=False, pad_token_id=0)
-            expected[name, tuple(p)] = out[0, len(p):].tolist()
+            expected[name, tuple(p)] = out[0, len(p) :].tolist()
         model.unload()
     engine = Engine(base, tiny_tokenizer(), tmp_path)
     try:

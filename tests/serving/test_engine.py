@@ -57,7 +57,7 @@ def test_stacked_generators_equal_each_tenants_own(adapters_dir):
             assert present[i]
             model = IAPTModel.from_pretrained(base, adapters_dir / name)
             generator = model.generators[str(layer)]
-            own = generator(hidden[i:i + 1], mask[i:i + 1])[0] + generator.anchor  # what the slots receive
+            own = generator(hidden[i : i + 1], mask[i : i + 1])[0] + generator.anchor  # what the slots receive
             model.unload()
             n = own.shape[0]
             torch.testing.assert_close(out[i, :n], own, atol=1e-5, rtol=1e-5)
@@ -85,13 +85,17 @@ def test_bank_grown_and_shrunk_equals_a_fresh_bank(adapters_dir):
 def test_folder_load_builds_the_bank_once_and_keeps_one_copy(adapters_dir, tokenizer, monkeypatch):
     built = []
     original = AdapterBank.extended
-    monkeypatch.setattr(AdapterBank, "extended", lambda self, adapters, anchors=None: built.append(len(adapters))
-                        or original(self, adapters, anchors))
+    monkeypatch.setattr(
+        AdapterBank,
+        "extended",
+        lambda self, adapters, anchors=None: built.append(len(adapters)) or original(self, adapters, anchors),
+    )
     eng = Engine(tiny_lm().eval(), tokenizer, adapters_dir)
     try:
         assert built == [3], "one bank build for the whole folder"
-        assert not any(isinstance(v, torch.Tensor) for a in eng.adapters.values() for v in vars(a).values()), \
+        assert not any(isinstance(v, torch.Tensor) for a in eng.adapters.values() for v in vars(a).values()), (
             "the weights live in the bank only"
+        )
         assert eng.bank.names == sorted(eng.adapters)
     finally:
         eng.close()
@@ -132,9 +136,13 @@ def test_staggered_arrivals_join_mid_decode(engine, reference, adapters_dir):
 def test_seeded_sampling_does_not_depend_on_the_batch(engine):
     p = prompts(1, seed=3)[0]
     alone = engine.generate_many([Request(p, "alice", max_tokens=8, temperature=1.0, seed=7)])[0].tokens
-    crowd = engine.generate_many([Request(q, a, max_tokens=6, temperature=0.8, seed=1)
-                                  for q, a in zip(prompts(3, seed=4), ["bob", None, "carol"], strict=True)]
-                                 + [Request(p, "alice", max_tokens=8, temperature=1.0, seed=7)])
+    crowd = engine.generate_many(
+        [
+            Request(q, a, max_tokens=6, temperature=0.8, seed=1)
+            for q, a in zip(prompts(3, seed=4), ["bob", None, "carol"], strict=True)
+        ]
+        + [Request(p, "alice", max_tokens=8, temperature=1.0, seed=7)]
+    )
     assert crowd[-1].tokens == alone
 
 
@@ -142,8 +150,7 @@ def test_bad_request_fails_alone(engine, reference, adapters_dir, monkeypatch):
     """A request that breaks the prefill fails by itself; its batch neighbours are served unchanged."""
     good = [Request(p, a, max_tokens=6) for p, a in zip(prompts(2, seed=2), ["alice", None], strict=True)]
     monkeypatch.setattr(engine, "_validate", lambda r: None)  # let an out-of-vocabulary id reach the model
-    handles = [engine.submit(good[0]), engine.submit(Request([5, 10_000], "bob", max_tokens=6)),
-               engine.submit(good[1])]
+    handles = [engine.submit(good[0]), engine.submit(Request([5, 10_000], "bob", max_tokens=6)), engine.submit(good[1])]
     while not all(h.finished for h in handles):
         engine.step()
     assert handles[1].finish_reason == "error" and handles[1].tokens == []
@@ -249,8 +256,11 @@ def test_every_family_and_sliding_windows(family, tmp_path):
     if family in SLIDING:
         torch.manual_seed(0)
         if SLIDING[family] == "gemma3":
-            base = Gemma3ForCausalLM(Gemma3TextConfig(**_COMMON, head_dim=12, sliding_window=6,
-                                                      layer_types=["sliding_attention", "full_attention"]))
+            base = Gemma3ForCausalLM(
+                Gemma3TextConfig(
+                    **_COMMON, head_dim=12, sliding_window=6, layer_types=["sliding_attention", "full_attention"]
+                )
+            )
         else:
             base = MistralForCausalLM(MistralConfig(**_COMMON, sliding_window=6))
         with torch.no_grad():
@@ -263,8 +273,9 @@ def test_every_family_and_sliding_windows(family, tmp_path):
     engine = Engine(base, None, tmp_path, max_batch_size=3)
     try:
         names = ["a", "b", None, "b", "a"]
-        requests = [Request([min(t, 95) for t in p], a, max_tokens=8)
-                    for p, a in zip(prompts(5, seed=8), names, strict=True)]
+        requests = [
+            Request([min(t, 95) for t in p], a, max_tokens=8) for p, a in zip(prompts(5, seed=8), names, strict=True)
+        ]
         requests[3].prompt = requests[3].prompt * 2  # longer than the window
         handles = [engine.submit(r) for r in requests[:2]]
         engine.step()
@@ -286,7 +297,7 @@ def assert_offline_equal(base, adapters_dir, requests, handles, new_tokens: int 
             model = IAPTModel.from_pretrained(base, adapters_dir / r.adapter)
             out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
             model.unload()
-        assert h.tokens == out[0, len(r.prompt):].tolist(), r.adapter
+        assert h.tokens == out[0, len(r.prompt) :].tolist(), r.adapter
 
 
 def test_read_adapter_names_bad_weights_without_loading_them(adapters_dir, tmp_path):
@@ -333,9 +344,10 @@ def test_anchored_adapters_serve_like_offline_generate(tmp_path, tokenizer):
     save_adapter(base, tmp_path / "plain", 12, bottleneck=8, anchor="none")  # the zero start beside them
     engine = Engine(base, tokenizer, tmp_path, max_batch_size=5)
     try:
-        requests = [Request(p, a, max_tokens=8) for p, a in zip(prompts(5, seed=3), ["anchored", "plain", None,
-                                                                                    "on-tokens", "anchored"],
-                                                                strict=True)]
+        requests = [
+            Request(p, a, max_tokens=8)
+            for p, a in zip(prompts(5, seed=3), ["anchored", "plain", None, "on-tokens", "anchored"], strict=True)
+        ]
         handles = engine.generate_many(requests)
         assert_offline_equal(base, tmp_path, requests, handles)
     finally:
@@ -347,8 +359,13 @@ def test_tiny_temperatures_are_greedy_and_fail_no_one(engine, reference, adapter
     """temperature 1e-37 overflowed float32 in the shared step and failed a neighbour's greedy request."""
     p = prompts(3, seed=11)
     greedy = Request(p[0], "alice", max_tokens=6)
-    handles = engine.generate_many([greedy, Request(p[1], "bob", max_tokens=6, temperature=1e-37, seed=1),
-                                    Request(p[2], None, max_tokens=6, temperature=5e-324, seed=2)])
+    handles = engine.generate_many(
+        [
+            greedy,
+            Request(p[1], "bob", max_tokens=6, temperature=1e-37, seed=1),
+            Request(p[2], None, max_tokens=6, temperature=5e-324, seed=2),
+        ]
+    )
     assert [h.finish_reason for h in handles] == ["length"] * 3, [h.error for h in handles]
     assert handles[0].tokens == expected(reference, adapters_dir, greedy)
     assert handles[1].tokens == expected(reference, adapters_dir, Request(p[1], "bob", max_tokens=6))
@@ -370,8 +387,9 @@ def test_a_row_with_non_finite_logits_fails_alone(engine, reference, adapters_di
     monkeypatch.setattr(engine.model, "forward", poisoned)
     p = prompts(2, seed=12)
     greedy = Request(p[0], "alice", max_tokens=6, ignore_eos=True)
-    handles = engine.generate_many([greedy, Request(p[1], "carol", max_tokens=6, temperature=0.9, seed=3,
-                                                    ignore_eos=True)])
+    handles = engine.generate_many(
+        [greedy, Request(p[1], "carol", max_tokens=6, temperature=0.9, seed=3, ignore_eos=True)]
+    )
     assert handles[0].finish_reason == "length" and handles[0].tokens == expected(reference, adapters_dir, greedy)
     assert handles[1].finish_reason == "error" and handles[1].code == "invalid_output" and "finite" in handles[1].error
 
@@ -437,10 +455,13 @@ def test_adapter_size_limits_and_the_bank_shrinks_on_unload(engine, adapters_dir
 def test_step_observers_see_every_step_with_its_rows_and_can_be_removed(engine):
     """The public hook benchmarks use instead of patching the engine: before/after every prefill and decode."""
     seen = []
-    remove = engine.add_step_observer(lambda kind, requests, seconds: seen.append(
-        (kind, [r.adapter for r in requests], seconds)))
-    requests = [Request([5, 6, 7], "alice", max_tokens=3, ignore_eos=True), Request([8, 9], None, max_tokens=3,
-                                                                                      ignore_eos=True)]
+    remove = engine.add_step_observer(
+        lambda kind, requests, seconds: seen.append((kind, [r.adapter for r in requests], seconds))
+    )
+    requests = [
+        Request([5, 6, 7], "alice", max_tokens=3, ignore_eos=True),
+        Request([8, 9], None, max_tokens=3, ignore_eos=True),
+    ]
     engine.generate_many(requests)
     kinds = [k for k, _, s in seen if s is None]
     assert kinds[0] == "prefill" and kinds.count("prefill") == 1 and kinds.count("decode") == 2

@@ -59,7 +59,7 @@ def test_example_tenants_through_the_openai_client(served):
             offline = model.generate(input_ids=ids, max_new_tokens=24, do_sample=False)
         finally:
             model.unload()
-        assert text == tokenizer.decode(offline[0, ids.shape[1]:], skip_special_tokens=True), name
+        assert text == tokenizer.decode(offline[0, ids.shape[1] :], skip_special_tokens=True), name
 
 
 def test_the_readmes_example_review_gets_the_right_label(served):
@@ -71,8 +71,14 @@ def test_the_readmes_example_review_gets_the_right_label(served):
     review = re.search(r'"content": "Review: (.*?)\\n\\nIs the sentiment', readme).group(1)
     reviews = openai.OpenAI(api_key="sk-reviews", base_url=srv.url + "/v1", max_retries=0, timeout=120)
     question = "\n\nIs the sentiment of this review positive, negative, neutral or ambivalent? Answer with one word."
-    for text, label in ((review, "negative"), ("Lovely hotel, friendly staff and a great breakfast. We will come "
-                                                "back!", "positive")):
-        answer = reviews.chat.completions.create(model="sentiment", max_tokens=8, temperature=0, messages=[
-            {"role": "user", "content": f"Review: {text}{question}"}])
+    for text, label in (
+        (review, "negative"),
+        ("Lovely hotel, friendly staff and a great breakfast. We will come back!", "positive"),
+    ):
+        answer = reviews.chat.completions.create(
+            model="sentiment",
+            max_tokens=8,
+            temperature=0,
+            messages=[{"role": "user", "content": f"Review: {text}{question}"}],
+        )
         assert answer.choices[0].message.content.strip().lower().startswith(label), (text, answer)

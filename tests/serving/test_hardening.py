@@ -22,10 +22,23 @@ from tests.tiny import tiny_lm
 def server(adapters_dir, tokenizer, tmp_path_factory):
     keys_file = tmp_path_factory.mktemp("keys") / "keys.yaml"
     keys_file.write_text(KEYS)
-    engine = Engine(tiny_lm().eval(), tokenizer, adapters_dir, base_name="tiny", max_batch_size=4, max_queue=4,
-                    max_bottleneck=64, max_soft_tokens=8)
-    app = create_app(engine, KeyRing.from_file(keys_file), max_prompt_tokens=MAX_PROMPT,
-                     max_tokens_limit=MAX_TOKENS, disconnect_poll_s=0.1)
+    engine = Engine(
+        tiny_lm().eval(),
+        tokenizer,
+        adapters_dir,
+        base_name="tiny",
+        max_batch_size=4,
+        max_queue=4,
+        max_bottleneck=64,
+        max_soft_tokens=8,
+    )
+    app = create_app(
+        engine,
+        KeyRing.from_file(keys_file),
+        max_prompt_tokens=MAX_PROMPT,
+        max_tokens_limit=MAX_TOKENS,
+        disconnect_poll_s=0.1,
+    )
     with BackgroundServer(app) as srv:
         srv.engine = engine
         yield srv
@@ -59,13 +72,18 @@ def test_a_tiny_temperature_fails_no_one(server, slow_decode, reference, tokeniz
     out = {}
 
     def greedy() -> None:
-        out["greedy"] = post(server, "/v1/completions", {"model": "tiny", "prompt": ids, "max_tokens": 20,
-                                                         "temperature": 0, "ignore_eos": True})
+        out["greedy"] = post(
+            server,
+            "/v1/completions",
+            {"model": "tiny", "prompt": ids, "max_tokens": 20, "temperature": 0, "ignore_eos": True},
+        )
 
     worker = threading.Thread(target=greedy)
     worker.start()
-    tiny = [post(server, "/v1/completions", {"model": "alice", "prompt": "x", "max_tokens": 5, "temperature": t})
-            for t in (1e-37, 5e-324, 1e-3)]
+    tiny = [
+        post(server, "/v1/completions", {"model": "alice", "prompt": "x", "max_tokens": 5, "temperature": t})
+        for t in (1e-37, 5e-324, 1e-3)
+    ]
     worker.join(60)
     assert [r.status_code for r in tiny] == [200] * 3, [r.text for r in tiny]
     assert out["greedy"].status_code == 200
@@ -84,8 +102,12 @@ def test_a_non_streaming_client_that_hangs_up_is_cancelled_while_running(server,
 
 # ------------------------------------------------------------------------------------------ 3: unload off the loop
 def test_unloading_does_not_freeze_the_server(server, adapters_dir, monkeypatch):
-    assert post(server, "/v1/load_adapter", {"lora_name": "bulky", "lora_path": str(adapters_dir / "alice")},
-                key="sk-admin").status_code == 200
+    assert (
+        post(
+            server, "/v1/load_adapter", {"lora_name": "bulky", "lora_path": str(adapters_dir / "alice")}, key="sk-admin"
+        ).status_code
+        == 200
+    )
     without = AdapterBank.without
 
     def slow_without(self, name):  # a large bank takes seconds to copy
@@ -94,8 +116,9 @@ def test_unloading_does_not_freeze_the_server(server, adapters_dir, monkeypatch)
 
     monkeypatch.setattr(AdapterBank, "without", slow_without)
     result = {}
-    worker = threading.Thread(target=lambda: result.update(r=post(server, "/v1/unload_adapter",
-                                                                  {"lora_name": "bulky"}, key="sk-admin")))
+    worker = threading.Thread(
+        target=lambda: result.update(r=post(server, "/v1/unload_adapter", {"lora_name": "bulky"}, key="sk-admin"))
+    )
     worker.start()
     time.sleep(0.2)
     start = time.monotonic()
@@ -127,17 +150,20 @@ def test_adapters_over_the_limits_or_with_non_finite_weights_are_refused(server,
 
 
 # ------------------------------------------------------------------------------------------ 5, 6: bad values
-@pytest.mark.parametrize("body", [
-    b'{"model": "alice", "prompt": "\\ud800abc"}',
-    b'{"model": "alice", "prompt": ["ok", "\\udfff"]}',
-    b'{"model": "\\ud800", "prompt": "x"}',
-    b'{"model": "alice", "prompt": "x", "stop": ["\\ud800"]}',
-    b'{"model": "alice", "prompt": "x", "seed": 18446744073709551616}',
-    b'{"model": "alice", "prompt": "x", "seed": -9223372036854775809}',
-    b'{"model": "alice", "prompt": "x", "temperature": NaN}',
-    b'{"model": "alice", "prompt": ""}',
-    b'{"model": "alice", "prompt": []}',
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model": "alice", "prompt": "\\ud800abc"}',
+        b'{"model": "alice", "prompt": ["ok", "\\udfff"]}',
+        b'{"model": "\\ud800", "prompt": "x"}',
+        b'{"model": "alice", "prompt": "x", "stop": ["\\ud800"]}',
+        b'{"model": "alice", "prompt": "x", "seed": 18446744073709551616}',
+        b'{"model": "alice", "prompt": "x", "seed": -9223372036854775809}',
+        b'{"model": "alice", "prompt": "x", "temperature": NaN}',
+        b'{"model": "alice", "prompt": ""}',
+        b'{"model": "alice", "prompt": []}',
+    ],
+)
 def test_bad_values_answer_400(server, body):
     assert openai_error(post(server, "/v1/completions", body), 400)["type"] == "invalid_request_error"
 
@@ -148,21 +174,31 @@ def test_lone_surrogate_in_chat_content_answers_400(server):
 
 
 def test_a_large_seed_in_range_is_served(server):
-    r = post(server, "/v1/completions", {"model": "alice", "prompt": "x", "max_tokens": 2, "n": 2,
-                                         "temperature": 1.0, "seed": 2**63 - 1})
+    r = post(
+        server,
+        "/v1/completions",
+        {"model": "alice", "prompt": "x", "max_tokens": 2, "n": 2, "temperature": 1.0, "seed": 2**63 - 1},
+    )
     assert r.status_code == 200, r.text
 
 
 # ------------------------------------------------------------------------------------------ 7: unloaded while queued
 def test_a_request_queued_for_an_unloaded_adapter_gets_404(server, adapters_dir):
     engine = server.engine
-    assert post(server, "/v1/load_adapter", {"lora_name": "brief", "lora_path": str(adapters_dir / "bob")},
-                key="sk-admin").status_code == 200
+    assert (
+        post(
+            server, "/v1/load_adapter", {"lora_name": "brief", "lora_path": str(adapters_dir / "bob")}, key="sk-admin"
+        ).status_code
+        == 200
+    )
     result = {}
     engine.pause()
     try:
-        worker = threading.Thread(target=lambda: result.update(r=post(server, "/v1/completions", {
-            "model": "brief", "prompt": "x", "max_tokens": 2}, key="sk-admin")))
+        worker = threading.Thread(
+            target=lambda: result.update(
+                r=post(server, "/v1/completions", {"model": "brief", "prompt": "x", "max_tokens": 2}, key="sk-admin")
+            )
+        )
         worker.start()
         wait_for(lambda: engine.stats()["waiting"] == 1)
         assert post(server, "/v1/unload_adapter", {"lora_name": "brief"}, key="sk-admin").status_code == 200
@@ -230,7 +266,11 @@ def test_parse_errors_and_unknown_routes_answer_in_openais_shape(server):
         for _ in range(10):
             yield b"x" * (1 << 20)
 
-    r = httpx.post(server.url + "/v1/completions", content=chunks(), timeout=30,
-                   headers={"Authorization": "Bearer sk-alice", "Content-Type": "application/json"})
+    r = httpx.post(
+        server.url + "/v1/completions",
+        content=chunks(),
+        timeout=30,
+        headers={"Authorization": "Bearer sk-alice", "Content-Type": "application/json"},
+    )
     assert "content-length" not in r.request.headers  # chunked: the size is known only while reading
     openai_error(r, 413)

@@ -36,10 +36,21 @@ def fuzzed(adapters_dir, tokenizer, tmp_path_factory):
     engine.close()
 
 
-OPERATIONS = [("GET", "/health"), ("GET", "/metrics"), ("GET", "/v1/models"), ("POST", "/v1/completions"),
-              ("POST", "/v1/chat/completions"), ("POST", "/v1/load_adapter"), ("POST", "/v1/unload_adapter"),
-              ("POST", "/v1/load_lora_adapter"), ("POST", "/v1/unload_lora_adapter"), ("GET", "/v1/models/{model}"),
-              ("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/version")]
+OPERATIONS = [
+    ("GET", "/health"),
+    ("GET", "/metrics"),
+    ("GET", "/v1/models"),
+    ("POST", "/v1/completions"),
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/load_adapter"),
+    ("POST", "/v1/unload_adapter"),
+    ("POST", "/v1/load_lora_adapter"),
+    ("POST", "/v1/unload_lora_adapter"),
+    ("GET", "/v1/models/{model}"),
+    ("POST", "/tokenize"),
+    ("POST", "/detokenize"),
+    ("GET", "/version"),
+]
 EXAMPLES = {"/v1/completions": 80, "/v1/chat/completions": 80}  # the rest: 20 each; ~380 requests in all
 
 
@@ -54,8 +65,14 @@ def test_the_api_keeps_to_its_schema(fuzzed, method, path):
     assert {p for p in schema} == {p for _, p in OPERATIONS}, "a new endpoint: add it to OPERATIONS"
 
     @hypothesis.given(case=operation.as_strategy())
-    @hypothesis.settings(max_examples=EXAMPLES.get(path, 20), derandomize=True, deadline=None, database=None,
-                         suppress_health_check=list(hypothesis.HealthCheck), phases=[hypothesis.Phase.generate])
+    @hypothesis.settings(
+        max_examples=EXAMPLES.get(path, 20),
+        derandomize=True,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(hypothesis.HealthCheck),
+        phases=[hypothesis.Phase.generate],
+    )
     def check(case) -> None:
         case.call_and_validate(base_url=server.url, headers=ADMIN, timeout=30, excluded_checks=excluded)
 

@@ -28,8 +28,19 @@ def config(tmp_path, **kw) -> TrainConfig:
     data = tmp_path / "data.jsonl"
     if not data.exists():
         write_data(data)
-    defaults = dict(data=str(data), out=str(tmp_path / "run"), batch_size=8, max_steps=6, eval_every=3,
-                    lr=5e-3, rational_lr=5e-3, bottleneck=4, max_length=64, progress=False, seed=1)
+    defaults = dict(
+        data=str(data),
+        out=str(tmp_path / "run"),
+        batch_size=8,
+        max_steps=6,
+        eval_every=3,
+        lr=5e-3,
+        rational_lr=5e-3,
+        bottleneck=4,
+        max_length=64,
+        progress=False,
+        seed=1,
+    )
     defaults.update(kw)
     return TrainConfig(**defaults)
 
@@ -51,8 +62,16 @@ def test_each_activation_mode_trains_and_writes_a_run_folder(tmp_path, mode, mon
     cfg = config(tmp_path, activation_mode=mode)
     summary = run(cfg)
     out = tmp_path / "run"
-    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "checkpoint.pt",
-                 "metrics.jsonl", "summary.json", "train_config.json", "loss.png", "activations.png"):
+    for name in (
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "checkpoint.pt",
+        "metrics.jsonl",
+        "summary.json",
+        "train_config.json",
+        "loss.png",
+        "activations.png",
+    ):
         assert (out / name).is_file(), name
     assert summary["steps"] == 6
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -61,9 +80,13 @@ def test_each_activation_mode_trains_and_writes_a_run_folder(tmp_path, mode, mon
     # the Θ step draws one dev batch every rational_every (5) optimiser steps (steps 0 and 5), in bi-level only
     assert len(dev_draws) == (2 if mode == "bilevel" else 0)
     adapter = IAPTModel.from_pretrained(tiny_lm(), out / "adapter")
-    moved = [not torch.allclose(g.activation.numerator, torch.tensor(
-        [7.5150942e-05, 0.50000094, 0.39799759, 0.17708823, 0.076701052, 0.021872214, 0.0024288519]))
-             for g in adapter.generators.values()]
+    moved = [
+        not torch.allclose(
+            g.activation.numerator,
+            torch.tensor([7.5150942e-05, 0.50000094, 0.39799759, 0.17708823, 0.076701052, 0.021872214, 0.0024288519]),
+        )
+        for g in adapter.generators.values()
+    ]
     assert all(moved) if mode != "frozen" else not any(moved)
     assert summary["trainable_params"] == adapter.expected_parameter_count()
 
@@ -110,9 +133,13 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
     def strip(p):
-        return [{k: v for k, v in json.loads(line).items() if k not in ("elapsed_s", "tokens_per_s")}
-                for line in (p / "run" / "metrics.jsonl").read_text().splitlines()]
+        return [
+            {k: v for k, v in json.loads(line).items() if k not in ("elapsed_s", "tokens_per_s")}
+            for line in (p / "run" / "metrics.jsonl").read_text().splitlines()
+        ]
+
     assert strip(whole) == strip(killed)
 
 

@@ -21,11 +21,19 @@ def test_per_row_weights_equal_each_rows_own_generator():
     hidden = torch.randn(2, 5, 16)
     mask = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)
     stack = {k: torch.stack([dict(g.named_parameters())[k] for g in gens]) for k in dict(gens[0].named_parameters())}
-    out = soft_prompts(hidden, mask, stack["down.weight"], stack["down.bias"], stack["queries"],
-                       stack["activation.numerator"], stack["activation.denominator"], stack["up.weight"],
-                       stack["up.bias"])
+    out = soft_prompts(
+        hidden,
+        mask,
+        stack["down.weight"],
+        stack["down.bias"],
+        stack["queries"],
+        stack["activation.numerator"],
+        stack["activation.denominator"],
+        stack["up.weight"],
+        stack["up.bias"],
+    )
     for i, g in enumerate(gens):
-        torch.testing.assert_close(out[i], g(hidden[i:i + 1], mask[i:i + 1])[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[i], g(hidden[i : i + 1], mask[i : i + 1])[0], atol=1e-5, rtol=1e-5)
 
 
 def test_masked_tokens_never_reach_the_soft_tokens_and_an_empty_row_is_finite():

@@ -40,9 +40,11 @@ def test_replace_dir_swaps_whole_folders_and_keeps_the_old_one_on_failure(tmp_pa
     final = tmp_path / "adapter"
     replace_dir(lambda d: (d / "v").write_text("1"), final)
     with pytest.raises(RuntimeError):
+
         def half(d):
             (d / "v").write_text("2")
             raise RuntimeError("crash while saving")
+
         replace_dir(half, final)
     assert (final / "v").read_text() == "1"
     replace_dir(lambda d: (d / "u").write_text("3"), final)

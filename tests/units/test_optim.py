@@ -28,8 +28,7 @@ def test_modes_decide_who_steps_and_with_which_lr():
     joint = build_optimisers(joint_model, "joint", 1e-3, 1e-6, 0.01, total_steps=10, warmup_steps=0)
     assert joint.rational is None and [g["lr"] for g in joint.weights.param_groups] == [1e-3, 1e-6]
     assert joint.weights.param_groups[1]["weight_decay"] == 0.0, "Θ takes no weight decay"
-    bilevel = build_optimisers(model(), "bilevel", 1e-3, 1e-6, 0.0, total_steps=10, warmup_steps=2,
-                               rational_every=5)
+    bilevel = build_optimisers(model(), "bilevel", 1e-3, 1e-6, 0.0, total_steps=10, warmup_steps=2, rational_every=5)
     assert bilevel.rational is not None and bilevel.rational.param_groups[0]["lr"] == 0.0, "warm-up starts at 0"
 
 

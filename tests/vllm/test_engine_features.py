@@ -34,9 +34,20 @@ def engine(folders):  # noqa: F811
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(Scheduler, "_preempt_request", counting_preempt)
         patch.setattr(KVCacheManager, "get_computed_blocks", counting_computed)
-        llm = LLM(**serving.engine_args(dtype="float32", enforce_eager=False, enable_prefix_caching=True,
-                                        salted_prefix_caching=True, block_size=32, num_gpu_blocks_override=5,
-                                        max_model_len=128, max_num_seqs=4, max_num_batched_tokens=256, seed=0))
+        llm = LLM(
+            **serving.engine_args(
+                dtype="float32",
+                enforce_eager=False,
+                enable_prefix_caching=True,
+                salted_prefix_caching=True,
+                block_size=32,
+                num_gpu_blocks_override=5,
+                max_model_len=128,
+                max_num_seqs=4,
+                max_num_batched_tokens=256,
+                seed=0,
+            )
+        )
         yield serving, llm, counters
         del llm
 
@@ -52,8 +63,12 @@ def test_compiled_prefix_cached_and_preempted_requests_equal_offline_generate(en
     g = torch.Generator().manual_seed(5)
     shared = torch.randint(4, VOCAB, (40,), generator=g).tolist()
     tails = [torch.randint(4, VOCAB, (18,), generator=g).tolist() for _ in range(3)]
-    first = [(shared + tails[0], "alice"), (shared + tails[1], "alice"), (shared + tails[0], "carol"),
-             (shared + tails[0], None)]
+    first = [
+        (shared + tails[0], "alice"),
+        (shared + tails[1], "alice"),
+        (shared + tails[0], "carol"),
+        (shared + tails[0], None),
+    ]
     second = [(shared + tails[0], "alice"), (shared + tails[2], "alice")]  # a repeat (cache hit) and a new one
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
     got, want = [], []
@@ -65,4 +80,3 @@ def test_compiled_prefix_cached_and_preempted_requests_equal_offline_generate(en
     assert got[0] != got[1], "the two instructions sharing a cached block's tokens must differ"
     assert counters["preempted"] > 0, "the batch was meant to run out of KV blocks"
     assert counters["cached"] > 0, "the repeated request was meant to read its cached prefix"
-

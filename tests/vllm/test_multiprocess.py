@@ -12,15 +12,22 @@ def test_engine_core_process_serves_like_offline_generate(folders, monkeypatch):
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     base_dir, adapter_dirs = folders
     serving = IAPTServing(base_dir, adapter_dirs)
-    llm = LLM(**serving.engine_args(dtype="float32", enforce_eager=True, max_model_len=128, max_num_seqs=4,
-                                    max_num_batched_tokens=512, seed=0))
+    llm = LLM(
+        **serving.engine_args(
+            dtype="float32", enforce_eager=True, max_model_len=128, max_num_seqs=4, max_num_batched_tokens=512, seed=0
+        )
+    )
     try:
         names = ["alice", None, "bob", "carol"]
         batch = prompts(len(names), seed=9)
-        outs = llm.generate([serving.prompt(p, a) for p, a in zip(batch, names, strict=True)],
-                            SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0), use_tqdm=False)
+        outs = llm.generate(
+            [serving.prompt(p, a) for p, a in zip(batch, names, strict=True)],
+            SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0),
+            use_tqdm=False,
+        )
     finally:
         llm.llm_engine.engine_core.shutdown()
     got = [list(o.outputs[0].token_ids) for o in outs]
-    assert got == [reference(base_dir, adapter_dirs.get(a) if a else None, p)
-                   for p, a in zip(batch, names, strict=True)]
+    assert got == [
+        reference(base_dir, adapter_dirs.get(a) if a else None, p) for p, a in zip(batch, names, strict=True)
+    ]

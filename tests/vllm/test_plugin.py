@@ -29,8 +29,16 @@ MAX_TOKENS = 8
 
 def tiny_base() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(**{**_COMMON, "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128,
-                            "num_attention_heads": 2, "num_key_value_heads": 1})
+    config = LlamaConfig(
+        **{
+            **_COMMON,
+            "vocab_size": VOCAB,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+        }
+    )
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(8.0)  # sharp logits: greedy is stable against float noise
@@ -56,8 +64,10 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, P
     base = tiny_base()
     base.save_pretrained(root / "base")
     tiny_tokenizer().save_pretrained(root / "base")
-    adapters = {name: save_adapter(base, root / "adapters" / name, seed, **cfg)
-                for seed, (name, cfg) in enumerate(ADAPTERS.items(), start=1)}
+    adapters = {
+        name: save_adapter(base, root / "adapters" / name, seed, **cfg)
+        for seed, (name, cfg) in enumerate(ADAPTERS.items(), start=1)
+    }
     return root / "base", adapters
 
 
@@ -71,8 +81,11 @@ def serving(folders: tuple[Path, dict[str, Path]]) -> IAPTServing:
 def llm(serving: IAPTServing):
     from vllm import LLM
 
-    engine = LLM(**serving.engine_args(dtype="float32", enforce_eager=True, max_model_len=128,
-                                       max_num_seqs=8, max_num_batched_tokens=512, seed=0))
+    engine = LLM(
+        **serving.engine_args(
+            dtype="float32", enforce_eager=True, max_model_len=128, max_num_seqs=8, max_num_batched_tokens=512, seed=0
+        )
+    )
     yield engine
     del engine
 
@@ -86,13 +99,15 @@ def reference(base_dir: Path, adapter_dir: Path | None, prompt: list[int], max_t
         out = base.generate(ids, **kwargs)
     else:
         out = IAPTModel.from_pretrained(base, adapter_dir).generate(ids, **kwargs)
-    return out[0, len(prompt):].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
 def prompts(count: int, seed: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(4, VOCAB, (int(torch.randint(3, 30, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(count)]
+    return [
+        torch.randint(4, VOCAB, (int(torch.randint(3, 30, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(count)
+    ]
 
 
 def test_mixed_batch_equals_offline_generate(llm, serving, folders):
@@ -102,8 +117,11 @@ def test_mixed_batch_equals_offline_generate(llm, serving, folders):
     base_dir, adapter_dirs = folders
     names = [None, "alice", "bob", "carol", "alice", None, "bob", "carol"]
     batch = prompts(len(names), seed=1)
-    outs = llm.generate([serving.prompt(p, a) for p, a in zip(batch, names, strict=True)],
-                        SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0), use_tqdm=False)
+    outs = llm.generate(
+        [serving.prompt(p, a) for p, a in zip(batch, names, strict=True)],
+        SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0),
+        use_tqdm=False,
+    )
     got = [list(o.outputs[0].token_ids) for o in outs]
     want = [reference(base_dir, adapter_dirs.get(a) if a else None, p) for p, a in zip(batch, names, strict=True)]
     assert got == want
@@ -119,24 +137,31 @@ def test_a_shorter_instruction_pools_only_that_prefix(llm, serving, folders):
     base_dir, adapter_dirs = folders
     prompt = prompts(1, seed=7)[0] + [5, 6, 7]
     k = len(prompt) - 3
-    out = llm.generate([serving.prompt(prompt, "alice", instruction_length=k)],
-                       SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0), use_tqdm=False)
+    out = llm.generate(
+        [serving.prompt(prompt, "alice", instruction_length=k)],
+        SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0),
+        use_tqdm=False,
+    )
     base = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
     model = IAPTModel.from_pretrained(base, adapter_dirs["alice"])
     ids = torch.tensor([prompt])
     mask = torch.zeros_like(ids)
     mask[:, :k] = 1
-    want = model.generate(ids, instruction_mask=mask, max_new_tokens=MAX_TOKENS, do_sample=False,
-                          pad_token_id=0)[0, len(prompt):].tolist()
+    want = model.generate(ids, instruction_mask=mask, max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=0)[
+        0, len(prompt) :
+    ].tolist()
     assert list(out[0].outputs[0].token_ids) == want
 
 
 # ------------------------------------------------------------------------------------------ refusals
-@pytest.mark.parametrize("kwargs, message", [
-    ({"enable_chunked_prefill": True}, "enable_chunked_prefill=False"),
-    ({"enable_prefix_caching": True}, "enable_prefix_caching=False, or salted_prefix_caching=True"),
-    ({"tensor_parallel_size": 2}, "tensor_parallel_size=1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"enable_chunked_prefill": True}, "enable_chunked_prefill=False"),
+        ({"enable_prefix_caching": True}, "enable_prefix_caching=False, or salted_prefix_caching=True"),
+        ({"tensor_parallel_size": 2}, "tensor_parallel_size=1"),
+    ],
+)
 def test_engine_args_refuse_what_would_be_wrong(serving, kwargs, message):
     with pytest.raises(ValueError, match=message):
         serving.engine_args(**kwargs)

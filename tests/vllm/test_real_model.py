@@ -34,10 +34,16 @@ def test_real_model_mixed_batch_equals_offline_generate(tmp_path):
     prompts = [encode_prompt(tokenizer, p).input_ids for p in PROMPTS]
     names = ["demo", None, "demo", "demo"]
     batch = [prompts[0], prompts[1], prompts[1], prompts[2]]
-    llm = LLM(**serving.engine_args(dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=4,
-                                    max_num_batched_tokens=1024, seed=0))
-    outs = llm.generate([serving.prompt(p, a) for p, a in zip(batch, names, strict=True)],
-                        SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0), use_tqdm=False)
+    llm = LLM(
+        **serving.engine_args(
+            dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=4, max_num_batched_tokens=1024, seed=0
+        )
+    )
+    outs = llm.generate(
+        [serving.prompt(p, a) for p, a in zip(batch, names, strict=True)],
+        SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0),
+        use_tqdm=False,
+    )
     del llm
     got = [list(o.outputs[0].token_ids) for o in outs]
     offline = IAPTModel.from_pretrained(model.eval(), tmp_path / "adapter")
@@ -50,6 +56,6 @@ def test_real_model_mixed_batch_equals_offline_generate(tmp_path):
                 out = offline.generate(ids, **kwargs)
         else:
             out = offline.generate(ids, **kwargs)
-        want.append(out[0, len(p):].tolist())
+        want.append(out[0, len(p) :].tolist())
     assert got == want
     assert got[1] != got[2], "the adapter was meant to change the base's answer to the same prompt"

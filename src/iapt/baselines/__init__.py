@@ -23,10 +23,10 @@ m=4 (1,128,775).
 
 ``--budget N`` picks the size whose exact trainable-parameter count is closest to N (ties: the smaller size).
 ``iapt.methods.count_for(method, base, size)`` gives that count, ``size_for_budget(method, base, budget)`` the
-size; both take optional options (a TrainConfig or MethodOptions) for the ones that change counts (``num_soft_tokens``; ``pooling``
-for LPT/IDPG: TrainConfig's IAPT values 'attention' leaves each method's default, LPT/IDPG poolings pass
-through). See ``peft_methods`` for the PEFT/transformers incompatibilities this package works around, and
-``generated`` for IDPG and LPT.
+size; both take optional options (a TrainConfig or MethodOptions) for the ones that change counts
+(``num_soft_tokens``; ``pooling`` for LPT/IDPG: TrainConfig's IAPT value 'attention' leaves each method's
+default, LPT/IDPG poolings pass through). See ``peft_methods`` for the PEFT/transformers incompatibilities this
+package works around, and ``generated`` for IDPG and LPT.
 """
 
 from __future__ import annotations
@@ -60,8 +60,13 @@ from iapt.baselines.peft_methods import (
 from iapt.options import Method, MethodOptions
 
 __all__ = [
-    "BASELINES", "GeneratedPromptConfig", "GeneratedPromptModel", "InstancePromptGenerator", "PeftBaseline",
-    "generated_config", "lora_targets",
+    "BASELINES",
+    "GeneratedPromptConfig",
+    "GeneratedPromptModel",
+    "InstancePromptGenerator",
+    "PeftBaseline",
+    "generated_config",
+    "lora_targets",
 ]
 
 
@@ -73,8 +78,9 @@ def generated_config(kind: str, base: nn.Module, bottleneck: int, cfg: Any = Non
     """The IDPG / LPT config a TrainConfig asks for, with the given bottleneck."""
     cfg = _options(cfg)
     pooling = cfg.pooling if getattr(cfg, "pooling", None) in POOLINGS else None
-    return GeneratedPromptConfig(peft_type=kind, num_soft_tokens=cfg.num_soft_tokens, bottleneck=bottleneck,
-                                 pooling=pooling)
+    return GeneratedPromptConfig(
+        peft_type=kind, num_soft_tokens=cfg.num_soft_tokens, bottleneck=bottleneck, pooling=pooling
+    )
 
 
 def _generated_count(kind: str) -> Callable[[nn.Module, int, Any], int]:
@@ -103,18 +109,51 @@ def _load_peft(name: str) -> Callable[[nn.Module, Path], nn.Module]:
 
 
 BASELINES: list[Method] = [
-    Method("lora", "LORA", "rank", lambda cfg: 8, lambda base, r, cfg: lora_count(base, r),
-           lambda base, r, cfg: build_lora(base, r), _load_peft("lora")),
-    Method("prompt-tuning", "PROMPT_TUNING", "num_virtual_tokens", lambda cfg: 20,
-           lambda base, m, cfg: prompt_tuning_count(base, m), lambda base, m, cfg: build_prompt_tuning(base, m),
-           _load_peft("prompt-tuning")),
-    Method("prefix", "PREFIX_TUNING", "num_virtual_tokens", lambda cfg: 10,
-           lambda base, m, cfg: prefix_count(base, m), lambda base, m, cfg: build_prefix(base, m),
-           _load_peft("prefix")),
-    Method("idpg", "IDPG", "bottleneck", lambda cfg: cfg.bottleneck, _generated_count("IDPG"),
-           _generated_build("IDPG"), _load_generated),
-    Method("lpt", "LPT", "bottleneck", lambda cfg: cfg.bottleneck, _generated_count("LPT"),
-           _generated_build("LPT"), _load_generated),
+    Method(
+        "lora",
+        "LORA",
+        "rank",
+        lambda cfg: 8,
+        lambda base, r, cfg: lora_count(base, r),
+        lambda base, r, cfg: build_lora(base, r),
+        _load_peft("lora"),
+    ),
+    Method(
+        "prompt-tuning",
+        "PROMPT_TUNING",
+        "num_virtual_tokens",
+        lambda cfg: 20,
+        lambda base, m, cfg: prompt_tuning_count(base, m),
+        lambda base, m, cfg: build_prompt_tuning(base, m),
+        _load_peft("prompt-tuning"),
+    ),
+    Method(
+        "prefix",
+        "PREFIX_TUNING",
+        "num_virtual_tokens",
+        lambda cfg: 10,
+        lambda base, m, cfg: prefix_count(base, m),
+        lambda base, m, cfg: build_prefix(base, m),
+        _load_peft("prefix"),
+    ),
+    Method(
+        "idpg",
+        "IDPG",
+        "bottleneck",
+        lambda cfg: cfg.bottleneck,
+        _generated_count("IDPG"),
+        _generated_build("IDPG"),
+        _load_generated,
+    ),
+    Method(
+        "lpt",
+        "LPT",
+        "bottleneck",
+        lambda cfg: cfg.bottleneck,
+        _generated_count("LPT"),
+        _generated_build("LPT"),
+        _load_generated,
+    ),
 ]
 
 

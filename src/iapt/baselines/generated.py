@@ -76,17 +76,29 @@ class GeneratedPromptConfig:
     peft_type: str = field(default="LPT", metadata={"help": "IDPG (input layer) or LPT (one middle layer)."})
     num_soft_tokens: int = field(default=4, metadata={"help": "Soft tokens m written at the insertion layer."})
     bottleneck: int = field(default=32, metadata={"help": "Bottleneck width r of the generator."})
-    layer: int | None = field(default=None, metadata={
-        "help": "Insertion layer k (its input gets the soft tokens). IDPG: 0. LPT: None = num_layers // 2."})
-    pooling: str | None = field(default=None, metadata={
-        "help": f"How the instruction is summarised: one of {list(POOLINGS)}; None = IDPG 'mean', LPT 'last'."})
-    source: str = field(default="embeddings", metadata={
-        "help": "IDPG only: what the generator reads, 'embeddings' (the input layer) or 'last_layer' (the frozen "
-                "model's last hidden states, one extra backbone pass per request)."})
+    layer: int | None = field(
+        default=None,
+        metadata={"help": "Insertion layer k (its input gets the soft tokens). IDPG: 0. LPT: None = num_layers // 2."},
+    )
+    pooling: str | None = field(
+        default=None,
+        metadata={
+            "help": f"How the instruction is summarised: one of {list(POOLINGS)}; None = IDPG 'mean', LPT 'last'."
+        },
+    )
+    source: str = field(
+        default="embeddings",
+        metadata={
+            "help": "IDPG only: what the generator reads, 'embeddings' (the input layer) or 'last_layer' (the frozen "
+            "model's last hidden states, one extra backbone pass per request)."
+        },
+    )
     activation: str = field(default="relu", metadata={"help": f"Generator activation: {sorted(ACTIVATIONS)}."})
     input_norm: bool = field(default=True, metadata={"help": "Parameter-free RMS norm of the generator input."})
     bias: bool = field(default=True, metadata={"help": "Biases on the two projections."})
-    layers_path: str | None = field(default=None, metadata={"help": "Dotted path of the layer list (unknown families)."})
+    layers_path: str | None = field(
+        default=None, metadata={"help": "Dotted path of the layer list (unknown families)."}
+    )
     base_model_name_or_path: str | None = None
     base_model_type: str | None = None
     base_hidden_size: int | None = None
@@ -124,7 +136,9 @@ class GeneratedPromptConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown {data.get('peft_type', 'IDPG/LPT')} config fields {unknown}; known: {sorted(known)}")
+            raise ValueError(
+                f"unknown {data.get('peft_type', 'IDPG/LPT')} config fields {unknown}; known: {sorted(known)}"
+            )
         return cls(**data)
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -236,21 +250,24 @@ class GeneratedPromptModel(IAPTModel):
         decoder_layers = find_layers(base_model, config.layers_path)
         layer = config.layer if config.layer is not None else len(decoder_layers) // 2
         if not 0 <= layer < len(decoder_layers):
-            raise ValueError(f"{config.peft_type} insertion layer {layer} is outside the model's layers "
-                             f"0..{len(decoder_layers) - 1}")
+            raise ValueError(
+                f"{config.peft_type} insertion layer {layer} is outside the model's layers 0..{len(decoder_layers) - 1}"
+            )
         if layer > 0:
             impl = getattr(base_model.config, "_attn_implementation", None) or "sdpa"
             if impl not in ("sdpa", "eager"):
                 raise ValueError(
                     f"{config.peft_type} hides its soft-token slots from layers 0..{layer - 1} with an explicit "
                     f"attention mask, which attn_implementation={impl!r} does not take; load the base model "
-                    f"with attn_implementation='sdpa' or 'eager'")
+                    f"with attn_implementation='sdpa' or 'eager'"
+                )
         config.layer = layer
         config.base_model_type = base_model.config.model_type
         config.base_hidden_size = hidden_size
         config.base_num_layers = num_layers
-        config.base_model_name_or_path = config.base_model_name_or_path or getattr(
-            base_model.config, "_name_or_path", None) or None
+        config.base_model_name_or_path = (
+            config.base_model_name_or_path or getattr(base_model.config, "_name_or_path", None) or None
+        )
 
         for p in base_model.parameters():
             p.requires_grad_(False)
@@ -267,8 +284,11 @@ class GeneratedPromptModel(IAPTModel):
         for i in range(layer):  # LPT: below the insertion layer the slots do not exist for the real tokens
             params = list(inspect.signature(decoder_layers[i].forward).parameters)
             position = params.index("attention_mask") if "attention_mask" in params else None
-            self._hooks.append(decoder_layers[i].register_forward_pre_hook(
-                functools.partial(self._hide_slots, position), with_kwargs=True))
+            self._hooks.append(
+                decoder_layers[i].register_forward_pre_hook(
+                    functools.partial(self._hide_slots, position), with_kwargs=True
+                )
+            )
 
     # ------------------------------------------------------------------ hooks
     def _soft_tokens(self, layer: int, hidden: torch.Tensor, call: SlotCall) -> tuple[torch.Tensor, None]:
@@ -298,11 +318,16 @@ class GeneratedPromptModel(IAPTModel):
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
         if position is not None and len(args) > position:
-            args = (*args[:position], self._slot_hiding_mask(args[position], hidden, call.past_length),
-                    *args[position + 1:])
+            args = (
+                *args[:position],
+                self._slot_hiding_mask(args[position], hidden, call.past_length),
+                *args[position + 1 :],
+            )
             return args, kwargs
-        return args, {**kwargs, "attention_mask": self._slot_hiding_mask(kwargs.get("attention_mask"), hidden,
-                                                                           call.past_length)}
+        return args, {
+            **kwargs,
+            "attention_mask": self._slot_hiding_mask(kwargs.get("attention_mask"), hidden, call.past_length),
+        }
 
     def _slot_hiding_mask(self, mask: Any, hidden: torch.Tensor, past: int) -> torch.Tensor:
         n, q = self.num_soft_tokens, hidden.shape[1]
@@ -311,14 +336,18 @@ class GeneratedPromptModel(IAPTModel):
             # sdpa's "is_causal" shortcut: no padding and nothing but causality (no sliding window in reach)
             impl = getattr(self.base_model.config, "_attn_implementation", None) or "sdpa"
             if impl != "sdpa":
-                raise ValueError(f"{self.adapter_config.peft_type} needs an attention mask below its insertion "
-                                 f"layer; attn_implementation={impl!r} gave none (use 'sdpa' or 'eager')")
+                raise ValueError(
+                    f"{self.adapter_config.peft_type} needs an attention mask below its insertion "
+                    f"layer; attn_implementation={impl!r} gave none (use 'sdpa' or 'eager')"
+                )
             cols = torch.arange(past + q, device=hidden.device)
             allowed = cols.unsqueeze(0) <= rows.unsqueeze(1)
             return (allowed & ~((cols.unsqueeze(0) < n) & (rows.unsqueeze(1) >= n)))[None, None]
         if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[-2] != q:
-            raise ValueError(f"{self.adapter_config.peft_type} cannot hide its slots in a {type(mask).__name__} "
-                             f"attention mask (use attn_implementation 'sdpa' or 'eager')")
+            raise ValueError(
+                f"{self.adapter_config.peft_type} cannot hide its slots in a {type(mask).__name__} "
+                f"attention mask (use attn_implementation 'sdpa' or 'eager')"
+            )
         kv = mask.shape[-1]
         cols = past + q - kv + torch.arange(kv, device=mask.device)  # a dynamic cache's columns end at the query
         hide = (cols.unsqueeze(0) < n) & (rows.to(mask.device).unsqueeze(1) >= n)
@@ -372,40 +401,68 @@ class GeneratedPromptModel(IAPTModel):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-        out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                              output_hidden_states=True, use_cache=False, logits_to_keep=1)
+        out = self.base_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            output_hidden_states=True,
+            use_cache=False,
+            logits_to_keep=1,
+        )
         return out.hidden_states[-1].detach()
 
     def _needs_context(self, past_key_values: Any) -> bool:
         decoding = past_key_values is not None and past_key_values.get_seq_length() > 0
         return self.adapter_config.source == "last_layer" and not decoding
 
-    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                labels: torch.LongTensor | None = None, instruction_mask: torch.Tensor | None = None,
-                inputs_embeds: torch.Tensor | None = None, past_key_values: Any = None,
-                position_ids: torch.LongTensor | None = None, **kwargs: Any) -> Any:
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        instruction_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        position_ids: torch.LongTensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
         context = self._encode(input_ids, attention_mask) if self._needs_context(past_key_values) else None
         token = _CONTEXT.set(context)
         try:
-            return super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                                   instruction_mask=instruction_mask, inputs_embeds=inputs_embeds,
-                                   past_key_values=past_key_values, position_ids=position_ids, **kwargs)
+            return super().forward(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                labels=labels,
+                instruction_mask=instruction_mask,
+                inputs_embeds=inputs_embeds,
+                past_key_values=past_key_values,
+                position_ids=position_ids,
+                **kwargs,
+            )
         finally:
             _CONTEXT.reset(token)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                 instruction_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        instruction_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
         if self._needs_context(None) and input_ids is not None:
             ids = input_ids if input_ids.dim() == 2 else input_ids.unsqueeze(0)
-            mask = attention_mask if attention_mask is None or attention_mask.dim() == 2 else attention_mask.reshape(1, -1)
+            mask = (
+                attention_mask if attention_mask is None or attention_mask.dim() == 2 else attention_mask.reshape(1, -1)
+            )
             context = self._encode(ids, mask)
         else:
             context = None
         token = _CONTEXT.set(context)
         try:
-            return super().generate(input_ids=input_ids, attention_mask=attention_mask,
-                                    instruction_mask=instruction_mask, **kwargs)
+            return super().generate(
+                input_ids=input_ids, attention_mask=attention_mask, instruction_mask=instruction_mask, **kwargs
+            )
         finally:
             _CONTEXT.reset(token)
 
@@ -431,8 +488,9 @@ class GeneratedPromptModel(IAPTModel):
         self.adapter_config.save(directory)
 
     @classmethod
-    def from_pretrained(cls, base_model: nn.Module, adapter_path: str | os.PathLike,
-                        is_trainable: bool = False) -> GeneratedPromptModel:
+    def from_pretrained(
+        cls, base_model: nn.Module, adapter_path: str | os.PathLike, is_trainable: bool = False
+    ) -> GeneratedPromptModel:
         """Install a saved IDPG / LPT adapter; refuses a base of another architecture or size."""
         directory = Path(adapter_path)
         if not directory.is_dir():

@@ -61,8 +61,10 @@ def lora_targets(base: nn.Module) -> list[str]:
         fallback = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
         if fallback and set(fallback) <= names:
             return list(fallback)
-        raise ValueError(f"LoRA targets {targets} are not modules of {type(base).__name__} "
-                         f"(model_type={model_type!r}); no known targets for this family")
+        raise ValueError(
+            f"LoRA targets {targets} are not modules of {type(base).__name__} "
+            f"(model_type={model_type!r}); no known targets for this family"
+        )
     return targets
 
 
@@ -138,7 +140,7 @@ class PeftBaseline(nn.Module):
         if source is None:
             return None
         positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        kwargs["position_ids"] = positions[:, -source.shape[1]:]
+        kwargs["position_ids"] = positions[:, -source.shape[1] :]
         return args, kwargs
 
     @contextlib.contextmanager
@@ -151,8 +153,13 @@ class PeftBaseline(nn.Module):
         finally:
             self._active = previous
 
-    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                labels: torch.LongTensor | None = None, **kwargs: Any) -> Any:
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
         kwargs.pop("instruction_mask", None)  # PEFT methods do not read the instruction separately
         with self._activated():
             out = self.peft_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
@@ -172,8 +179,9 @@ class PeftBaseline(nn.Module):
         """PEFT's generate: prompt followed by the new tokens (pad on the left)."""
         kwargs.pop("instruction_mask", None)
         if self.method == "prefix" and kwargs.get("use_cache") is False:
-            raise ValueError("prefix tuning generates with the KV cache only (PEFT 0.21 fails without it): "
-                             "drop use_cache=False")
+            raise ValueError(
+                "prefix tuning generates with the KV cache only (PEFT 0.21 fails without it): drop use_cache=False"
+            )
         with self._activated():
             return self.peft_model.generate(*args, **kwargs)
 
@@ -211,8 +219,15 @@ def build_lora(base: nn.Module, rank: int) -> PeftBaseline:
 
     base = cast("PreTrainedModel", base)  # a Hugging Face causal LM
     targets = lora_targets(base)
-    config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=rank, lora_alpha=2 * rank, lora_dropout=0.05,
-                        target_modules=targets, fan_in_fan_out=base.config.model_type == "gpt2", bias="none")
+    config = LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=rank,
+        lora_alpha=2 * rank,
+        lora_dropout=0.05,
+        target_modules=targets,
+        fan_in_fan_out=base.config.model_type == "gpt2",
+        bias="none",
+    )
     return PeftBaseline(get_peft_model(base, config), "lora")
 
 
@@ -220,8 +235,9 @@ def build_prompt_tuning(base: nn.Module, tokens: int) -> PeftBaseline:
     from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 
     # Lester et al.: initialising from vocabulary embeddings beats random soft tokens.
-    config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=tokens,
-                                prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB)
+    config = PromptTuningConfig(
+        task_type=TaskType.CAUSAL_LM, num_virtual_tokens=tokens, prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB
+    )
     return PeftBaseline(get_peft_model(base, config), "prompt-tuning")
 
 
@@ -269,8 +285,9 @@ def init_prefix_from_tokens(peft_model: nn.Module, token_ids: torch.Tensor) -> N
     # PEFT reads embedding row t as (layers·2, heads, head_dim): key of layer l at 2l, its value at 2l + 1
     weight = torch.stack(rows, dim=1).reshape(ids.shape[1], -1)
     if weight.shape != embedding.weight.shape:
-        raise ValueError(f"the backbone's cache {tuple(weight.shape)} does not fit the prefix "
-                         f"{tuple(embedding.weight.shape)}")
+        raise ValueError(
+            f"the backbone's cache {tuple(weight.shape)} does not fit the prefix {tuple(embedding.weight.shape)}"
+        )
     embedding.weight.copy_(weight.to(embedding.weight.dtype))
 
 
@@ -285,8 +302,10 @@ def load_peft(base: nn.Module, directory: Path, method: str) -> PeftBaseline:
         if "size mismatch" not in str(exc) and "shape" not in str(exc):
             raise
         name = getattr(base.config, "_name_or_path", "") or type(base).__name__
-        raise ValueError(f"adapter {directory} does not fit this base model ({name}, model_type="
-                         f"{base.config.model_type!r}): {str(exc).strip().splitlines()[-1]}; load it on the base "
-                         f"it was trained on") from None
+        raise ValueError(
+            f"adapter {directory} does not fit this base model ({name}, model_type="
+            f"{base.config.model_type!r}): {str(exc).strip().splitlines()[-1]}; load it on the base "
+            f"it was trained on"
+        ) from None
     model.requires_grad_(False)  # PEFT leaves a prompt-learning base trainable when loading for inference
     return PeftBaseline(model, method)

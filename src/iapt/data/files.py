@@ -139,8 +139,10 @@ def _decode_line(raw: bytes, path: Path, lineno: int) -> str:
     try:
         return raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}, line {lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
-                        f"{e.start + 1}); save the file as UTF-8") from None
+        raise DataError(
+            f"{path}, line {lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+            f"{e.start + 1}); save the file as UTF-8"
+        ) from None
 
 
 def _read_text(path: Path) -> str:
@@ -151,8 +153,10 @@ def _read_text(path: Path) -> str:
     except UnicodeDecodeError as e:
         lineno = data.count(b"\n", 0, e.start) + 1
         column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
-        raise DataError(f"{path}, line {lineno}: not UTF-8 text (byte 0x{data[e.start]:02x} at column "
-                        f"{column}); save the file as UTF-8") from None
+        raise DataError(
+            f"{path}, line {lineno}: not UTF-8 text (byte 0x{data[e.start]:02x} at column "
+            f"{column}); save the file as UTF-8"
+        ) from None
 
 
 def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:

@@ -110,8 +110,9 @@ def rouge_l_each(predictions: Sequence[str], references: Sequence[Sequence[str]]
 
     _check_lengths(predictions, references)
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return [100.0 * scorer.score_multi(list(refs), pred)["rougeL"].fmeasure
-            for pred, refs in zip(predictions, references)]
+    return [
+        100.0 * scorer.score_multi(list(refs), pred)["rougeL"].fmeasure for pred, refs in zip(predictions, references)
+    ]
 
 
 def rouge_l(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:

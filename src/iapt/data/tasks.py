@@ -157,7 +157,9 @@ def _parse_squad(data: Any, source: str) -> Groups:
                     "Answer with a short span copied from the passage."
                 )
                 example = Example(
-                    prompt=prompt, response=answers[0], references=tuple(answers),
+                    prompt=prompt,
+                    response=answers[0],
+                    references=tuple(answers),
                     meta={"article": title, "id": qa["id"]},
                 )
                 rows.append((qa["id"], example))
@@ -231,13 +233,14 @@ class Task:
             return metric_fns.squad_scores(predictions, references)
         return {"bleu": metric_fns.bleu(predictions, references), "rougeL": metric_fns.rouge_l(predictions, references)}
 
-
     def score_each(self, predictions: Sequence[str], examples: Sequence[Example]) -> list[float]:
         """The primary metric of every answer alone (percent), whose mean is ``score``'s: what paired bootstrap
         intervals between methods resample. Accuracy: 0 or 100; squad: F1; e2e: ROUGE-L."""
         if self.labels:
-            return [100.0 * (metric_fns.match_label(p, self.labels) == (ex.label or ex.response))
-                    for p, ex in zip(predictions, examples, strict=True)]
+            return [
+                100.0 * (metric_fns.match_label(p, self.labels) == (ex.label or ex.response))
+                for p, ex in zip(predictions, examples, strict=True)
+            ]
         references = [list(ex.references) for ex in examples]
         if "exact_match" in self.metrics:
             return [100.0 * metric_fns.squad_f1(p, refs) for p, refs in zip(predictions, references, strict=True)]
@@ -377,8 +380,13 @@ def _extract(wanted: set[str], dest: Path, source: str, progress: bool) -> None:
     remaining = set(wanted)
     try:
         # typeshed's fileobj protocol is that of every mode; a stream ("r|gz") only reads
-        with raw, tarfile.open(fileobj=_CountingReader(raw, bar),  # type: ignore[call-overload]
-                               mode="r|gz") as archive:
+        with (
+            raw,
+            tarfile.open(
+                fileobj=_CountingReader(raw, bar),  # type: ignore[call-overload]
+                mode="r|gz",
+            ) as archive,
+        ):
             for member in archive:
                 inner = member.name.split("/", 1)[-1]  # drop the "bigbench-1.0.0/" top folder
                 rel = inner[len(prefix) :] if inner.startswith(prefix) else None

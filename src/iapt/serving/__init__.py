@@ -11,8 +11,19 @@ from iapt.serving.engine import (
     UnknownAdapter,
 )
 
-__all__ = ["AdapterBank", "BackgroundServer", "Engine", "Event", "QueueFull", "Request", "RequestHandle",
-           "TokenLogprob", "UnknownAdapter", "create_app", "serve"]
+__all__ = [
+    "AdapterBank",
+    "BackgroundServer",
+    "Engine",
+    "Event",
+    "QueueFull",
+    "Request",
+    "RequestHandle",
+    "TokenLogprob",
+    "UnknownAdapter",
+    "create_app",
+    "serve",
+]
 
 
 def __getattr__(name: str):  # the HTTP side needs fastapi/uvicorn (the "serve" extra): import it lazily

@@ -137,8 +137,9 @@ class _EngineCollector:
         s = self.engine.stats()
         yield GaugeMetricFamily("iapt_queue_length", "Requests waiting for a batch row", value=s["waiting"])
         yield GaugeMetricFamily("iapt_batch_size", "Requests being decoded in the running batch", value=s["running"])
-        yield GaugeMetricFamily("iapt_tokens_per_second", "Generated tokens per second, last 10 s",
-                                value=s["tokens_per_second"])
+        yield GaugeMetricFamily(
+            "iapt_tokens_per_second", "Generated tokens per second, last 10 s", value=s["tokens_per_second"]
+        )
         yield GaugeMetricFamily("iapt_adapters_loaded", "Adapters in the registry", value=s["adapters"])
         yield CounterMetricFamily("iapt_generated_tokens", "Tokens generated since start", value=s["tokens_generated"])
 
@@ -148,8 +149,17 @@ class OpenAIServing:
     """The handlers' shared work: authentication, limits, tokenization, generation through the engine, and the
     OpenAI response and stream shapes. ``create_app`` routes each endpoint to it (as vLLM's ``OpenAIServing*``)."""
 
-    def __init__(self, engine: Engine, keys: KeyRing, requests_total: Counter, *, max_prompt_tokens: int,
-                 max_tokens_limit: int, max_n: int, disconnect_poll_s: float) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        keys: KeyRing,
+        requests_total: Counter,
+        *,
+        max_prompt_tokens: int,
+        max_tokens_limit: int,
+        max_n: int,
+        disconnect_poll_s: float,
+    ) -> None:
         self.engine, self.keys, self.tokenizer = engine, keys, engine.tokenizer
         self.requests_total = requests_total
         self.max_prompt_tokens, self.max_tokens_limit, self.max_n = max_prompt_tokens, max_tokens_limit, max_n
@@ -163,8 +173,7 @@ class OpenAIServing:
     def auth(self, request: HTTPRequest, admin: bool = False) -> Principal:
         principal = self.keys.authenticate(request.headers.get("authorization"))
         if principal is None:
-            raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer KEY')",
-                           "authentication_error")
+            raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer KEY')", "authentication_error")
         request.state.tenant = principal.tenant
         if admin and not principal.admin:
             raise APIError(403, "this needs an admin key", "permission_error")
@@ -186,7 +195,9 @@ class OpenAIServing:
             if not p:
                 raise APIError(400, "the prompt is empty")
             if len(p) > self.max_prompt_tokens:
-                raise APIError(400, f"the prompt has {len(p)} tokens; this server accepts at most {self.max_prompt_tokens}")
+                raise APIError(
+                    400, f"the prompt has {len(p)} tokens; this server accepts at most {self.max_prompt_tokens}"
+                )
         completion_limit = getattr(body, "max_completion_tokens", None)  # chat bodies only (OpenAI's newer name)
         max_tokens = completion_limit if chat and completion_limit is not None else body.max_tokens
         if max_tokens is None:
@@ -217,11 +228,13 @@ class OpenAIServing:
         """The chat template's prompt text for ``messages`` (the same for /v1/chat/completions and /tokenize)."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, "this model has no chat template; use /v1/completions")
-        rendered = [{"role": m.role, "content": _content(m.content), **({"name": m.name} if m.name else {})}
-                    for m in messages]
+        rendered = [
+            {"role": m.role, "content": _content(m.content), **({"name": m.name} if m.name else {})} for m in messages
+        ]
         try:
-            return self.tokenizer.apply_chat_template(rendered, add_generation_prompt=add_generation_prompt,
-                                                 tokenize=False)
+            return self.tokenizer.apply_chat_template(
+                rendered, add_generation_prompt=add_generation_prompt, tokenize=False
+            )
         except (jinja2.TemplateError, ValueError, TypeError) as exc:  # e.g. a role order it rejects
             raise APIError(400, f"the chat template rejected the messages: {exc}") from None
 
@@ -230,12 +243,14 @@ class OpenAIServing:
 
     def chat_logprobs(self, entries: list[TokenLogprob]) -> dict[str, Any]:
         """OpenAI's chat ``logprobs``: ``{"content": [{token, logprob, bytes, top_logprobs}]}``."""
+
         def one(token: int, logprob: float) -> dict[str, Any]:
             text = self.token_text(token)
             return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(text.encode("utf-8", "replace"))}
 
-        return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(t, v) for t, v in e.top]}
-                            for e in entries]}
+        return {
+            "content": [{**one(e.token, e.logprob), "top_logprobs": [one(t, v) for t, v in e.top]} for e in entries]
+        }
 
     def completion_logprobs(self, entries: list[TokenLogprob], offset: int = 0) -> dict[str, Any]:
         """OpenAI's legacy ``logprobs``: tokens, token_logprobs, top_logprobs (the k most likely and the sampled
@@ -251,8 +266,9 @@ class OpenAIServing:
             offset += len(text)
         return out
 
-    async def generate(self, request: HTTPRequest, body: _Body, prompts: list[list[int]], adapter: str | None,
-                        chat: bool) -> Response:
+    async def generate(
+        self, request: HTTPRequest, body: _Body, prompts: list[list[int]], adapter: str | None, chat: bool
+    ) -> Response:
         max_tokens = self.check_common(body, prompts, adapter, chat)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
@@ -263,32 +279,50 @@ class OpenAIServing:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         top_logprobs = body.top_logprob_count()
         engine_requests = [
-            Request(p, adapter, max_tokens, body.temperature, body.top_p,
-                    None if body.seed is None else body.seed + j, ignore_eos=body.ignore_eos,
-                    on_event=listener(k * body.n + j), top_k=body.top_k or 0,
-                    repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
-                    frequency_penalty=body.frequency_penalty or 0.0, presence_penalty=body.presence_penalty or 0.0,
-                    logprobs=top_logprobs)
-            for k, p in enumerate(prompts) for j in range(body.n)
+            Request(
+                p,
+                adapter,
+                max_tokens,
+                body.temperature,
+                body.top_p,
+                None if body.seed is None else body.seed + j,
+                ignore_eos=body.ignore_eos,
+                on_event=listener(k * body.n + j),
+                top_k=body.top_k or 0,
+                repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+                frequency_penalty=body.frequency_penalty or 0.0,
+                presence_penalty=body.presence_penalty or 0.0,
+                logprobs=top_logprobs,
+            )
+            for k, p in enumerate(prompts)
+            for j in range(body.n)
         ]
         try:
             handles = self.engine.submit_many(engine_requests)
         except QueueFull as exc:
-            raise APIError(429, str(exc), "rate_limit_error",
-                           {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}) from None
+            raise APIError(
+                429, str(exc), "rate_limit_error", {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
+            ) from None
         except UnknownAdapter:
             raise _model_not_found(body.model) from None
         except ValueError as exc:
             raise APIError(400, str(exc)) from None
         texts = [IncrementalDetokenizer(self.tokenizer, stop) for _ in handles]
-        meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-                "model": body.model}
+        meta = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+            "created": int(time.time()),
+            "model": body.model,
+        }
         usage = {"prompt_tokens": sum(len(p) for p in prompts)}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             self.count(request, 200)  # the status line goes out now; an error later is an event in the stream
-            return StreamingResponse(self.stream(request, handles, texts, events, meta, usage, chat, include_usage,
-                                             top_logprobs is not None), media_type="text/event-stream")
+            return StreamingResponse(
+                self.stream(
+                    request, handles, texts, events, meta, usage, chat, include_usage, top_logprobs is not None
+                ),
+                media_type="text/event-stream",
+            )
         try:
             async for _ in self.events(request, handles, texts, events):
                 pass
@@ -308,16 +342,28 @@ class OpenAIServing:
             if top_logprobs is not None:  # the tokens the text holds: up to a stop string, not past it
                 entries = h.logprobs[: len(t.tokens)]
                 logprobs = self.chat_logprobs(entries) if chat else self.completion_logprobs(entries)
-            choices.append({"index": i, "message": {"role": "assistant", "content": content}, "logprobs": logprobs,
-                            "finish_reason": reason} if chat else
-                           {"index": i, "text": content, "logprobs": logprobs, "finish_reason": reason})
+            choices.append(
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": content},
+                    "logprobs": logprobs,
+                    "finish_reason": reason,
+                }
+                if chat
+                else {"index": i, "text": content, "logprobs": logprobs, "finish_reason": reason}
+            )
         usage = _usage(usage, handles)
         obj = "chat.completion" if chat else "text_completion"
         self.count(request, 200)
         return JSONResponse({**meta, "object": obj, "choices": choices, "usage": usage})
 
-    async def events(self, request: HTTPRequest, handles: list[RequestHandle], texts: list[IncrementalDetokenizer], events: asyncio.Queue
-                      ) -> AsyncIterator[tuple[int, str, str | None, str | None, list[TokenLogprob]]]:
+    async def events(
+        self,
+        request: HTTPRequest,
+        handles: list[RequestHandle],
+        texts: list[IncrementalDetokenizer],
+        events: asyncio.Queue,
+    ) -> AsyncIterator[tuple[int, str, str | None, str | None, list[TokenLogprob]]]:
         """Yield (choice, new text, finish reason, error, logprobs of the tokens since the last yield) until every
         choice is done.
 
@@ -360,14 +406,28 @@ class OpenAIServing:
                 done[i] = True
                 yield i, t.flush(), _reason_of(event.finish_reason), event.error, taken(i)
 
-    async def stream(self, request: HTTPRequest, handles: list[RequestHandle], texts: list[IncrementalDetokenizer],
-                      events: asyncio.Queue, meta: dict, usage: dict, chat: bool,
-                      include_usage: bool, with_logprobs: bool) -> AsyncIterator[str]:
+    async def stream(
+        self,
+        request: HTTPRequest,
+        handles: list[RequestHandle],
+        texts: list[IncrementalDetokenizer],
+        events: asyncio.Queue,
+        meta: dict,
+        usage: dict,
+        chat: bool,
+        include_usage: bool,
+        with_logprobs: bool,
+    ) -> AsyncIterator[str]:
         obj = "chat.completion.chunk" if chat else "text_completion"
         offsets = [0] * len(handles)  # where each choice's text so far ends, for text_offset
 
-        def chunk(i: int, text: str | None, reason: str | None, logprobs: list[TokenLogprob] | None = None,
-                  first: bool = False) -> str:
+        def chunk(
+            i: int,
+            text: str | None,
+            reason: str | None,
+            logprobs: list[TokenLogprob] | None = None,
+            first: bool = False,
+        ) -> str:
             """One choice's chunk; with logprobs, those of the tokens that arrived since its last chunk."""
             lp = None
             if with_logprobs and not first:
@@ -427,11 +487,22 @@ def create_app(
         raise ValueError("the HTTP server needs the engine's tokenizer (Engine(model, tokenizer, ...))")
     registry = CollectorRegistry()
     registry.register(_EngineCollector(engine))
-    requests_total = Counter("iapt_requests", "Completion requests by tenant, model and HTTP status",
-                             ["tenant", "model", "status"], registry=registry)
+    requests_total = Counter(
+        "iapt_requests",
+        "Completion requests by tenant, model and HTTP status",
+        ["tenant", "model", "status"],
+        registry=registry,
+    )
 
-    serving = OpenAIServing(engine, keys, requests_total, max_prompt_tokens=max_prompt_tokens,
-                            max_tokens_limit=max_tokens_limit, max_n=max_n, disconnect_poll_s=disconnect_poll_s)
+    serving = OpenAIServing(
+        engine,
+        keys,
+        requests_total,
+        max_prompt_tokens=max_prompt_tokens,
+        max_tokens_limit=max_tokens_limit,
+        max_n=max_n,
+        disconnect_poll_s=disconnect_poll_s,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -471,9 +542,14 @@ def create_app(
     async def _invalid(request: HTTPRequest, exc: RequestValidationError) -> Response:
         errors = exc.errors()
         where = [".".join(str(p) for p in e.get("loc", ())[1:] if not _union_label(p)) or "body" for e in errors]
-        problems = "; ".join(dict.fromkeys(
-            f"`{w}` is not supported by this server; remove it" if e.get("type") == "extra_forbidden"
-            else f"{w}: {e.get('msg')}" for w, e in zip(where, errors, strict=True)))
+        problems = "; ".join(
+            dict.fromkeys(
+                f"`{w}` is not supported by this server; remove it"
+                if e.get("type") == "extra_forbidden"
+                else f"{w}: {e.get('msg')}"
+                for w, e in zip(where, errors, strict=True)
+            )
+        )
         serving.count(request, 400)
         return APIError(400, f"invalid request: {problems}", param=where[0] if errors else None).response()
 
@@ -490,9 +566,14 @@ def create_app(
         ok = engine.is_running or not manage_engine
         return JSONResponse({"status": "ok" if ok else "engine stopped"}, status_code=200 if ok else 503)
 
-    @app.get("/metrics", response_class=Response, responses={
-        200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format"},
-        **_errors(401, 403, 413)})
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={
+            200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format"},
+            **_errors(401, 403, 413),
+        },
+    )
     async def metrics(request: HTTPRequest) -> Response:
         if not keys.open:
             serving.auth(request, admin=True)
@@ -500,8 +581,14 @@ def create_app(
 
     def _card(name: str, is_base: bool, created: int) -> dict[str, Any]:
         """A model object; no file paths: they tell a tenant about the server."""
-        return {"id": name, "object": "model", "created": created, "owned_by": "iapt", "root": name,
-                "parent": None if is_base else engine.base_name}
+        return {
+            "id": name,
+            "object": "model",
+            "created": created,
+            "owned_by": "iapt",
+            "root": name,
+            "parent": None if is_base else engine.base_name,
+        }
 
     @app.get("/v1/models", responses={200: {"model": ModelList}, **_errors(401, 413)})
     async def models(request: HTTPRequest) -> JSONResponse:
@@ -548,8 +635,7 @@ def create_app(
             raise APIError(400, f"adapter {body.lora_name!r} not loaded: {exc}") from None
         return JSONResponse({"status": "loaded", "name": body.lora_name})
 
-    @app.post("/v1/unload_lora_adapter",
-              responses={200: {"model": AdapterStatus}, **_errors(400, 401, 403, 404, 413)})
+    @app.post("/v1/unload_lora_adapter", responses={200: {"model": AdapterStatus}, **_errors(400, 401, 403, 404, 413)})
     @app.post("/v1/unload_adapter", responses={200: {"model": AdapterStatus}, **_errors(400, 401, 403, 404, 413)})
     async def unload_adapter(request: HTTPRequest, body: UnloadAdapterBody) -> JSONResponse:
         serving.auth(request, admin=True)
@@ -580,9 +666,14 @@ def create_app(
         else:
             text = body.prompt
         ids = serving.tokenize(text, special=body.add_special_tokens)
-        return JSONResponse({
-            "count": len(ids), "max_model_len": engine.max_positions - slots if engine.max_positions else None,
-            "tokens": ids, "token_strs": tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None})
+        return JSONResponse(
+            {
+                "count": len(ids),
+                "max_model_len": engine.max_positions - slots if engine.max_positions else None,
+                "tokens": ids,
+                "token_strs": tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None,
+            }
+        )
 
     @app.post("/detokenize", responses={200: {"model": DetokenizeResponse}, **_errors(400, 401, 404, 413)})
     async def detokenize(request: HTTPRequest, body: DetokenizeBody) -> JSONResponse:
@@ -631,6 +722,7 @@ def create_app(
 
     app.openapi = openapi  # type: ignore[method-assign]
     if docs:
+
         @app.get("/openapi.json", include_in_schema=False)
         async def openapi_json(request: HTTPRequest) -> JSONResponse:
             serving.auth(request)
@@ -762,12 +854,22 @@ def serve(
     for name, path in modules.items():  # before the backbone loads: a wrong folder fails in a second, not minutes
         kind = adapter_type(resolve_adapter_dir(path))
         if kind != "IAPT":
-            raise ValueError(f"--lora-modules {name}={path}: a {kind} adapter; only IAPT adapters are served by the "
-                             "built-in engine (serve LoRA and other PEFT adapters with vLLM)")
+            raise ValueError(
+                f"--lora-modules {name}={path}: a {kind} adapter; only IAPT adapters are served by the "
+                "built-in engine (serve LoRA and other PEFT adapters with vLLM)"
+            )
     base, tokenizer = load_model(model, dtype=dtype)
-    engine = Engine(base, tokenizer, adapters_dir, base_name=names[0] if names else model,
-                    base_aliases=names[1:] if names else None, max_batch_size=max_batch_size,
-                    max_queue=max_queue, max_bottleneck=max_bottleneck, max_soft_tokens=max_soft_tokens)
+    engine = Engine(
+        base,
+        tokenizer,
+        adapters_dir,
+        base_name=names[0] if names else model,
+        base_aliases=names[1:] if names else None,
+        max_batch_size=max_batch_size,
+        max_queue=max_queue,
+        max_bottleneck=max_bottleneck,
+        max_soft_tokens=max_soft_tokens,
+    )
     try:
         for name, path in modules.items():
             try:
@@ -776,8 +878,9 @@ def serve(
                 raise ValueError(f"--lora-modules {name}={path}: {exc}") from None
         for name, error in engine.load_errors.items():
             logger.warning("adapter %s not loaded: %s", name, error)
-        app = create_app(engine, keys, max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
-                         docs=docs)
+        app = create_app(
+            engine, keys, max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit, docs=docs
+        )
         uvicorn.run(app, host=host, port=port, log_level=log_level)
     finally:
         engine.close()

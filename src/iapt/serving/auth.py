@@ -57,10 +57,11 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
         try:
             seen = key in out
         except TypeError:
-            raise yaml.constructor.ConstructorError(None, None, f"unhashable key {key!r}", key_node.start_mark) from None
+            raise yaml.constructor.ConstructorError(
+                None, None, f"unhashable key {key!r}", key_node.start_mark
+            ) from None
         if seen:
-            raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} appears twice",
-                                                    key_node.start_mark)
+            raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} appears twice", key_node.start_mark)
         out[key] = loader.construct_object(value_node, deep=deep)
     return out
 
@@ -121,11 +122,15 @@ class KeyRing:
         for number, (key, entry) in enumerate(data.items(), start=1):
             where = f"keys file {path}: entry #{number}"
             if not isinstance(key, str) or not key.strip() or key != key.strip():
-                raise ValueError(f"{where}: the API key must be a non-empty string without surrounding spaces, "
-                                 f"got {key!r}; quote it in YAML (~ is null there)")
+                raise ValueError(
+                    f"{where}: the API key must be a non-empty string without surrounding spaces, "
+                    f"got {key!r}; quote it in YAML (~ is null there)"
+                )
             if not isinstance(entry, dict):
-                raise ValueError(f"{where} must be a mapping like {{tenant: alice, adapters: [...]}}, "  # noqa: TRY004
-                                 f"got {type(entry).__name__}")
+                raise ValueError(
+                    f"{where} must be a mapping like {{tenant: alice, adapters: [...]}}, "  # noqa: TRY004
+                    f"got {type(entry).__name__}"
+                )
             try:
                 parsed = _Entry.model_validate(entry)
             except ValidationError as exc:

@@ -47,13 +47,24 @@ class Adapter:
             state = load_file(str(self.weights_file))
         except (SafetensorError, OSError, ValueError) as exc:
             raise ValueError(f"adapter weights {self.weights_file} became unreadable: {exc}") from None
-        return {i: {key: (state[f"{i}.{stored}"].float() if f"{i}.{stored}" in state else None)
-                    for key, stored in _STORED.items()} for i in self.layer_ids}
+        return {
+            i: {
+                key: (state[f"{i}.{stored}"].float() if f"{i}.{stored}" in state else None)
+                for key, stored in _STORED.items()
+            }
+            for i in self.layer_ids
+        }
 
 
-_STORED = {"down_weight": "down.weight", "down_bias": "down.bias", "queries": "queries",
-           "numerator": "activation.numerator", "denominator": "activation.denominator",
-           "up_weight": "up.weight", "up_bias": "up.bias"}
+_STORED = {
+    "down_weight": "down.weight",
+    "down_bias": "down.bias",
+    "queries": "queries",
+    "numerator": "activation.numerator",
+    "denominator": "activation.denominator",
+    "up_weight": "up.weight",
+    "up_bias": "up.bias",
+}
 
 
 def read_adapter(base_model: PreTrainedModel, path: str | Path, name: str | None = None) -> Adapter:
@@ -66,14 +77,18 @@ def read_adapter(base_model: PreTrainedModel, path: str | Path, name: str | None
     directory = resolve_adapter_dir(path)
     kind = adapter_type(directory)
     if kind != "IAPT":
-        raise ValueError(f"adapter {directory} is a {kind} adapter; only IAPT adapters are served by the built-in "
-                         f"engine (serve {kind} adapters with vLLM or PEFT)")
+        raise ValueError(
+            f"adapter {directory} is a {kind} adapter; only IAPT adapters are served by the built-in "
+            f"engine (serve {kind} adapters with vLLM or PEFT)"
+        )
     config = IAPTConfig.load(directory)
     check_compatible(config, base_model, directory)
     if config.insertion != "hidden":
-        raise ValueError(f"adapter {directory} writes keys and values (insertion={config.insertion!r}), which the "
-                         "built-in engine does not serve yet; serve it offline with IAPTModel.generate, or retrain "
-                         "with insertion='hidden'")
+        raise ValueError(
+            f"adapter {directory} writes keys and values (insertion={config.insertion!r}), which the "
+            "built-in engine does not serve yet; serve it offline with IAPTModel.generate, or retrain "
+            "with insertion='hidden'"
+        )
     text = text_config(base_model)
     num_layers = text.num_hidden_layers
     layer_ids = list(range(num_layers)) if config.layers is None else sorted(set(config.layers))
@@ -88,8 +103,16 @@ def read_adapter(base_model: PreTrainedModel, path: str | Path, name: str | None
 
 
 def _shapes(d: int, r: int, n: int) -> dict[str, tuple[int, ...]]:
-    return {"down_weight": (r, d), "down_bias": (r,), "queries": (r, n), "numerator": (7,), "denominator": (5,),
-            "up_weight": (d, r), "up_bias": (d,), "anchor": (n, d)}
+    return {
+        "down_weight": (r, d),
+        "down_bias": (r,),
+        "queries": (r, n),
+        "numerator": (7,),
+        "denominator": (5,),
+        "up_weight": (d, r),
+        "up_bias": (d,),
+        "anchor": (n, d),
+    }
 
 
 def _pad_to(t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -110,8 +133,14 @@ class AdapterBank:
     a row's own n are never written), and ``present`` says which rows have a generator at a layer.
     """
 
-    def __init__(self, adapters: Sequence[Adapter], hidden_size: int, num_layers: int, device: torch.device,
-                 anchors: Mapping[str, torch.Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        adapters: Sequence[Adapter],
+        hidden_size: int,
+        num_layers: int,
+        device: torch.device,
+        anchors: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
         """``anchors``: name -> (layers, n, d) slot states of each anchored adapter (:func:`iapt.model.anchor_states`),
         added to its generators' output; adapters without an entry start from zero."""
         anchors = anchors or {}
@@ -147,8 +176,13 @@ class AdapterBank:
         """
         if not adapters:
             return self
-        added = AdapterBank(adapters, self.layers[0]["up_weight"].shape[1] if self.layers else 1,
-                            len(self.layers), self.num_slots.device, anchors)
+        added = AdapterBank(
+            adapters,
+            self.layers[0]["up_weight"].shape[1] if self.layers else 1,
+            len(self.layers),
+            self.num_slots.device,
+            anchors,
+        )
         if not self.names:
             return added  # nothing to merge: no second copy
         merged = AdapterBank.__new__(AdapterBank)
@@ -182,10 +216,17 @@ class AdapterBank:
         smaller.modes = [self.modes[i] for i in keep]
         r = max(smaller.bottlenecks[1:], default=1)
         n = max(smaller.num_slots[1:].tolist(), default=1)
-        cut = {"down_weight": (slice(0, r),), "down_bias": (slice(0, r),), "queries": (slice(0, r), slice(0, n)),
-               "up_weight": (slice(None), slice(0, r)), "anchor": (slice(0, n),)}
-        smaller.layers = [{k: v[(slice(None), *cut.get(k, ()))].index_select(0, rows) for k, v in layer.items()}
-                          for layer in self.layers]  # index_select copies only the view: the rest is freed
+        cut = {
+            "down_weight": (slice(0, r),),
+            "down_bias": (slice(0, r),),
+            "queries": (slice(0, r), slice(0, n)),
+            "up_weight": (slice(None), slice(0, r)),
+            "anchor": (slice(0, n),),
+        }
+        smaller.layers = [
+            {k: v[(slice(None), *cut.get(k, ()))].index_select(0, rows) for k, v in layer.items()}
+            for layer in self.layers
+        ]  # index_select copies only the view: the rest is freed
         return smaller
 
     def soft_prompts(
@@ -205,11 +246,20 @@ class AdapterBank:
             idx = adapter_index.index_select(0, rows)
             w = {k: bank[k].index_select(0, idx) for k in _WEIGHTS}
             w["queries"] = w["queries"][..., :num_slots]
-            out[rows] = soft_prompts(
-                hidden.index_select(0, rows), mask.index_select(0, rows), w["down_weight"], w["down_bias"],
-                w["queries"], w["numerator"], w["denominator"], w["up_weight"], w["up_bias"],
-                pooling=mode[0], input_norm=mode[1],
-            ) + bank["anchor"].index_select(0, idx)[:, :num_slots]
+            out[rows] = (
+                soft_prompts(
+                    hidden.index_select(0, rows),
+                    mask.index_select(0, rows),
+                    w["down_weight"],
+                    w["down_bias"],
+                    w["queries"],
+                    w["numerator"],
+                    w["denominator"],
+                    w["up_weight"],
+                    w["up_bias"],
+                    pooling=mode[0],
+                    input_norm=mode[1],
+                )
+                + bank["anchor"].index_select(0, idx)[:, :num_slots]
+            )
         return out, present
-
-

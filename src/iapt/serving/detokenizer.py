@@ -28,22 +28,22 @@ class IncrementalDetokenizer:
     def add(self, token: int) -> str:
         """Take one token; return the text that is now safe to show."""
         self.tokens.append(token)
-        context = self._decode(self.tokens[self.prefix: self.read])
-        window = self._decode(self.tokens[self.prefix:])
+        context = self._decode(self.tokens[self.prefix : self.read])
+        window = self._decode(self.tokens[self.prefix :])
         if len(window) <= len(context) or window.endswith("\ufffd"):
             return ""  # no new complete character yet
         searched = max(0, len(self.text) - self.hold)
-        self.text += window[len(context):]
+        self.text += window[len(context) :]
         self.prefix, self.read = self.read, len(self.tokens)
         cuts = [i for i in (self.text.find(s, searched) for s in self.stop) if i >= 0]
         if cuts:
             self.text, self.finish_reason = self.text[: min(cuts)], "stop"
             return self.flush()
-        out = self.text[self.sent: max(self.sent, len(self.text) - self.hold)]
+        out = self.text[self.sent : max(self.sent, len(self.text) - self.hold)]
         self.sent += len(out)
         return out
 
     def flush(self) -> str:
-        out = self.text[self.sent:]
+        out = self.text[self.sent :]
         self.sent = len(self.text)
         return out

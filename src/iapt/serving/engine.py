@@ -60,9 +60,25 @@ from iapt.serving.requests import (
 from iapt.serving.sampling import _generator, _logprob, _penalize
 from iapt.slots import SlotPlan, SlotWriter
 
-__all__ = ["FREQUENCY_PENALTY_RANGE", "MAX_LOGPROBS", "MIN_TEMPERATURE", "PRESENCE_PENALTY_RANGE",
-           "REPETITION_PENALTY_RANGE", "SEED_RANGE", "Adapter", "AdapterBank", "AdapterTooLarge", "Engine", "Event", "QueueFull", "Request", "RequestHandle",
-           "TokenLogprob", "UnknownAdapter", "read_adapter"]
+__all__ = [
+    "FREQUENCY_PENALTY_RANGE",
+    "MAX_LOGPROBS",
+    "MIN_TEMPERATURE",
+    "PRESENCE_PENALTY_RANGE",
+    "REPETITION_PENALTY_RANGE",
+    "SEED_RANGE",
+    "Adapter",
+    "AdapterBank",
+    "AdapterTooLarge",
+    "Engine",
+    "Event",
+    "QueueFull",
+    "Request",
+    "RequestHandle",
+    "TokenLogprob",
+    "UnknownAdapter",
+    "read_adapter",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +87,7 @@ StepObserver = Callable[[str, Sequence[Request], float | None], None]
 
 
 _WEIGHTS = ("down_weight", "down_bias", "queries", "numerator", "denominator", "up_weight", "up_bias")
+
 
 @dataclass
 class _Prefill:
@@ -133,8 +150,7 @@ class Engine:
         self.hidden_size, self.num_layers = text.hidden_size, text.num_hidden_layers
         embeddings = input_embeddings(base_model)
         self.vocab_size = embeddings.weight.shape[0]
-        self.max_positions = getattr(text, "max_position_embeddings", None) or getattr(
-            text, "n_positions", None)
+        self.max_positions = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
         self.device = embeddings.weight.device
         self.base_name = base_name or getattr(base_model.config, "name_or_path", "") or "base"
         if base_aliases is None:
@@ -173,7 +189,9 @@ class Engine:
         root = Path(adapters_dir)
         if not root.is_dir():
             raise FileNotFoundError(f"adapters folder {root} does not exist")
-        return self.load_adapters({p.name: p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")})
+        return self.load_adapters(
+            {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")}
+        )
 
     def load_adapters(self, paths: Mapping[str, str | Path]) -> dict[str, str]:
         """Load many adapters (name -> folder) at once; bad ones are skipped and reported in ``load_errors``.
@@ -201,11 +219,15 @@ class Engine:
     def _check_size(self, adapter: Adapter) -> Adapter:
         r, n = adapter.config.bottleneck, adapter.config.num_soft_tokens
         if r > self.max_bottleneck:
-            raise AdapterTooLarge(f"adapter {adapter.name!r} has bottleneck r={r}; this server's limit is "
-                                  f"max_bottleneck={self.max_bottleneck}")
+            raise AdapterTooLarge(
+                f"adapter {adapter.name!r} has bottleneck r={r}; this server's limit is "
+                f"max_bottleneck={self.max_bottleneck}"
+            )
         if n > self.max_soft_tokens:
-            raise AdapterTooLarge(f"adapter {adapter.name!r} has {n} soft tokens; this server's limit is "
-                                  f"max_soft_tokens={self.max_soft_tokens}")
+            raise AdapterTooLarge(
+                f"adapter {adapter.name!r} has {n} soft tokens; this server's limit is "
+                f"max_soft_tokens={self.max_soft_tokens}"
+            )
         return adapter
 
     def _check_name(self, name: str) -> None:
@@ -272,8 +294,7 @@ class Engine:
         self._validate(request)
         with self._lock:
             if not force and len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"the queue is full ({self.max_queue} waiting requests); retry later",
-                                retry_after=1.0)
+                raise QueueFull(f"the queue is full ({self.max_queue} waiting requests); retry later", retry_after=1.0)
             handle = RequestHandle(next(self._ids), request)
             self._waiting.append(handle)
             self._wake.notify()
@@ -305,9 +326,11 @@ class Engine:
             raise ValueError(f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
         if not isinstance(r.top_k, int) or r.top_k < -1:
             raise ValueError("top_k must be an integer >= 1, or 0 / -1 for no top-k")
-        for name, (low, high) in (("repetition_penalty", REPETITION_PENALTY_RANGE),
-                                  ("frequency_penalty", FREQUENCY_PENALTY_RANGE),
-                                  ("presence_penalty", PRESENCE_PENALTY_RANGE)):
+        for name, (low, high) in (
+            ("repetition_penalty", REPETITION_PENALTY_RANGE),
+            ("frequency_penalty", FREQUENCY_PENALTY_RANGE),
+            ("presence_penalty", PRESENCE_PENALTY_RANGE),
+        ):
             value = getattr(r, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):
                 raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}")
@@ -316,12 +339,15 @@ class Engine:
         adapter = self._adapters.get(r.adapter or "")
         total = len(r.prompt) + r.max_tokens + (adapter.config.num_soft_tokens if adapter else 0)
         if self.max_positions and total > self.max_positions:
-            raise ValueError(f"prompt ({len(r.prompt)} tokens) + max_tokens ({r.max_tokens}) exceeds the model's "
-                             f"context of {self.max_positions} positions")
+            raise ValueError(
+                f"prompt ({len(r.prompt)} tokens) + max_tokens ({r.max_tokens}) exceeds the model's "
+                f"context of {self.max_positions} positions"
+            )
 
     # -------------------------------------------------------------------- running
-    def generate_many(self, requests: Sequence[Request | list[int] | str], timeout: float | None = None
-                      ) -> list[RequestHandle]:
+    def generate_many(
+        self, requests: Sequence[Request | list[int] | str], timeout: float | None = None
+    ) -> list[RequestHandle]:
         """Run requests to completion and return their handles (``.tokens``, ``.finish_reason``).
 
         Strings are tokenized with the engine's tokenizer; bare token lists use the base model. Steps the
@@ -449,8 +475,13 @@ class Engine:
         for h in handles:
             name = h.request.adapter
             if name is not None and name not in self.base_names and name not in bank.index:
-                h._emit(Event(finish_reason="error", error=f"adapter {name!r} was unloaded before the request ran",
-                              code="model_not_found"))
+                h._emit(
+                    Event(
+                        finish_reason="error",
+                        error=f"adapter {name!r} was unloaded before the request ran",
+                        code="model_not_found",
+                    )
+                )
             else:
                 ready.append(h)
         if not ready:
@@ -483,10 +514,10 @@ class Engine:
         pool = torch.zeros_like(ids, dtype=torch.bool)  # what the generators read: the prompt tokens
         starts = []
         for i, (h, n, length) in enumerate(zip(handles, slots, lengths, strict=True)):
-            ids[i, width - length:] = torch.tensor(h.request.prompt, device=self.device)
-            ids[i, width - length - n: width - length] = self.slot_token_id
-            mask[i, width - length - n:] = 1
-            pool[i, width - length:] = True
+            ids[i, width - length :] = torch.tensor(h.request.prompt, device=self.device)
+            ids[i, width - length - n : width - length] = self.slot_token_id
+            mask[i, width - length - n :] = 1
+            pool[i, width - length :] = True
             starts.append(width - length - n)
         session: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         if max(slots) > 0:
@@ -497,8 +528,14 @@ class Engine:
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         cache = DynamicCache()
         with session:
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                             use_cache=True, logits_to_keep=1)
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         gens = [_generator(h.request) for h in handles]
         running = _Running(handles, cache, mask, ids[:, -1], gens)
         running.last, running.failed, running.logprobs = self._sample(out.logits[:, -1], running)
@@ -534,8 +571,13 @@ class Engine:
         assert run is not None, "decode needs running rows"
         run.mask = torch.cat([run.mask, run.mask.new_ones(run.mask.shape[0], 1)], dim=1)
         positions = run.mask.sum(-1, keepdim=True) - 1
-        out = self.model(input_ids=run.last[:, None], attention_mask=run.mask, position_ids=positions,
-                         past_key_values=run.cache, use_cache=True)
+        out = self.model(
+            input_ids=run.last[:, None],
+            attention_mask=run.mask,
+            position_ids=positions,
+            past_key_values=run.cache,
+            use_cache=True,
+        )
         run.last, run.failed, run.logprobs = self._sample(out.logits[:, -1], run)
         self._keep_rows(self._deliver(run))
 
@@ -569,8 +611,9 @@ class Engine:
             return
         self._running = _select(run, keep) if keep else None
 
-    def _sample(self, logits: torch.Tensor, run: _Running
-                ) -> tuple[torch.Tensor, dict[int, str], dict[int, TokenLogprob]]:
+    def _sample(
+        self, logits: torch.Tensor, run: _Running
+    ) -> tuple[torch.Tensor, dict[int, str], dict[int, TokenLogprob]]:
         """Each row's next token with its own parameters: penalties, then greedy below MIN_TEMPERATURE, else
         temperature, top-k and top-p sampling with the request's own generator (vLLM's order).
 
@@ -662,8 +705,13 @@ def _select(run: _Running, keep: list[int]) -> _Running:
     for layer in _kv_layers(run.cache):
         layer.keys = _kv(layer.keys).index_select(0, idx)[..., start:, :]
         layer.values = _kv(layer.values).index_select(0, idx)[..., start:, :]
-    return _Running([run.handles[i] for i in keep], run.cache, mask[:, start:], run.last.index_select(0, idx),
-                    [run.generators[i] for i in keep])
+    return _Running(
+        [run.handles[i] for i in keep],
+        run.cache,
+        mask[:, start:],
+        run.last.index_select(0, idx),
+        [run.generators[i] for i in keep],
+    )
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer: Any) -> set[int]:

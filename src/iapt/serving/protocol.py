@@ -19,17 +19,30 @@ from iapt.serving.engine import (
     REPETITION_PENALTY_RANGE,
 )
 
-_KINDS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
-          429: "rate_limit_error"}
+_KINDS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
 
 # ------------------------------------------------------------------------------------------ errors
 class APIError(Exception):
     """An error answered in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
 
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
-                 headers: dict[str, str] | None = None, code: str | int | None = None, param: str | None = None
-                 ) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+        code: str | int | None = None,
+        param: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.kind, self.headers, self.param = status, message, kind, headers, param
         self.code = status if code is None else code
@@ -43,8 +56,7 @@ class APIError(Exception):
 def _model_not_found(model: str) -> APIError:
     """OpenAI's answer for a model that does not exist *or* is not the caller's: the two are not told apart,
     so a tenant cannot find out which adapters other tenants have."""
-    return APIError(404, f"The model `{model}` does not exist or you do not have access to it.",
-                    code="model_not_found")
+    return APIError(404, f"The model `{model}` does not exist or you do not have access to it.", code="model_not_found")
 
 
 class ErrorDetail(BaseModel):
@@ -115,8 +127,11 @@ class _Body(_Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1, description="vLLM's: sample among the k most likely tokens; 0 or -1: off")
     repetition_penalty: float | None = Field(
-        None, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1],
-        description="vLLM's / transformers': logits of prompt and output tokens divided (> 1: less repetition)")
+        None,
+        ge=REPETITION_PENALTY_RANGE[0],
+        le=REPETITION_PENALTY_RANGE[1],
+        description="vLLM's / transformers': logits of prompt and output tokens divided (> 1: less repetition)",
+    )
     frequency_penalty: float | None = Field(None, ge=FREQUENCY_PENALTY_RANGE[0], le=FREQUENCY_PENALTY_RANGE[1])
     presence_penalty: float | None = Field(None, ge=PRESENCE_PENALTY_RANGE[0], le=PRESENCE_PENALTY_RANGE[1])
     n: int = Field(1, ge=1)
@@ -133,11 +148,14 @@ class _Body(_Strict):
 
 
 class CompletionBody(_Body):
-    prompt: Text | TokenIds | Annotated[list[Text], Field(min_length=1)] | Annotated[list[TokenIds], Field(min_length=1)]
+    prompt: (
+        Text | TokenIds | Annotated[list[Text], Field(min_length=1)] | Annotated[list[TokenIds], Field(min_length=1)]
+    )
     echo: bool = False
     best_of: int | None = None
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
-                                 description="each token's logprob and the k most likely tokens' (k = this)")
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="each token's logprob and the k most likely tokens' (k = this)"
+    )
 
     def top_logprob_count(self) -> int | None:
         return self.logprobs
@@ -198,8 +216,13 @@ class TokenizeChatBody(_Strict):
 
 TokenizeBody = Annotated[
     Annotated[TokenizeCompletionBody, Tag("tokenize_prompt")] | Annotated[TokenizeChatBody, Tag("tokenize_chat")],
-    Discriminator(lambda v: "tokenize_chat" if isinstance(v, dict) and "messages" in v
-                  or isinstance(v, TokenizeChatBody) else "tokenize_prompt"),
+    Discriminator(
+        lambda v: (
+            "tokenize_chat"
+            if isinstance(v, dict) and "messages" in v or isinstance(v, TokenizeChatBody)
+            else "tokenize_prompt"
+        )
+    ),
 ]
 _TAGS = ("tokenize_prompt", "tokenize_chat")
 
@@ -255,10 +278,15 @@ class Version(BaseModel):
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    described = {400: "invalid request (the message says which field and why)", 401: "missing or invalid API key",
-                 403: "needs an admin key", 404: "no such model, or not this key's",
-                 413: "request body over the server's limit", 429: "the queue is full; retry after Retry-After",
-                 500: "the engine failed on this request alone (others are unaffected)"}
+    described = {
+        400: "invalid request (the message says which field and why)",
+        401: "missing or invalid API key",
+        403: "needs an admin key",
+        404: "no such model, or not this key's",
+        413: "request body over the server's limit",
+        429: "the queue is full; retry after Retry-After",
+        500: "the engine failed on this request alone (others are unaffected)",
+    }
     out: dict[int | str, dict[str, Any]] = {s: {"model": ErrorResponse, "description": described[s]} for s in statuses}
     if 429 in out:
         out[429]["headers"] = {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}
@@ -266,8 +294,12 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 _GENERATE: dict[int | str, dict[str, Any]] = {
-    200: {"description": "the completion; with stream=true, server-sent events",
-          "content": {"application/json": {"schema": {"type": "object", "required": ["id", "object", "choices"]}},
-                      "text/event-stream": {"schema": {"type": "string"}}}},
+    200: {
+        "description": "the completion; with stream=true, server-sent events",
+        "content": {
+            "application/json": {"schema": {"type": "object", "required": ["id", "object", "choices"]}},
+            "text/event-stream": {"schema": {"type": "string"}},
+        },
+    },
     **_errors(400, 401, 404, 413, 429, 500),
 }

@@ -39,7 +39,6 @@ class AdapterTooLarge(ValueError):
     """The adapter's bottleneck or slot count is above the engine's limit (HTTP 400)."""
 
 
-
 @dataclass
 class Request:
     """What to generate. ``adapter=None`` (or the base model's name) runs the bare backbone."""
@@ -142,5 +141,3 @@ class RequestHandle:
                 self.request.on_event(event)
             except Exception:  # a broken listener must not take the engine down
                 logger.exception("on_event callback of request %d failed", self.id)
-
-

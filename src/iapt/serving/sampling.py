@@ -17,13 +17,15 @@ def _penalize(logits: torch.Tensor, r: Request, output: Sequence[int]) -> torch.
     vocab = logits.shape[0]
     out = logits.clone()
     if r.repetition_penalty != 1.0:
-        seen = torch.tensor([t for t in itertools.chain(r.prompt, output) if 0 <= t < vocab],
-                            dtype=torch.long, device=out.device).unique()
+        seen = torch.tensor(
+            [t for t in itertools.chain(r.prompt, output) if 0 <= t < vocab], dtype=torch.long, device=out.device
+        ).unique()
         values = out.gather(0, seen)
         out.scatter_(0, seen, torch.where(values > 0, values / r.repetition_penalty, values * r.repetition_penalty))
     if output and (r.frequency_penalty != 0.0 or r.presence_penalty != 0.0):
-        counts = torch.bincount(torch.tensor(list(output), dtype=torch.long, device=out.device),
-                                minlength=vocab)[:vocab].to(out.dtype)
+        counts = torch.bincount(torch.tensor(list(output), dtype=torch.long, device=out.device), minlength=vocab)[
+            :vocab
+        ].to(out.dtype)
         out -= r.frequency_penalty * counts + r.presence_penalty * (counts > 0).to(out.dtype)
     return out
 

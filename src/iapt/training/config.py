@@ -22,37 +22,61 @@ class TrainConfig(MethodOptions):
     """A training run of IAPT (or a baseline) on a task or an instruction file (the method's own options, from
     ``MethodOptions``, first)."""
 
-    model: str = field(default="default", metadata={"help": "Base model: 'default' (packaged SmolLM2-135M-Instruct) "
-                                                            "or a local Hugging Face model folder."})
+    model: str = field(
+        default="default",
+        metadata={
+            "help": "Base model: 'default' (packaged SmolLM2-135M-Instruct) or a local Hugging Face model folder."
+        },
+    )
     task: str | None = field(default=None, metadata={"help": "Built-in task (see `iapt data list`)."})
-    data: str | None = field(default=None, metadata={"help": "Your own training file (JSONL/JSON/CSV or a saved "
-                                                           "datasets folder) instead of --task."})
+    data: str | None = field(
+        default=None,
+        metadata={"help": "Your own training file (JSONL/JSON/CSV or a saved datasets folder) instead of --task."},
+    )
     dev_data: str | None = field(default=None, metadata={"help": "Dev file for --data; default: a seeded 10%% of it."})
     out: str = field(default="runs/iapt", metadata={"help": "Run folder: adapter, checkpoints, metrics, plots."})
-    method: str = field(default="iapt", metadata={"help": "Method to train: iapt, or a baseline "
-                                                          "(lora, prompt-tuning, prefix, idpg, lpt)."})
-    budget: int | None = field(default=None, metadata={
-        "help": "Target trainable-parameter count: each method picks its size (LoRA rank, prompt length, "
-                "bottleneck) to come closest; the run records the exact count."})
-    activation_mode: str = field(default="bilevel", metadata={
-        "help": "How the rational activations learn: bilevel (their coefficients on dev batches, the rest on train "
-                "batches, alternating: first-order DARTS), joint (all on train batches), frozen (kept at init)."})
+    method: str = field(
+        default="iapt",
+        metadata={"help": "Method to train: iapt, or a baseline (lora, prompt-tuning, prefix, idpg, lpt)."},
+    )
+    budget: int | None = field(
+        default=None,
+        metadata={
+            "help": "Target trainable-parameter count: each method picks its size (LoRA rank, prompt length, "
+            "bottleneck) to come closest; the run records the exact count."
+        },
+    )
+    activation_mode: str = field(
+        default="bilevel",
+        metadata={
+            "help": "How the rational activations learn: bilevel (their coefficients on dev batches, the rest on train "
+            "batches, alternating: first-order DARTS), joint (all on train batches), frozen (kept at init)."
+        },
+    )
     lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate of the generator weights."})
     rational_lr: float = field(default=1e-6, metadata={"help": "AdamW learning rate of the rational coefficients."})
-    rational_every: int = field(default=5, metadata={"help": "Bi-level: take the rational coefficients' dev step "
-                                                             "every k optimiser steps (each costs a forward and "
-                                                             "backward on a dev batch)."})
+    rational_every: int = field(
+        default=5,
+        metadata={
+            "help": "Bi-level: take the rational coefficients' dev step "
+            "every k optimiser steps (each costs a forward and "
+            "backward on a dev batch)."
+        },
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (generator weights only)."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the generator weights' gradient norm to this "
-                                                              "(0 = no clipping)."})
+    max_grad_norm: float = field(
+        default=1.0, metadata={"help": "Clip the generator weights' gradient norm to this (0 = no clipping)."}
+    )
     logging_steps: int = field(default=10, metadata={"help": "Log the training loss every N optimiser steps."})
     warmup_ratio: float = field(default=0.06, metadata={"help": "Linear warm-up, as a fraction of all steps."})
     epochs: float = field(default=3.0, metadata={"help": "Passes over the training data (the paper: up to 10)."})
     max_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimiser steps."})
-    batch_size: int = field(default=16, metadata={"help": "Examples per optimiser step (paper: 16, or 128 for "
-                                                          ">10k examples)."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimiser step; "
-                                                                          "each holds batch_size / this many."})
+    batch_size: int = field(
+        default=16, metadata={"help": "Examples per optimiser step (paper: 16, or 128 for >10k examples)."}
+    )
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Micro-batches per optimiser step; each holds batch_size / this many."}
+    )
     max_length: int = field(default=512, metadata={"help": "Max tokens per example (prompt cut from the left)."})
     max_train_examples: int | None = field(default=None, metadata={"help": "Use only the first N training examples."})
     max_dev_examples: int | None = field(default=200, metadata={"help": "Dev examples for perplexity and bi-level."})
@@ -74,11 +98,14 @@ class TrainConfig(MethodOptions):
         if self.batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise ValueError("batch_size and gradient_accumulation_steps must be >= 1")
         if self.batch_size % self.gradient_accumulation_steps:
-            raise ValueError(f"batch_size={self.batch_size} is not a multiple of "
-                             f"gradient_accumulation_steps={self.gradient_accumulation_steps}")
+            raise ValueError(
+                f"batch_size={self.batch_size} is not a multiple of "
+                f"gradient_accumulation_steps={self.gradient_accumulation_steps}"
+            )
         if self.logging_steps < 1 or self.max_grad_norm < 0:
-            raise ValueError(f"logging_steps={self.logging_steps} must be >= 1 and max_grad_norm="
-                             f"{self.max_grad_norm} >= 0")
+            raise ValueError(
+                f"logging_steps={self.logging_steps} must be >= 1 and max_grad_norm={self.max_grad_norm} >= 0"
+            )
         if self.rational_every < 1:
             raise ValueError(f"rational_every={self.rational_every} must be >= 1 (1 = a Θ step after every step)")
         if self.max_length < 8:

@@ -38,10 +38,13 @@ def generate_answers(
         idx = order[start : start + batch_size]
         batch = collate([encoded[i] for i in idx])
         out = model.generate(
-            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=collate.pad_token_id,
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=collate.pad_token_id,
         )
-        new = out[:, batch["input_ids"].shape[1]:]
+        new = out[:, batch["input_ids"].shape[1] :]
         for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
             answers[i] = text.strip()
         bar.update(len(idx))
@@ -64,8 +67,9 @@ def evaluate_task(
     spec = get_task(task)
     examples = spec.load(split, limit=limit)
     start = time.perf_counter()
-    answers = generate_answers(model, tokenizer, examples, spec.max_new_tokens, batch_size, max_length, progress,
-                               desc=f"{task}/{split}")
+    answers = generate_answers(
+        model, tokenizer, examples, spec.max_new_tokens, batch_size, max_length, progress, desc=f"{task}/{split}"
+    )
     seconds = time.perf_counter() - start
     scores = spec.score(answers, examples)
     report: dict[str, Any] = {
@@ -86,8 +90,11 @@ def label_report(answers: Sequence[str], examples: Sequence[Example], labels: Se
     """A classifier is read beside the trivial answer: the majority-class rate, the gold labels, what it answers."""
     gold = Counter(ex.label or ex.response for ex in examples)
     predicted = Counter(match_label(a, labels) or "(none)" for a in answers)
-    return {"majority_rate": round(100.0 * max(gold.values()) / len(examples), 2) if examples else 0.0,
-            "gold_labels": dict(gold.most_common()), "predicted_labels": dict(predicted.most_common())}
+    return {
+        "majority_rate": round(100.0 * max(gold.values()) / len(examples), 2) if examples else 0.0,
+        "gold_labels": dict(gold.most_common()),
+        "predicted_labels": dict(predicted.most_common()),
+    }
 
 
 FILE_METRICS = ("exact_match", "accuracy", "f1", "rougeL", "bleu")
@@ -98,8 +105,9 @@ def _responses(examples: Sequence[Example]) -> list[str]:
     return sorted({ex.label or ex.response for ex in examples})
 
 
-def score_answers(metric: str, answers: Sequence[str], examples: Sequence[Example],
-                  labels: Sequence[str] | None = None) -> tuple[float, list[float]]:
+def score_answers(
+    metric: str, answers: Sequence[str], examples: Sequence[Example], labels: Sequence[str] | None = None
+) -> tuple[float, list[float]]:
     """``metric`` over generated answers against the examples' references: (score, per-example scores), percent.
 
     ``accuracy`` matches each answer to one of ``labels`` (default: the distinct responses of the examples) the
@@ -127,9 +135,18 @@ def score_answers(metric: str, answers: Sequence[str], examples: Sequence[Exampl
 
 
 @torch.no_grad()
-def evaluate_file(model: Any, tokenizer: Any, path: str, metric: str, limit: int | None = None,
-                  batch_size: int = 16, max_length: int = 512, max_new_tokens: int = 64,
-                  labels: Sequence[str] | None = None, progress: bool = True) -> dict[str, Any]:
+def evaluate_file(
+    model: Any,
+    tokenizer: Any,
+    path: str,
+    metric: str,
+    limit: int | None = None,
+    batch_size: int = 16,
+    max_length: int = 512,
+    max_new_tokens: int = 64,
+    labels: Sequence[str] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Score ``model`` by generation on your own file (the training formats), with the metric you choose."""
     from iapt.data import load_examples
 
@@ -139,14 +156,18 @@ def evaluate_file(model: Any, tokenizer: Any, path: str, metric: str, limit: int
     if not examples:
         raise ValueError(f"{path} holds no examples to score")
     start = time.perf_counter()
-    answers = generate_answers(model, tokenizer, examples, max_new_tokens, batch_size, max_length, progress,
-                               desc=str(path))
+    answers = generate_answers(
+        model, tokenizer, examples, max_new_tokens, batch_size, max_length, progress, desc=str(path)
+    )
     score, each = score_answers(metric, answers, examples, labels)
-    report: dict[str, Any] = {"data": str(path), "examples": len(examples), "metrics": {metric: score},
-                              "per_example": [round(v, 3) for v in each],
-                              "seconds": round(time.perf_counter() - start, 2),
-                              "samples": [{"reference": ex.references[0], "answer": a}
-                                          for ex, a in list(zip(examples, answers))[:5]]}
+    report: dict[str, Any] = {
+        "data": str(path),
+        "examples": len(examples),
+        "metrics": {metric: score},
+        "per_example": [round(v, 3) for v in each],
+        "seconds": round(time.perf_counter() - start, 2),
+        "samples": [{"reference": ex.references[0], "answer": a} for ex, a in list(zip(examples, answers))[:5]],
+    }
     if metric == "accuracy":
         report.update(label_report(answers, examples, list(labels) if labels else _responses(examples)))
     return report

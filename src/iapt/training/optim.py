@@ -50,8 +50,14 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
 
 
 def build_optimisers(
-    model: nn.Module, mode: str, lr: float, rational_lr: float, weight_decay: float,
-    total_steps: int, warmup_steps: int, rational_every: int = 1,
+    model: nn.Module,
+    mode: str,
+    lr: float,
+    rational_lr: float,
+    weight_decay: float,
+    total_steps: int,
+    warmup_steps: int,
+    rational_every: int = 1,
 ) -> Optimisers:
     omega, theta = split_parameters(model)
     if mode == "frozen":
@@ -60,8 +66,13 @@ def build_optimisers(
         theta = []
     if mode == "joint" and theta:
         # One optimiser, two groups: Θ keeps its own (small) learning rate and no weight decay.
-        weights = torch.optim.AdamW([{"params": omega, "weight_decay": weight_decay},
-                                     {"params": theta, "lr": rational_lr, "weight_decay": 0.0}], lr=lr)
+        weights = torch.optim.AdamW(
+            [
+                {"params": omega, "weight_decay": weight_decay},
+                {"params": theta, "lr": rational_lr, "weight_decay": 0.0},
+            ],
+            lr=lr,
+        )
         theta = []
     else:
         weights = torch.optim.AdamW(omega, lr=lr, weight_decay=weight_decay)
@@ -71,6 +82,7 @@ def build_optimisers(
     rational = torch.optim.AdamW(theta, lr=rational_lr, weight_decay=0.0)
     # Θ steps every ``rational_every`` optimiser steps: its schedule counts those steps only.
     every = max(1, rational_every)
-    rational_schedule = get_linear_schedule_with_warmup(rational, math.ceil(warmup_steps / every),
-                                                        max(1, math.ceil(total_steps / every)))
+    rational_schedule = get_linear_schedule_with_warmup(
+        rational, math.ceil(warmup_steps / every), max(1, math.ceil(total_steps / every))
+    )
     return Optimisers(weights, schedule, rational, rational_schedule)

@@ -58,7 +58,7 @@ def plot_activations(model: Any, path: Path) -> None:
             ax.plot(x, gen.activation(x), lw=1.4)
         ax.set_title(f"layer {layer}", fontsize=8)
         ax.tick_params(labelsize=6)
-    for ax in list(axes.flat)[len(generators):]:
+    for ax in list(axes.flat)[len(generators) :]:
         ax.axis("off")
     fig.suptitle("learned rational activations (dashed: initial function)", fontsize=9)
     _save(fig, path)

@@ -58,7 +58,7 @@ class EpochSampler(Sampler[int]):
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=g).tolist()[self.rank::self.world])
+        return iter(torch.randperm(self.size, generator=g).tolist()[self.rank :: self.world])
 
     def __len__(self) -> int:
         return len(range(self.rank, self.size, self.world))
@@ -93,7 +93,9 @@ def load_splits(cfg: TrainConfig) -> tuple[list, list]:
             dev = load_examples(cfg.dev_data)
         else:  # a seeded 10% of the file, at least one example, never all of it
             if len(train) < 2:
-                raise DataError(f"{cfg.data}: {len(train)} example(s) is too few to split off a dev set; pass --dev-data")
+                raise DataError(
+                    f"{cfg.data}: {len(train)} example(s) is too few to split off a dev set; pass --dev-data"
+                )
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
             n_dev = max(1, len(train) // 10)
             dev = [train[i] for i in sorted(order[:n_dev])]
@@ -111,8 +113,9 @@ def encode(tokenizer: Any, examples: list, cfg: TrainConfig, what: str) -> list[
         source = cfg.task or (cfg.data if what == "training" else cfg.dev_data or cfg.data)
         if not examples:
             raise DataError(f"no {what} examples in {source}")
-        raise DataError(f"no {what} example of {source} fits in max_length={cfg.max_length}: {report}. "
-                        f"Raise --max-length.")
+        raise DataError(
+            f"no {what} example of {source} fits in max_length={cfg.max_length}: {report}. Raise --max-length."
+        )
     if report.num_dropped:
         logger.warning("%s data: %s", what, report)
     return encoded
@@ -165,23 +168,34 @@ class Trainer:
         self.model = build_model(cfg, base)
         self.micro_batch = cfg.batch_size // cfg.gradient_accumulation_steps
         self.collate = Collator.from_tokenizer(tokenizer, padding_side="right")
-        self.sampler = EpochSampler(len(self.train_data), cfg.seed,
-                                    self.accelerator.process_index, self.accelerator.num_processes)
+        self.sampler = EpochSampler(
+            len(self.train_data), cfg.seed, self.accelerator.process_index, self.accelerator.num_processes
+        )
         # Not handed to accelerate.prepare: its loader re-seeds epochs itself, which breaks exact resumption.
         # (a list is a map-style dataset; torch's annotation asks for a Dataset)
-        self.loader: DataLoader[Encoded] = DataLoader(self.train_data,  # type: ignore[arg-type]
-                                                      batch_size=self.micro_batch, sampler=self.sampler,
-                                                      collate_fn=self.collate)
+        self.loader: DataLoader[Encoded] = DataLoader(
+            self.train_data,  # type: ignore[arg-type]
+            batch_size=self.micro_batch,
+            sampler=self.sampler,
+            collate_fn=self.collate,
+        )
         steps_per_epoch = max(1, len(self.loader) // cfg.gradient_accumulation_steps)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
         self.optim: Optimisers = build_optimisers(
-            self.model, cfg.activation_mode, cfg.lr, cfg.rational_lr, cfg.weight_decay,
-            self.total_steps, int(cfg.warmup_ratio * self.total_steps), cfg.rational_every,
+            self.model,
+            cfg.activation_mode,
+            cfg.lr,
+            cfg.rational_lr,
+            cfg.weight_decay,
+            self.total_steps,
+            int(cfg.warmup_ratio * self.total_steps),
+            cfg.rational_every,
         )
         self.model = self.accelerator.prepare(self.model)
         self.state = RunState()
         self.passes_instruction_mask = hasattr(self.unwrapped, "generators") or getattr(
-            self.unwrapped, "accepts_instruction_mask", False)
+            self.unwrapped, "accepts_instruction_mask", False
+        )
         self._tensorboard = self._open_tensorboard()
 
     @property
@@ -193,16 +207,22 @@ class Trainer:
         saved = self.out / CONFIG_FILE
         if self.cfg.resume:
             if not (self.out / CHECKPOINT).is_file():
-                raise FileNotFoundError(f"cannot resume: {self.out / CHECKPOINT} does not exist (start without --resume)")
+                raise FileNotFoundError(
+                    f"cannot resume: {self.out / CHECKPOINT} does not exist (start without --resume)"
+                )
             previous = TrainConfig.from_dict(json.loads(saved.read_text()))
             diff = previous.differences(self.cfg)
             if diff:
                 listed = ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in diff.items())
-                raise ValueError(f"cannot resume {self.out}: it was trained with other settings ({listed}). "
-                                 f"Use the same settings, or another --out for a new run.")
+                raise ValueError(
+                    f"cannot resume {self.out}: it was trained with other settings ({listed}). "
+                    f"Use the same settings, or another --out for a new run."
+                )
         elif (self.out / CHECKPOINT).exists():
-            raise FileExistsError(f"{self.out} already holds a run: pass --resume to continue it, or choose another "
-                                  f"--out (nothing was overwritten)")
+            raise FileExistsError(
+                f"{self.out} already holds a run: pass --resume to continue it, or choose another "
+                f"--out (nothing was overwritten)"
+            )
 
     def _remove_stale_temporaries(self) -> None:
         """Delete what a killed atomic write left in the run folder (``.NAME.XXXXXXXX.tmp`` files or folders,
@@ -234,8 +254,12 @@ class Trainer:
             "adapter": adapter_state(self.unwrapped),
             "optim": self.optim.state_dict(),
             "state": self.state.__dict__,
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
         }
         atomic_write(self.out / CHECKPOINT, lambda tmp: torch.save(payload, tmp))
 
@@ -244,8 +268,10 @@ class Trainer:
         try:
             payload = torch.load(path, weights_only=False, map_location="cpu")
         except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
-            raise ValueError(f"checkpoint {path} is unreadable ({exc}); the adapter in {self.out / 'adapter'} is "
-                             f"intact, start a new run to continue from scratch") from None
+            raise ValueError(
+                f"checkpoint {path} is unreadable ({exc}); the adapter in {self.out / 'adapter'} is "
+                f"intact, start a new run to continue from scratch"
+            ) from None
         load_adapter_state(self.unwrapped, payload["adapter"])
         self.optim.load_state_dict(payload["optim"])
         self.state = RunState(**payload["state"])
@@ -266,7 +292,9 @@ class Trainer:
     # ------------------------------------------------------------ steps
     def _inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         device = self.accelerator.device
-        keys = ["input_ids", "attention_mask", "labels"] + (["instruction_mask"] if self.passes_instruction_mask else [])
+        keys = ["input_ids", "attention_mask", "labels"] + (
+            ["instruction_mask"] if self.passes_instruction_mask else []
+        )
         inputs: dict[str, Any] = {k: batch[k].to(device) for k in keys}
         if isinstance(self.unwrapped, IAPTModel):
             inputs["labelled_logits_only"] = True  # same loss, no vocabulary projection of unlabelled positions
@@ -280,7 +308,7 @@ class Trainer:
         g = torch.Generator().manual_seed(self.cfg.seed * 7919 + 1 + pass_no)
         order = torch.randperm(n, generator=g).tolist()
         self.state.dev_draws += 1
-        return self.collate([self.dev_data[i] for i in order[pos * self.micro_batch:(pos + 1) * self.micro_batch]])
+        return self.collate([self.dev_data[i] for i in order[pos * self.micro_batch : (pos + 1) * self.micro_batch]])
 
     def _zero_grad(self) -> None:
         for p in self.unwrapped.parameters():
@@ -315,7 +343,7 @@ class Trainer:
         self.model.eval()
         total, tokens = 0.0, 0
         for start in range(0, len(self.dev_data), self.micro_batch):
-            batch = self.collate(self.dev_data[start:start + self.micro_batch])
+            batch = self.collate(self.dev_data[start : start + self.micro_batch])
             n = int((batch["labels"][:, 1:] != -100).sum())
             total += self.model(**self._inputs(batch)).loss.item() * n
             tokens += n
@@ -334,8 +362,9 @@ class Trainer:
 
     def _evaluate_and_maybe_stop(self) -> None:
         loss = self.dev_loss()
-        self._log({"step": self.state.step, "epoch": self.state.epoch, "dev_loss": loss,
-                   "dev_ppl": math.exp(min(loss, 50.0))})
+        self._log(
+            {"step": self.state.step, "epoch": self.state.epoch, "dev_loss": loss, "dev_ppl": math.exp(min(loss, 50.0))}
+        )
         if loss < self.state.best_dev_loss - 1e-6:
             self.state.best_dev_loss, self.state.best_step, self.state.evals_without_gain = loss, self.state.step, 0
             self.save_adapter()
@@ -377,9 +406,16 @@ class Trainer:
                 self.state.elapsed = time.perf_counter() - started
                 if self.state.step % cfg.logging_steps == 0 or self.state.step == 1:
                     now = time.perf_counter()
-                    self._log({"step": self.state.step, "epoch": self.state.epoch, "train_loss": loss, "lr": lr,
-                               "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
-                               "elapsed_s": round(self.state.elapsed, 2)})
+                    self._log(
+                        {
+                            "step": self.state.step,
+                            "epoch": self.state.epoch,
+                            "train_loss": loss,
+                            "lr": lr,
+                            "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
+                            "elapsed_s": round(self.state.elapsed, 2),
+                        }
+                    )
                     window_tokens, window_start = 0, now
                 last = self.state.step >= self.total_steps
                 if self.state.step % cfg.eval_every == 0 or last:
@@ -397,8 +433,9 @@ class Trainer:
 
     def finish(self) -> dict[str, Any]:
         trainable = sum(p.numel() for p in self.unwrapped.parameters() if p.requires_grad)
-        trainable += sum(p.numel() for p in getattr(self.unwrapped, "rational_parameters", list)()
-                         if not p.requires_grad)  # frozen Θ still belongs to the adapter
+        trainable += sum(
+            p.numel() for p in getattr(self.unwrapped, "rational_parameters", list)() if not p.requires_grad
+        )  # frozen Θ still belongs to the adapter
         summary = {
             "method": self.cfg.method,
             "activation_mode": self.cfg.activation_mode,

@@ -23,11 +23,15 @@ from typing import Any
 
 CONFIG_KEY = "iapt"  # additional_config[CONFIG_KEY] = {"adapters": {name: folder}, "marker": id, ...}
 
-_CHUNKED = ("IAPT on vLLM needs enable_chunked_prefill=False: the generators read the whole instruction at "
-            "every layer, and a prefill split across steps would give them part of it")
-_PREFIX = ("IAPT on vLLM needs enable_prefix_caching=False, or salted_prefix_caching=True with every IAPT prompt "
-           "built by IAPTServing.prompt (which salts it): a cached block holding the slots depends on the whole "
-           "instruction, so unsalted caching would hand one request another's soft tokens")
+_CHUNKED = (
+    "IAPT on vLLM needs enable_chunked_prefill=False: the generators read the whole instruction at "
+    "every layer, and a prefill split across steps would give them part of it"
+)
+_PREFIX = (
+    "IAPT on vLLM needs enable_prefix_caching=False, or salted_prefix_caching=True with every IAPT prompt "
+    "built by IAPTServing.prompt (which salts it): a cached block holding the slots depends on the whole "
+    "instruction, so unsalted caching would hand one request another's soft tokens"
+)
 
 
 def check_engine_args(kwargs: Mapping[str, Any], salted_prefix_caching: bool = False) -> None:
@@ -48,10 +52,15 @@ def plugin_config(vllm_config: Any) -> dict[str, Any]:
     extra = getattr(vllm_config, "additional_config", None) or {}
     spec = extra.get(CONFIG_KEY) if isinstance(extra, Mapping) else None
     if not isinstance(spec, Mapping) or "marker" not in spec:
-        raise ValueError("an IAPT model needs additional_config={'iapt': {'adapters': {...}, 'marker': ...}}: "
-                         "build the engine arguments with iapt.vllm.IAPTServing(...).engine_args()")
-    return {"adapters": dict(spec.get("adapters") or {}), "marker": int(spec["marker"]),
-            "salted_prefix_caching": bool(spec.get("salted_prefix_caching", False))}
+        raise ValueError(
+            "an IAPT model needs additional_config={'iapt': {'adapters': {...}, 'marker': ...}}: "
+            "build the engine arguments with iapt.vllm.IAPTServing(...).engine_args()"
+        )
+    return {
+        "adapters": dict(spec.get("adapters") or {}),
+        "marker": int(spec["marker"]),
+        "salted_prefix_caching": bool(spec.get("salted_prefix_caching", False)),
+    }
 
 
 def check_vllm_config(vllm_config: Any) -> None:

@@ -26,6 +26,7 @@ import contextlib
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -41,6 +42,9 @@ from vllm.utils.torch_utils import direct_register_custom_op
 from iapt.vllm.config import check_vllm_config, plugin_config
 from iapt.vllm.protocol import Header
 
+if TYPE_CHECKING:
+    from iapt.serving.bank import AdapterBank
+
 logger = logging.getLogger(__name__)
 
 
@@ -49,7 +53,7 @@ logger = logging.getLogger(__name__)
 class _Step:
     """Where this step's IAPT requests are in the flattened batch (B = IAPT requests in the step)."""
 
-    bank: object  # iapt.serving.engine.AdapterBank
+    bank: AdapterBank
     index: torch.Tensor  # (B,) adapter index (bank row)
     slot_rows: torch.Tensor  # (B, N) flattened token index of each slot (clamped past a request's own n)
     slot_valid: torch.Tensor  # (B, N) False past the request's own n
@@ -99,10 +103,13 @@ def _fake_write(hidden_states: torch.Tensor, *args: object) -> None:
     return None
 
 
-direct_register_custom_op("iapt_write_slots", iapt_write_slots, mutates_args=["hidden_states"],
-                          fake_impl=_fake_write)
-direct_register_custom_op("iapt_write_slots_residual", iapt_write_slots_residual,
-                          mutates_args=["hidden_states", "residual"], fake_impl=_fake_write)
+direct_register_custom_op("iapt_write_slots", iapt_write_slots, mutates_args=["hidden_states"], fake_impl=_fake_write)
+direct_register_custom_op(
+    "iapt_write_slots_residual",
+    iapt_write_slots_residual,
+    mutates_args=["hidden_states", "residual"],
+    fake_impl=_fake_write,
+)
 
 
 def iapt_layer(base: type[nn.Module]) -> type[nn.Module]:
@@ -113,8 +120,14 @@ def iapt_layer(base: type[nn.Module]) -> type[nn.Module]:
             super().__init__(*args, prefix=prefix, **kwargs)
             self.iapt_layer = extract_layer_index(prefix)
 
-        def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
-                    *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        def forward(
+            self,
+            positions: torch.Tensor,
+            hidden_states: torch.Tensor,
+            residual: torch.Tensor | None,
+            *args: object,
+            **kwargs: object,
+        ) -> tuple[torch.Tensor, torch.Tensor]:
             if residual is None:
                 torch.ops.vllm.iapt_write_slots(hidden_states, self.iapt_layer)
             else:
@@ -133,7 +146,7 @@ class IAPTAdapters:
         check_vllm_config(vllm_config)
         self.vllm_config = vllm_config
         self.spec = plugin_config(vllm_config)
-        self.bank = None
+        self.bank: AdapterBank | None = None
         self.header: Header | None = None
         self.slot_token_id = 0
 
@@ -145,13 +158,17 @@ class IAPTAdapters:
         from iapt.serving.engine import AdapterBank, read_adapter
 
         model_config = self.vllm_config.model_config
-        base = AutoModelForCausalLM.from_pretrained(model_config.model, dtype=model_config.dtype,
-                                                    revision=model_config.revision,
-                                                    trust_remote_code=model_config.trust_remote_code).eval()
+        base = AutoModelForCausalLM.from_pretrained(
+            model_config.model,
+            dtype=model_config.dtype,
+            revision=model_config.revision,
+            trust_remote_code=model_config.trust_remote_code,
+        ).eval()
         try:
             adapters = [read_adapter(base, path, name) for name, path in self.spec["adapters"].items()]
-            anchors = {a.name: states.to(device) for a in adapters
-                       if (states := anchor_states(base, a.config)) is not None}
+            anchors = {
+                a.name: states.to(device) for a in adapters if (states := anchor_states(base, a.config)) is not None
+            }
             text = text_config(base)
             self.bank = AdapterBank(adapters, text.hidden_size, text.num_hidden_layers, device, anchors)
             self.slot_token_id = slot_token_id(base)
@@ -159,7 +176,7 @@ class IAPTAdapters:
         finally:
             del base
         self.header = Header(int(self.spec["marker"]), vocab, [a.config.num_soft_tokens for a in adapters])
-        logger.info("IAPT: %d adapter(s) loaded: %s", len(adapters), ", ".join(self.bank.names) or "none")
+        logger.info("IAPT: %d adapter(s) loaded: %s", len(adapters), ", ".join(a.name for a in adapters) or "none")
 
     def plan(self, input_ids: torch.Tensor | None, positions: torch.Tensor) -> tuple[_Step | None, torch.Tensor | None]:
         """This step's plan (None: no IAPT request begins in it) and the input ids with the slots' ids."""
@@ -185,14 +202,15 @@ class IAPTAdapters:
         width = max(self.header.num_slots)
         for i in begins.nonzero().flatten().tolist():
             start, end = bounds[i], bounds[i + 1]
-            head = input_ids[start:min(end, start + width)].tolist()
+            head = input_ids[start : min(end, start + width)].tolist()
             index, n, length = self.header.decode(head)  # ValueError for a malformed header: never guess
             if end - start < n + length:
                 raise RuntimeError(
                     f"an IAPT request (adapter index {index}) has only {end - start} of its {n} slots and "
                     f"{length}-token instruction in this step: its prefill was split (chunked prefill or a "
                     "token budget below the prompt). Serve with enable_chunked_prefill=False and "
-                    "max_num_batched_tokens >= max_model_len")
+                    "max_num_batched_tokens >= max_model_len"
+                )
             rows.append((index, start, n, length))
         device = input_ids.device
         max_len = max(max(r[3] for r in rows), 1)
@@ -205,10 +223,11 @@ class IAPTAdapters:
         lengths = torch.tensor([r[3] for r in rows], device=device)
         pool_mask = pool[None] < lengths[:, None]
         pool_rows = torch.where(pool_mask, (slot_start + slot_n)[:, None] + pool[None], slot_start[:, None])
-        index = torch.tensor([r[0] for r in rows], device=device)
+        adapter_index = torch.tensor([r[0] for r in rows], device=device)
         ids = input_ids.clone()
         ids[slot_rows[slot_valid]] = self.slot_token_id  # what IAPTModel feeds at its slots
-        return _Step(self.bank, index, slot_rows, slot_valid, pool_rows, pool_mask), ids
+        assert self.bank is not None, "the header is set only once the bank is loaded"
+        return _Step(self.bank, adapter_index, slot_rows, slot_valid, pool_rows, pool_mask), ids
 
 
 class _IAPTMixin:
@@ -216,17 +235,24 @@ class _IAPTMixin:
 
     iapt: IAPTAdapters
 
-    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, intermediate_tensors=None,
-                inputs_embeds: torch.Tensor | None = None, **kwargs: object):  # type: ignore[no-untyped-def]
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors=None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs: object,
+    ):  # type: ignore[no-untyped-def]
         step, ids = self.iapt.plan(input_ids, positions)
         if step is not None and inputs_embeds is not None:
             raise RuntimeError("IAPT requests given as embeddings are not supported")
         with _running(step):
-            return super().forward(ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+            # a mixin: super() is vLLM's model class it is mixed into
+            return super().forward(ids, positions, intermediate_tensors, inputs_embeds, **kwargs)  # type: ignore[misc]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        loaded = super().load_weights(weights)
-        self.iapt.load(next(self.parameters()).device)
+        loaded = super().load_weights(weights)  # type: ignore[misc]  # a mixin, as forward
+        self.iapt.load(next(cast(nn.Module, self).parameters()).device)
         return loaded
 
 
@@ -256,4 +282,3 @@ class IAPTQwen2ForCausalLM(_IAPTMixin, Qwen2ForCausalLM):
         finally:
             vllm_qwen2.Qwen2Model = original
         self.iapt = iapt
-

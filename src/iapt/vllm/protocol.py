@@ -35,13 +35,16 @@ class Header:
         if not 0 <= self.marker < self.vocab_size:
             raise ValueError(f"the IAPT marker id {self.marker} is outside the vocabulary [0, {self.vocab_size})")
         if len(self.num_slots) >= self.vocab_size:
-            raise ValueError(f"{len(self.num_slots)} adapters do not fit in one id of a {self.vocab_size}-token "
-                             "vocabulary")
+            raise ValueError(
+                f"{len(self.num_slots)} adapters do not fit in one id of a {self.vocab_size}-token vocabulary"
+            )
         for i, n in enumerate(self.num_slots, start=1):
             if n < MIN_SLOTS:
-                raise ValueError(f"adapter index {i} has {n} soft tokens; the vLLM plugin needs at least "
-                                 f"{MIN_SLOTS} (its header: marker, adapter index, two ids for the instruction "
-                                 "length)")
+                raise ValueError(
+                    f"adapter index {i} has {n} soft tokens; the vLLM plugin needs at least "
+                    f"{MIN_SLOTS} (its header: marker, adapter index, two ids for the instruction "
+                    "length)"
+                )
 
     @property
     def max_instruction(self) -> int:
@@ -60,9 +63,11 @@ class Header:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
         if index == 0:
             if prompt[0] == self.marker:
-                raise ValueError(f"this base-model prompt begins with token {self.marker}, the IAPT marker: the "
-                                 "model would read it as an IAPT header. Start it with another token, or serve "
-                                 "with another marker (IAPTServing(marker=...))")
+                raise ValueError(
+                    f"this base-model prompt begins with token {self.marker}, the IAPT marker: the "
+                    "model would read it as an IAPT header. Start it with another token, or serve "
+                    "with another marker (IAPTServing(marker=...))"
+                )
             return prompt
         if not 1 <= index <= len(self.num_slots):
             raise ValueError(f"adapter index {index} is not in [1, {len(self.num_slots)}]")
@@ -70,8 +75,9 @@ class Header:
         if not 0 <= length <= len(prompt):
             raise ValueError(f"instruction_length {length} is not in [0, {len(prompt)}] (the prompt's length)")
         if length > self.max_instruction:
-            raise ValueError(f"an instruction of {length} tokens does not fit the header (at most "
-                             f"{self.max_instruction})")
+            raise ValueError(
+                f"an instruction of {length} tokens does not fit the header (at most {self.max_instruction})"
+            )
         n = self.num_slots[index - 1]
         header = [self.marker, index, length // self.vocab_size, length % self.vocab_size]
         return header + [self.marker] * (n - MIN_SLOTS) + prompt
@@ -85,9 +91,11 @@ class Header:
             raise ValueError(f"not an IAPT header: {list(tokens[:MIN_SLOTS])}")
         index = int(tokens[1])
         if not 1 <= index <= len(self.num_slots):
-            raise ValueError(f"an IAPT header names adapter index {index}, but {len(self.num_slots)} adapters are "
-                             "loaded (a base prompt beginning with the marker, or a client with another adapter "
-                             "list)")
+            raise ValueError(
+                f"an IAPT header names adapter index {index}, but {len(self.num_slots)} adapters are "
+                "loaded (a base prompt beginning with the marker, or a client with another adapter "
+                "list)"
+            )
         n = self.num_slots[index - 1]
         if len(tokens) < n or any(int(t) != self.marker for t in tokens[MIN_SLOTS:n]):
             raise ValueError(f"an IAPT header for adapter index {index} must be {n} tokens ending in markers")

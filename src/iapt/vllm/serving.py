@@ -41,8 +41,9 @@ class IAPTServing:
     and validates the weights against the base when it loads.
     """
 
-    def __init__(self, model: str | Path, adapters: Mapping[str, str | Path] | None = None,
-                 marker: int | None = None) -> None:
+    def __init__(
+        self, model: str | Path, adapters: Mapping[str, str | Path] | None = None, marker: int | None = None
+    ) -> None:
         from transformers import AutoConfig
 
         self.model = str(model)
@@ -51,8 +52,10 @@ class IAPTServing:
         architectures = list(getattr(config, "architectures", None) or [])
         supported = [a for a in architectures if a in ARCHITECTURES]
         if not supported:
-            raise ValueError(f"{self.model} is a {architectures or config.model_type} model; IAPT on vLLM serves "
-                             f"{', '.join(sorted(ARCHITECTURES))} so far")
+            raise ValueError(
+                f"{self.model} is a {architectures or config.model_type} model; IAPT on vLLM serves "
+                f"{', '.join(sorted(ARCHITECTURES))} so far"
+            )
         self.architecture = ARCHITECTURES[supported[0]]
         self.adapters = {name: str(resolve_adapter_dir(path)) for name, path in (adapters or {}).items()}
         for name in self.adapters:
@@ -64,8 +67,11 @@ class IAPTServing:
         self.index = {name: i for i, name in enumerate(self.adapters, start=1)}
 
     def plugin_config(self, salted_prefix_caching: bool = False) -> dict[str, Any]:
-        return {"adapters": dict(self.adapters), "marker": self.marker,
-                "salted_prefix_caching": bool(salted_prefix_caching)}
+        return {
+            "adapters": dict(self.adapters),
+            "marker": self.marker,
+            "salted_prefix_caching": bool(salted_prefix_caching),
+        }
 
     def engine_args(self, salted_prefix_caching: bool = False, **kwargs: Any) -> dict[str, Any]:
         """Keyword arguments for ``vllm.LLM`` / ``EngineArgs``: yours, checked, plus what IAPT needs.
@@ -78,11 +84,18 @@ class IAPTServing:
         overrides["architectures"] = [self.architecture]
         extra = dict(kwargs.pop("additional_config", None) or {})
         extra[CONFIG_KEY] = self.plugin_config(salted_prefix_caching)
-        return {"model": self.model, "enable_chunked_prefill": False, "enable_prefix_caching": False,
-                **kwargs, "hf_overrides": overrides, "additional_config": extra}
+        return {
+            "model": self.model,
+            "enable_chunked_prefill": False,
+            "enable_prefix_caching": False,
+            **kwargs,
+            "hf_overrides": overrides,
+            "additional_config": extra,
+        }
 
-    def prompt(self, prompt: Sequence[int], adapter: str | None = None, instruction_length: int | None = None
-               ) -> dict[str, Any]:
+    def prompt(
+        self, prompt: Sequence[int], adapter: str | None = None, instruction_length: int | None = None
+    ) -> dict[str, Any]:
         """A vLLM ``TokensPrompt`` for ``prompt`` (token ids) on ``adapter`` (None or the base name: the bare base).
 
         ``instruction_length``: how many first tokens of the prompt the generators pool (default: all, as
@@ -96,7 +109,7 @@ class IAPTServing:
         ids = self.header.encode(prompt, self.index[adapter], instruction_length)
         n = self.header.num_slots[self.index[adapter] - 1]
         length = len(prompt) if instruction_length is None else int(instruction_length)
-        digest = hashlib.sha256(repr((adapter, ids[:n + length])).encode()).hexdigest()
+        digest = hashlib.sha256(repr((adapter, ids[: n + length])).encode()).hexdigest()
         return {"prompt_token_ids": ids, "cache_salt": f"iapt-{digest}"}
 
     def num_slots(self, adapter: str | None) -> int:
