@@ -13,7 +13,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self, cast
 
 from peft import PeftConfig
 
@@ -26,8 +26,54 @@ ANCHORS = ("tokens", "pad", "none")
 INSERTIONS = ("hidden", "kv")
 
 
+class AdapterConfigMixin:
+    """``adapter_config.json`` for every adapter config of the project (IAPT, IDPG, LPT), read and written once:
+    JSON of the dataclass fields, written atomically; keys this version does not know (a newer one wrote them) are
+    dropped with a warning, as PEFT does; a missing file is FileNotFoundError, a corrupt or wrong one a ValueError
+    naming the file."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(cast(Any, self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        """From a saved config; keys this version does not know are dropped, with a warning."""
+        known = {f.name for f in dataclasses.fields(cast(Any, cls))}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            warnings.warn(
+                f"ignoring {cls.__name__} fields this version does not know: {unknown} (written by a newer "
+                f"iapt or PEFT?); upgrade to use them",
+                stacklevel=2,
+            )
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        from iapt.io import atomic_write_text
+
+        path = Path(directory) / CONFIG_NAME
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> Self:
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"no adapter config at {path}: is {directory} an adapter folder?")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"adapter config {path} is not valid JSON ({exc}); the file is corrupt") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"adapter config {path} must hold a JSON object, found {type(data).__name__}")
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"adapter config {path}: {exc}") from None
+
+
 @dataclass
-class IAPTConfig(PeftConfig):
+class IAPTConfig(AdapterConfigMixin, PeftConfig):
     """Configuration of an IAPT adapter (Instruction-Aware Prompt Tuning, arXiv 2405.18203)."""
 
     num_soft_tokens: int = field(default=4, metadata={"help": "Soft tokens written at every layer (n; paper: 4)."})
@@ -139,42 +185,3 @@ class IAPTConfig(PeftConfig):
                 )
         if self.peft_type != "IAPT":
             raise ValueError(f"this is not an IAPT adapter config (peft_type={self.peft_type!r})")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> IAPTConfig:
-        """From a saved config; keys this version does not know (a newer one wrote them) are dropped, with a warning."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            warnings.warn(
-                f"ignoring IAPTConfig fields this version does not know: {unknown} (written by a newer "
-                f"iapt or PEFT?); upgrade to use them",
-                stacklevel=2,
-            )
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    def save(self, directory: str | os.PathLike) -> Path:
-        from iapt.io import atomic_write_text
-
-        path = Path(directory) / CONFIG_NAME
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        return path
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike) -> IAPTConfig:
-        path = Path(directory) / CONFIG_NAME
-        if not path.is_file():
-            raise FileNotFoundError(f"no adapter config at {path}: is {directory} an IAPT adapter folder?")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"adapter config {path} is not valid JSON ({exc}); the file is corrupt") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"adapter config {path} must hold a JSON object, found {type(data).__name__}")
-        try:
-            return cls.from_dict(data)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"adapter config {path}: {exc}") from None

@@ -34,10 +34,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import dataclasses
 import functools
 import inspect
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -51,8 +49,8 @@ from transformers import PreTrainedModel
 
 from iapt.adapter_files import read_weights, weights_path
 from iapt.backbone import check_base, check_compatible, find_layers, input_embeddings, slot_token_id, text_config
-from iapt.config import CONFIG_NAME, WEIGHTS_NAME
-from iapt.io import atomic_write, atomic_write_text
+from iapt.config import WEIGHTS_NAME, AdapterConfigMixin
+from iapt.io import atomic_write
 from iapt.model import IAPTModel, SlotCall
 from iapt.slots import SlotWriter
 
@@ -70,7 +68,7 @@ _RMS_EPS = 1e-6
 
 
 @dataclass
-class GeneratedPromptConfig:
+class GeneratedPromptConfig(AdapterConfigMixin):
     """An IDPG or LPT adapter, saved as ``adapter_config.json`` (``peft_type`` "IDPG" / "LPT")."""
 
     peft_type: str = field(default="LPT", metadata={"help": "IDPG (input layer) or LPT (one middle layer)."})
@@ -127,40 +125,6 @@ class GeneratedPromptConfig:
             raise ValueError("source='last_layer' is an IDPG option; LPT reads the hidden states at its own layer")
         if self.layer is not None and self.layer < 0:
             raise ValueError(f"layer must be >= 0, got {self.layer}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GeneratedPromptConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown {data.get('peft_type', 'IDPG/LPT')} config fields {unknown}; known: {sorted(known)}"
-            )
-        return cls(**data)
-
-    def save(self, directory: str | os.PathLike) -> Path:
-        path = Path(directory) / CONFIG_NAME
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        return path
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike) -> GeneratedPromptConfig:
-        path = Path(directory) / CONFIG_NAME
-        if not path.is_file():
-            raise FileNotFoundError(f"no adapter config at {path}")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"adapter config {path} is not valid JSON ({exc}); the file is corrupt") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"adapter config {path} must hold a JSON object, found {type(data).__name__}")  # noqa: TRY004
-        try:
-            return cls.from_dict(data)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"adapter config {path}: {exc}") from None
 
 
 def generator_parameter_count(hidden_size: int, config: GeneratedPromptConfig) -> int:
