@@ -1,0 +1,421 @@
+"""The project's OpenAI server in front of vLLM's engine: ``VLLMEngine`` speaks the built-in engine's interface.
+
+``create_app(VLLMEngine(...), keys)`` serves the same API as with :class:`iapt.serving.engine.Engine` (keys,
+tenancy, limits, errors, streaming, stop strings by the app's detokenizer), and vLLM does the batching,
+paging and sampling. One background thread owns a ``vllm.LLMEngine``: it adds the submitted requests
+(each prompt encoded by :class:`IAPTServing`, the adapter's header in front), aborts the cancelled ones,
+steps the engine and turns its outputs into the project's :class:`Event` on each :class:`RequestHandle`.
+
+What differs from the built-in engine: adapters are fixed at start (vLLM's bank is built when the model
+loads), so loading or unloading one at run time answers 400; a base prompt may not begin with the IAPT
+marker id (400, see docs/VLLM.md); seeded sampling draws other numbers than the built-in sampler.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import math
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from iapt.config import IAPTConfig
+from iapt.serving.protocol import APIError
+from iapt.serving.requests import (
+    FREQUENCY_PENALTY_RANGE,
+    MAX_LOGPROBS,
+    MIN_TEMPERATURE,
+    PRESENCE_PENALTY_RANGE,
+    REPETITION_PENALTY_RANGE,
+    SEED_RANGE,
+    AdapterTooLarge,
+    Event,
+    QueueFull,
+    Request,
+    RequestHandle,
+    TokenLogprob,
+    UnknownAdapter,
+)
+from iapt.vllm.protocol import MIN_SLOTS
+from iapt.vllm.serving import IAPTServing
+
+logger = logging.getLogger(__name__)
+
+RUNTIME_ADAPTERS = (
+    "loading or unloading adapters at run time is not supported with --engine vllm yet (the engine builds "
+    "its adapter bank once, at start); restart the server with the adapters you want"
+)
+
+
+@dataclass(frozen=True)
+class ServedAdapter:
+    """An adapter the engine serves: its name, folder and config (what the app reads of it)."""
+
+    name: str
+    path: Path
+    config: IAPTConfig
+
+
+class VLLMEngine:
+    """IAPT adapters on vLLM's engine, behind the built-in engine's interface (the part the HTTP app uses).
+
+    ``model``: a local Hugging Face folder (Llama, Mistral or Qwen2). ``adapters_dir``: every subfolder is an
+    adapter served under its name (a bad one is skipped and reported in ``load_errors``); ``adapters``: more,
+    name -> folder (a bad one raises). ``engine_kwargs`` go to ``vllm.EngineArgs`` through
+    :meth:`IAPTServing.engine_args` (which refuses what IAPT cannot serve).
+    """
+
+    def __init__(
+        self,
+        model: str | Path,
+        adapters_dir: str | Path | None = None,
+        *,
+        adapters: Mapping[str, str | Path] | None = None,
+        tokenizer: Any = None,
+        base_name: str | None = None,
+        base_aliases: Sequence[str] | None = None,
+        max_batch_size: int = 32,
+        max_queue: int = 256,
+        max_bottleneck: int = 512,
+        max_soft_tokens: int = 64,
+        dtype: str = "float32",
+        max_model_len: int | None = None,
+        engine_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        from transformers import AutoTokenizer
+
+        self.model_path = str(model)
+        self.base_name = base_name or self.model_path
+        self.base_names = {self.base_name, *(base_aliases if base_aliases is not None else [self.model_path])}
+        self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        self.max_bottleneck, self.max_soft_tokens = max_bottleneck, max_soft_tokens
+        self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(self.model_path)
+        self.load_errors: dict[str, str] = {}
+        self._adapters = self._read_adapters(adapters_dir, adapters or {})
+        self.serving = IAPTServing(self.model_path, {name: a.path for name, a in self._adapters.items()})
+
+        kwargs = dict(engine_kwargs or {})
+        kwargs.setdefault("max_num_seqs", max_batch_size)
+        if max_model_len is not None:
+            kwargs["max_model_len"] = max_model_len
+        self.llm = _make_engine(self.serving.engine_args(dtype=dtype, **kwargs))
+        self.max_positions: int = int(self.llm.model_config.max_model_len)
+        self.vocab_size: int = int(self.serving.header.vocab_size)
+
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._pending: list[tuple[RequestHandle, dict[str, Any], Any]] = []
+        self._live: dict[str, RequestHandle] = {}  # vLLM request id -> handle, owned by the engine thread
+        self._ids = itertools.count(1)
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._paused = threading.Event()
+        self._token_times: collections.deque[tuple[float, int]] = collections.deque()
+        self.tokens_generated = 0
+        self.requests_finished = 0
+
+    # -------------------------------------------------------------------- adapters
+    def _read_adapters(
+        self, adapters_dir: str | Path | None, explicit: Mapping[str, str | Path]
+    ) -> dict[str, ServedAdapter]:
+        """Validate every adapter against the base before vLLM starts: the same checks as the built-in engine
+        (``read_adapter``: architecture, sizes, weight names and shapes) on a weightless copy of the base."""
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from iapt.serving.bank import read_adapter
+
+        with torch.device("meta"):
+            base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(self.model_path))
+
+        def read(name: str, path: str | Path) -> ServedAdapter:
+            if not name or name in self.base_names:
+                raise ValueError(f"adapter name {name!r} is empty or is the base model's name")
+            adapter = read_adapter(base, path, name)
+            r, n = adapter.config.bottleneck, adapter.config.num_soft_tokens
+            if r > self.max_bottleneck:
+                raise AdapterTooLarge(f"adapter {name!r} has bottleneck r={r}; the limit is {self.max_bottleneck}")
+            if n > self.max_soft_tokens:
+                raise AdapterTooLarge(f"adapter {name!r} has {n} soft tokens; the limit is {self.max_soft_tokens}")
+            if n < MIN_SLOTS:
+                raise ValueError(
+                    f"adapter {name!r} has {n} soft tokens; --engine vllm serves adapters with at least {MIN_SLOTS}"
+                )
+            return ServedAdapter(name, adapter.path, adapter.config)
+
+        out: dict[str, ServedAdapter] = {}
+        if adapters_dir is not None:
+            root = Path(adapters_dir)
+            if not root.is_dir():
+                raise FileNotFoundError(f"adapters folder {root} does not exist")
+            for p in sorted(root.iterdir()):
+                if not p.is_dir() or p.name.startswith("."):
+                    continue
+                try:
+                    out[p.name] = read(p.name, p)
+                except (ValueError, FileNotFoundError, OSError) as exc:
+                    self.load_errors[p.name] = str(exc)
+                    logger.warning("skipping adapter %s: %s", p, exc)
+        for name, path in explicit.items():
+            if name in out:
+                raise ValueError(f"an adapter named {name!r} is already loaded")
+            out[name] = read(name, path)
+        return out
+
+    @property
+    def adapters(self) -> dict[str, ServedAdapter]:
+        return dict(self._adapters)
+
+    def has_model(self, name: str | None) -> bool:
+        return name is None or name in self.base_names or name in self._adapters
+
+    def load_adapter(self, name: str, path: str | Path) -> ServedAdapter:
+        raise ValueError(RUNTIME_ADAPTERS)
+
+    def unload_adapter(self, name: str) -> None:
+        if name not in self._adapters:
+            raise UnknownAdapter(f"no adapter named {name!r} is loaded")
+        raise APIError(400, f"adapter {name!r} not unloaded: {RUNTIME_ADAPTERS}")
+
+    # -------------------------------------------------------------------- submit
+    def submit(self, request: Request) -> RequestHandle:
+        return self.submit_many([request])[0]
+
+    def submit_many(self, requests: Sequence[Request]) -> list[RequestHandle]:
+        """Queue several requests all or none. Raises ValueError (bad request), UnknownAdapter, QueueFull."""
+        if len(requests) > self.max_queue:
+            raise ValueError(f"{len(requests)} completions in one call; this server queues at most {self.max_queue}")
+        prepared = [(r, *self._prepare(r)) for r in requests]
+        with self._lock:
+            if self._waiting() + len(requests) > self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} waiting requests); retry later", retry_after=1.0)
+            handles = [RequestHandle(next(self._ids), r) for r in requests]
+            self._pending += [(h, prompt, params) for h, (_, prompt, params) in zip(handles, prepared, strict=True)]
+            self._wake.notify()
+        return handles
+
+    def _prepare(self, r: Request) -> tuple[dict[str, Any], Any]:
+        """Check ``r`` as the built-in engine does; return its vLLM prompt and sampling parameters."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        if not self.has_model(r.adapter):
+            raise UnknownAdapter(f"no adapter named {r.adapter!r} is loaded")
+        if not r.prompt:
+            raise ValueError("the prompt is empty")
+        if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in r.prompt):
+            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
+        if r.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        if not (math.isfinite(r.temperature) and r.temperature >= 0) or not 0 < r.top_p <= 1:
+            raise ValueError("temperature must be a number >= 0 and top_p in (0, 1]")
+        if r.seed is not None and (not isinstance(r.seed, int) or not SEED_RANGE[0] <= r.seed <= SEED_RANGE[1]):
+            raise ValueError(f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
+        if not isinstance(r.top_k, int) or r.top_k < -1:
+            raise ValueError("top_k must be an integer >= 1, or 0 / -1 for no top-k")
+        for name, (low, high) in (
+            ("repetition_penalty", REPETITION_PENALTY_RANGE),
+            ("frequency_penalty", FREQUENCY_PENALTY_RANGE),
+            ("presence_penalty", PRESENCE_PENALTY_RANGE),
+        ):
+            value = getattr(r, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):
+                raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}")
+        if r.logprobs is not None and (not isinstance(r.logprobs, int) or not 0 <= r.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (top logprobs per token)")
+        adapter = None if r.adapter in self.base_names else r.adapter
+        total = len(r.prompt) + r.max_tokens + self.serving.num_slots(adapter)
+        if total > self.max_positions:
+            raise ValueError(
+                f"prompt ({len(r.prompt)} tokens) + max_tokens ({r.max_tokens}) exceeds the model's "
+                f"context of {self.max_positions} positions"
+            )
+        prompt = self.serving.prompt(r.prompt, adapter)  # ValueError: a base prompt beginning with the marker
+        greedy = r.temperature < MIN_TEMPERATURE
+        params = SamplingParams(
+            max_tokens=r.max_tokens,
+            temperature=0.0 if greedy else r.temperature,
+            top_p=1.0 if greedy else r.top_p,
+            top_k=r.top_k if r.top_k > 0 and not greedy else 0,
+            seed=None if greedy or r.seed is None else _seed(r.seed),
+            stop_token_ids=list(r.stop_token_ids) or None,
+            ignore_eos=r.ignore_eos,
+            repetition_penalty=r.repetition_penalty,
+            frequency_penalty=r.frequency_penalty,
+            presence_penalty=r.presence_penalty,
+            logprobs=r.logprobs,
+            detokenize=False,  # the app detokenizes (stop strings included)
+            output_kind=RequestOutputKind.DELTA,
+        )
+        return prompt, params
+
+    def _waiting(self) -> int:
+        """Requests not yet given a token: still pending here, or waiting in vLLM's scheduler."""
+        return len(self._pending) + sum(1 for h in list(self._live.values()) if not h.tokens)
+
+    # -------------------------------------------------------------------- running
+    def start(self) -> None:
+        """Run the engine loop in a daemon thread that owns vLLM's engine."""
+        if self.is_running:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="iapt-vllm-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the loop; requests still queued or running end with finish_reason 'cancelled' (and are aborted)."""
+        self._stop.set()
+        with self._wake:
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        with self._lock:
+            pending, self._pending = self._pending, []
+        if self._live:
+            try:
+                self.llm.abort_request(list(self._live))
+            except Exception:
+                logger.exception("aborting the running requests failed")
+        for h in [h for h, _, _ in pending] + list(self._live.values()):
+            h._emit(Event(finish_reason="cancelled", error="the server is shutting down"))
+        self._live.clear()
+
+    def close(self) -> None:
+        """Stop the loop and shut vLLM's engine down."""
+        self.stop()
+        shutdown = getattr(getattr(self.llm, "engine_core", None), "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+
+    def pause(self) -> None:
+        """Hold the loop between steps (requests queue up); ``resume()`` continues."""
+        self._paused.set()
+
+    def resume(self) -> None:
+        self._paused.clear()
+        with self._wake:
+            self._wake.notify_all()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            with self._wake:
+                if self._paused.is_set() or (not self._pending and not self._live):
+                    self._wake.wait(timeout=0.05)
+                    continue
+            try:
+                self.step()
+            except Exception:  # step isolates request errors; this is a last resort that keeps serving
+                logger.exception("engine step failed")
+
+    def step(self) -> None:
+        """One round, in the engine's thread: add the pending requests, abort the cancelled ones, step vLLM."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for h, prompt, params in pending:
+            if h._cancel:
+                h._emit(Event(finish_reason="cancelled"))
+                continue
+            request_id = f"iapt-{h.id}"  # vLLM's outputs and aborts use this id (it adds a suffix inside)
+            try:
+                self.llm.add_request(request_id, prompt, params)
+            except Exception as exc:
+                logger.exception("adding request %d failed", h.id)
+                h._emit(Event(finish_reason="error", error=f"the request was refused: {exc}"))
+                continue
+            self._live[request_id] = h
+        cancelled = [rid for rid, h in self._live.items() if h._cancel]
+        if cancelled:
+            self.llm.abort_request(cancelled)
+            for rid in cancelled:
+                self._live.pop(rid)._emit(Event(finish_reason="cancelled"))
+        if not self._live:
+            return
+        try:
+            outputs = self.llm.step()
+        except Exception as exc:  # cannot tell which request broke the step: fail them all
+            logger.exception("vLLM step failed")
+            failed, self._live = self._live, {}
+            try:
+                self.llm.abort_request(list(failed))
+            except Exception:
+                logger.exception("aborting the failed requests failed")
+            for gone in failed.values():
+                gone._emit(Event(finish_reason="error", error=f"generation step failed: {exc}"))
+            return
+        now, count = time.monotonic(), 0
+        for out in outputs:
+            handle = self._live.get(out.request_id)
+            if handle is None or not out.outputs:
+                continue
+            h, completion = handle, out.outputs[0]
+            tokens = list(completion.token_ids)
+            logprobs = list(completion.logprobs or []) if h.request.logprobs is not None else []
+            for i, token in enumerate(tokens):
+                entry = logprobs[i] if i < len(logprobs) else None
+                h._emit(Event(token=int(token), logprob=_logprob(int(token), entry, h.request.logprobs)))
+            count += len(tokens)
+            if out.finished:
+                del self._live[out.request_id]
+                reason = completion.finish_reason
+                if reason in ("stop", "length"):
+                    h._emit(Event(finish_reason=reason))
+                    self.requests_finished += 1
+                elif reason == "abort":
+                    h._emit(Event(finish_reason="cancelled"))
+                else:
+                    h._emit(Event(finish_reason="error", error=f"vLLM ended the request: {reason}"))
+        if count:
+            self.tokens_generated += count
+            self._token_times.append((now, count))
+        while self._token_times and now - self._token_times[0][0] > 10.0:
+            self._token_times.popleft()
+
+    # -------------------------------------------------------------------- stats
+    def stats(self) -> dict[str, Any]:
+        """Queue length, requests decoding, tokens/s over the last 10 s, totals: what /metrics exports."""
+        now = time.monotonic()
+        times = [(t, n) for t, n in list(self._token_times) if now - t <= 10.0]
+        window = sum(n for _, n in times)
+        span = now - times[0][0] if times else 0.0
+        live = list(self._live.values())
+        return {
+            "waiting": len(self._pending) + sum(1 for h in live if not h.tokens),
+            "running": sum(1 for h in live if h.tokens),
+            "tokens_per_second": window / max(span, 1.0) if window else 0.0,
+            "tokens_generated": self.tokens_generated,
+            "requests_finished": self.requests_finished,
+            "adapters": len(self._adapters),
+        }
+
+
+def _make_engine(args: dict[str, Any]) -> Any:
+    from vllm import EngineArgs, LLMEngine
+
+    return LLMEngine.from_engine_args(EngineArgs(**args))
+
+
+def _seed(seed: int) -> int:
+    """vLLM takes a signed 64-bit seed; the API's range runs to 2**64 - 1 (torch's), folded into it."""
+    return seed - 2**64 if seed >= 2**63 else seed
+
+
+def _logprob(token: int, entry: Mapping[int, Any] | None, top: int | None) -> TokenLogprob | None:
+    """vLLM's ``{token id: Logprob(logprob, rank)}`` of one position as the project's :class:`TokenLogprob`."""
+    if top is None or entry is None:
+        return None
+    ranked = sorted(
+        ((t, lp) for t, lp in entry.items() if lp.rank is not None and lp.rank <= top), key=lambda item: item[1].rank
+    )
+    chosen = entry.get(token)
+    value = float(chosen.logprob) if chosen is not None else -math.inf
+    return TokenLogprob(token, value, [(int(t), float(lp.logprob)) for t, lp in ranked[:top]])
