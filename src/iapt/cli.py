@@ -307,6 +307,20 @@ def _lora_module(text: str) -> tuple[str, str]:
     return name.strip(), path.strip()
 
 
+def _vllm_serve() -> Any:
+    """``iapt.vllm.engine.serve``, or a clear error where vLLM is not importable (it lives in its own venv)."""
+    try:
+        import vllm  # noqa: F401
+
+        from iapt.vllm.engine import serve
+    except ImportError as exc:
+        raise ValueError(
+            f"--engine vllm needs vLLM, which this Python cannot import ({exc}). Build its venv with "
+            "`bash scripts/setup_vllm.sh`, then run `.venv-vllm/bin/iapt serve --engine vllm ...` (see docs/VLLM.md)"
+        ) from None
+    return serve
+
+
 def cmd_serve(ns: argparse.Namespace) -> int:
     from iapt.serving.app import serve
 
@@ -315,6 +329,12 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         if name in modules:
             raise ValueError(f"--lora-modules: the name {name!r} is given twice")
         modules[name] = path
+    extra: dict[str, Any] = {}
+    if ns.engine == "vllm":
+        engine_kwargs = {"enforce_eager": True} if ns.enforce_eager else None
+        serve, extra = _vllm_serve(), {"max_model_len": ns.max_model_len, "engine_kwargs": engine_kwargs}
+    elif ns.max_model_len is not None or ns.enforce_eager:
+        raise ValueError("--max-model-len and --enforce-eager are options of --engine vllm")
     serve(
         model=ns.model,
         adapters_dir=ns.adapters,
@@ -333,6 +353,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         api_key=ns.api_key,
         served_model_name=ns.served_model_name,
         lora_modules=modules,
+        **extra,
     )
     return 0
 
@@ -424,6 +445,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=PATH",
         help="as vLLM's: IAPT adapter folders to serve under these names (beside --adapters); one that "
         "cannot be loaded stops the start",
+    )
+    p.add_argument(
+        "--engine",
+        choices=["builtin", "vllm"],
+        default="builtin",
+        help="builtin: the project's engine; vllm: vLLM's (its own venv: scripts/setup_vllm.sh; docs/VLLM.md)",
+    )
+    p.add_argument(
+        "--max-model-len", type=int, help="with --engine vllm: context length (default: the model's); slots count"
+    )
+    p.add_argument(
+        "--enforce-eager", action="store_true", help="with --engine vllm: no torch.compile (starts in seconds)"
     )
     p.add_argument("--max-batch-size", type=int, default=32, help="requests decoded together")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")

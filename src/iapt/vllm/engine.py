@@ -14,12 +14,14 @@ marker id (400, see docs/VLLM.md); seeded sampling draws other numbers than the 
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import math
+import signal
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -419,3 +421,115 @@ def _logprob(token: int, entry: Mapping[int, Any] | None, top: int | None) -> To
     chosen = entry.get(token)
     value = float(chosen.logprob) if chosen is not None else -math.inf
     return TokenLogprob(token, value, [(int(t), float(lp.logprob)) for t, lp in ranked[:top]])
+
+
+# ------------------------------------------------------------------------------------------ serving
+def model_folder(model: str) -> str:
+    """A local folder vLLM can load: ``model`` itself, or for 'default' the packaged model's float32 cache
+    (built from the packaged GGUF on first use, as the built-in engine's ``load_model`` does)."""
+    from iapt.models import CACHE_SUBDIR, DEFAULT_ALIASES, cache_root, load_model
+
+    if model.strip().lower() not in {alias.lower() for alias in DEFAULT_ALIASES}:
+        if not Path(model).expanduser().is_dir():
+            raise FileNotFoundError(f"--engine vllm serves a local model folder; {model!r} is none")
+        return str(Path(model).expanduser())
+    folder = cache_root() / CACHE_SUBDIR
+    if not (folder / "config.json").is_file():
+        load_model("default")  # builds the cache once
+    return str(folder)
+
+
+def serve(
+    model: str = "default",
+    adapters_dir: str | Path | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    keys_file: str | Path | None = None,
+    max_batch_size: int = 32,
+    max_queue: int = 256,
+    max_prompt_tokens: int = 2048,
+    max_tokens_limit: int = 1024,
+    dtype: str = "float32",
+    log_level: str = "info",
+    max_bottleneck: int = 512,
+    max_soft_tokens: int = 64,
+    docs: bool = True,
+    api_key: str | None = None,
+    served_model_name: str | Sequence[str] | None = None,
+    lora_modules: Mapping[str, str | Path] | None = None,
+    max_model_len: int | None = None,
+    engine_kwargs: Mapping[str, Any] | None = None,
+) -> None:
+    """``iapt serve --engine vllm``: the project's OpenAI API (:func:`iapt.serving.app.create_app`) on a
+    :class:`VLLMEngine`; the options mean what they mean for the built-in engine's ``serve``."""
+    from typing import cast
+
+    import uvicorn
+
+    from iapt.adapters import adapter_type, resolve_adapter_dir
+    from iapt.models import DEFAULT_ALIASES, DEFAULT_NAME
+    from iapt.serving.app import create_app
+    from iapt.serving.auth import KeyRing
+    from iapt.serving.engine import Engine
+
+    keys = KeyRing.from_file(keys_file) if keys_file else KeyRing(None)
+    if api_key is not None:
+        keys = keys.with_api_key(api_key)
+    if keys.open and host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("no --keys file or --api-key: the API is open to anyone who can reach %s:%d", host, port)
+    names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name or [])
+    if any(not n for n in names):
+        raise ValueError("--served-model-name: names must be non-empty")
+    modules = dict(lora_modules or {})
+    for name, path in modules.items():  # before the engine starts: a wrong folder fails in a second
+        kind = adapter_type(resolve_adapter_dir(path))
+        if kind != "IAPT":
+            raise ValueError(f"--lora-modules {name}={path}: a {kind} adapter; --engine vllm serves IAPT adapters")
+    is_default = model.strip().lower() in {alias.lower() for alias in DEFAULT_ALIASES}
+    engine = VLLMEngine(
+        model_folder(model),
+        adapters_dir,
+        adapters=modules,
+        base_name=names[0] if names else model,
+        base_aliases=names[1:] if names else ([DEFAULT_NAME] if is_default else []),
+        max_batch_size=max_batch_size,
+        max_queue=max_queue,
+        max_bottleneck=max_bottleneck,
+        max_soft_tokens=max_soft_tokens,
+        dtype=dtype,
+        max_model_len=max_model_len,
+        engine_kwargs=engine_kwargs,
+    )
+    try:
+        for name, error in engine.load_errors.items():
+            logger.warning("adapter %s not loaded: %s", name, error)
+        # The app is typed for the built-in engine; VLLMEngine has every member it uses (tests/vllm/test_server.py).
+        app = create_app(
+            cast(Engine, engine),
+            keys,
+            max_prompt_tokens=max_prompt_tokens,
+            max_tokens_limit=max_tokens_limit,
+            docs=docs,
+        )
+        with _exit_on_sigterm():
+            uvicorn.run(app, host=host, port=port, log_level=log_level)
+    finally:
+        engine.close()  # vLLM's engine core is a process of its own: it must not outlive the server
+
+
+@contextlib.contextmanager
+def _exit_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit while serving. uvicorn shuts down on SIGTERM and then raises the signal again;
+    with the default action the process would die there, before ``engine.close()``, orphaning vLLM's engine core."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def leave(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, leave)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
