@@ -1,0 +1,72 @@
+"""The packaged model (SmolLM2-135M-Instruct, float32) behind the project's API: --engine vllm answers as builtin.
+
+The same app on the built-in Engine and on VLLMEngine, the same chat and completion requests through the
+openai client: the greedy answers are the same text, for an adapter and for the base.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+QUESTIONS = ["What is the capital of France?", "Name a colour.", "Write one word that rhymes with cat, please."]
+MAX_TOKENS = 12
+
+
+def test_vllm_engine_answers_as_the_builtin_engine(tmp_path):
+    import openai
+
+    from iapt import IAPTConfig, get_iapt_model
+    from iapt.models import load_model
+    from iapt.serving.app import BackgroundServer, create_app
+    from iapt.serving.engine import Engine
+    from iapt.vllm.engine import VLLMEngine
+
+    model, tokenizer = load_model("default")
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    iapt = get_iapt_model(model, IAPTConfig())
+    torch.manual_seed(0)
+    with torch.no_grad():  # a trained-looking adapter: soft tokens that depend on the instruction
+        for gen in iapt.generators.values():
+            torch.nn.init.normal_(gen.up.weight, std=0.05)
+    iapt.save_pretrained(tmp_path / "adapters" / "demo")
+    iapt.unload()
+
+    def answers(app) -> list[str]:
+        with BackgroundServer(app) as server:
+            client = openai.OpenAI(api_key="none", base_url=server.url + "/v1", max_retries=0, timeout=120)
+            out = []
+            for model_name in ("demo", "smol"):
+                for q in QUESTIONS:
+                    chat = client.chat.completions.create(
+                        model=model_name,
+                        messages=[{"role": "user", "content": q}],
+                        max_tokens=MAX_TOKENS,
+                        temperature=0,
+                    )
+                    out.append(chat.choices[0].message.content or "")
+                    text = client.completions.create(model=model_name, prompt=q, max_tokens=MAX_TOKENS, temperature=0)
+                    out.append(text.choices[0].text)
+            return out
+
+    builtin = Engine(model, tokenizer, tmp_path / "adapters", base_name="smol")
+    want = answers(create_app(builtin))
+    builtin.close()
+    engine = VLLMEngine(
+        tmp_path / "base",
+        tmp_path / "adapters",
+        base_name="smol",
+        max_model_len=512,
+        engine_kwargs={"enforce_eager": True, "seed": 0},
+    )
+    try:
+        got = answers(create_app(cast(Engine, engine)))
+    finally:
+        engine.close()
+    assert got == want
+    assert want[: 2 * len(QUESTIONS)] != want[2 * len(QUESTIONS) :], "the adapter changes the base's answers"
