@@ -219,6 +219,11 @@ def test_sampling_parameters_and_logprobs_reach_vllm(server):
     first, again = post(server, "/v1/completions", body).json(), post(server, "/v1/completions", body).json()
     assert first["choices"][0]["text"] == again["choices"][0]["text"], "a seed gives the same sample"
     assert first["usage"]["completion_tokens"] == 6 and first["choices"][0]["finish_reason"] == "length"
+    last = {**body, "seed": -1}  # an API seed that vLLM itself reads as "no seed"
+    assert (
+        post(server, "/v1/completions", last).json()["choices"]
+        == post(server, "/v1/completions", last).json()["choices"]
+    )
     lp = first["choices"][0]["logprobs"]
     assert len(lp["tokens"]) == 6 and all(v <= 0 for v in lp["token_logprobs"])
     assert all(3 <= len(top) <= 4 for top in lp["top_logprobs"])

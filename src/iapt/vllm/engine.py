@@ -407,8 +407,8 @@ def _make_engine(args: dict[str, Any]) -> Any:
 
 
 def _seed(seed: int) -> int:
-    """vLLM takes a signed 64-bit seed; the API's range runs to 2**64 - 1 (torch's), folded into it."""
-    return seed - 2**64 if seed >= 2**63 else seed
+    """The API's seed range (torch's, [-2**63, 2**64)) folded into [0, 2**63): vLLM reads -1 as no seed."""
+    return seed % 2**63
 
 
 def _logprob(token: int, entry: Mapping[int, Any] | None, top: int | None) -> TokenLogprob | None:
