@@ -314,3 +314,36 @@ def test_bad_adapters_are_skipped_like_the_builtin_engine(folders, tmp_path):  #
     with pytest.raises(ValueError, match="soft tokens"):
         engine._read_adapters(None, {"alice": adapter_dirs["alice"]})
     assert isinstance(read["alice"].path, Path)
+
+
+def test_a_dead_vllm_engine_fails_its_requests_and_stops():
+    """vLLM's engine core gone (EngineDeadError): running requests fail, the loop stops (/health answers 503),
+    and new requests get 503. A stand-in for vLLM's engine, no model."""
+    from iapt.serving.protocol import APIError
+    from iapt.serving.requests import Request
+    from iapt.vllm.engine import VLLMEngine
+
+    class EngineDeadError(Exception):
+        pass
+
+    class Dead:
+        def add_request(self, *args: object) -> None:
+            pass
+
+        def abort_request(self, ids: list[str]) -> None:
+            pass
+
+        def step(self) -> list:
+            raise EngineDeadError("the engine core died")
+
+    engine = VLLMEngine.__new__(VLLMEngine)
+    engine._init_state()
+    engine.llm, engine.max_queue, engine._prepare = Dead(), 4, lambda r: ({}, None)  # type: ignore[method-assign]
+    engine.start()
+    handle = engine.submit_many([Request([5, 6])])[0]
+    handle.wait(10)
+    assert handle.finish_reason == "error" and "the engine core died" in (handle.error or "")
+    wait_for(lambda: not engine.is_running)
+    with pytest.raises(APIError) as info:
+        engine.submit_many([Request([5, 6])])
+    assert info.value.status == 503 and "restart the server" in str(info.value)

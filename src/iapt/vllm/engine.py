@@ -108,7 +108,10 @@ class VLLMEngine:
         self.llm = _make_engine(self.serving.engine_args(dtype=dtype, **kwargs))
         self.max_positions: int = int(self.llm.model_config.max_model_len)
         self.vocab_size: int = int(self.serving.header.vocab_size)
+        self._init_state()
 
+    def _init_state(self) -> None:
+        self.dead: str | None = None  # why vLLM's engine died (EngineDeadError), if it did
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._pending: list[tuple[RequestHandle, dict[str, Any], Any]] = []
@@ -194,6 +197,8 @@ class VLLMEngine:
             raise ValueError(f"{len(requests)} completions in one call; this server queues at most {self.max_queue}")
         prepared = [(r, *self._prepare(r)) for r in requests]
         with self._lock:
+            if self.dead is not None:  # checked under the lock: the engine thread drains the queue under it
+                raise APIError(503, f"the vLLM engine has stopped ({self.dead}); restart the server", "server_error")
             if self._waiting() + len(requests) > self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} waiting requests); retry later", retry_after=1.0)
             handles = [RequestHandle(next(self._ids), r) for r in requests]
@@ -353,6 +358,13 @@ class VLLMEngine:
                 logger.exception("aborting the failed requests failed")
             for gone in failed.values():
                 gone._emit(Event(finish_reason="error", error=f"generation step failed: {exc}"))
+            if type(exc).__name__ == "EngineDeadError":  # the engine core is gone: stop, so /health says so
+                self.dead = str(exc) or "EngineDeadError"
+                self._stop.set()
+                with self._lock:
+                    pending, self._pending = self._pending, []
+                for h, _, _ in pending:
+                    h._emit(Event(finish_reason="error", error=f"the vLLM engine has stopped ({self.dead})"))
             return
         now, count = time.monotonic(), 0
         for out in outputs:
