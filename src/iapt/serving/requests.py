@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -141,3 +142,39 @@ class RequestHandle:
                 self.request.on_event(event)
             except Exception:  # a broken listener must not take the engine down
                 logger.exception("on_event callback of request %d failed", self.id)
+
+
+def check_request(r: Request, vocab_size: int) -> None:
+    """What every engine refuses before a request reaches the model (a ValueError naming the field; HTTP 400)."""
+    if not r.prompt:
+        raise ValueError("the prompt is empty")
+    if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in r.prompt):
+        raise ValueError(f"prompt token ids must be integers in [0, {vocab_size})")
+    if r.max_tokens < 1:
+        raise ValueError("max_tokens must be at least 1")
+    if not (math.isfinite(r.temperature) and r.temperature >= 0) or not 0 < r.top_p <= 1:
+        raise ValueError("temperature must be a number >= 0 and top_p in (0, 1]")
+    if r.seed is not None and (not isinstance(r.seed, int) or not SEED_RANGE[0] <= r.seed <= SEED_RANGE[1]):
+        raise ValueError(f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
+    if not isinstance(r.top_k, int) or r.top_k < -1:
+        raise ValueError("top_k must be an integer >= 1, or 0 / -1 for no top-k")
+    for name, (low, high) in (
+        ("repetition_penalty", REPETITION_PENALTY_RANGE),
+        ("frequency_penalty", FREQUENCY_PENALTY_RANGE),
+        ("presence_penalty", PRESENCE_PENALTY_RANGE),
+    ):
+        value = getattr(r, name)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):
+            raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}")
+    if r.logprobs is not None and (not isinstance(r.logprobs, int) or not 0 <= r.logprobs <= MAX_LOGPROBS):
+        raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (top logprobs per token)")
+
+
+def check_context(r: Request, num_slots: int, max_positions: int | None) -> None:
+    """Prompt, completion and the adapter's slots must fit the model's positions."""
+    total = len(r.prompt) + r.max_tokens + num_slots
+    if max_positions and total > max_positions:
+        raise ValueError(
+            f"prompt ({len(r.prompt)} tokens) + max_tokens ({r.max_tokens}) exceeds the model's "
+            f"context of {max_positions} positions"
+        )

@@ -29,12 +29,7 @@ from typing import Any
 from iapt.config import IAPTConfig
 from iapt.serving.protocol import APIError
 from iapt.serving.requests import (
-    FREQUENCY_PENALTY_RANGE,
-    MAX_LOGPROBS,
     MIN_TEMPERATURE,
-    PRESENCE_PENALTY_RANGE,
-    REPETITION_PENALTY_RANGE,
-    SEED_RANGE,
     AdapterTooLarge,
     Event,
     QueueFull,
@@ -42,6 +37,8 @@ from iapt.serving.requests import (
     RequestHandle,
     TokenLogprob,
     UnknownAdapter,
+    check_context,
+    check_request,
 )
 from iapt.vllm.protocol import MIN_SLOTS
 from iapt.vllm.serving import IAPTServing
@@ -213,35 +210,9 @@ class VLLMEngine:
 
         if not self.has_model(r.adapter):
             raise UnknownAdapter(f"no adapter named {r.adapter!r} is loaded")
-        if not r.prompt:
-            raise ValueError("the prompt is empty")
-        if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in r.prompt):
-            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
-        if r.max_tokens < 1:
-            raise ValueError("max_tokens must be at least 1")
-        if not (math.isfinite(r.temperature) and r.temperature >= 0) or not 0 < r.top_p <= 1:
-            raise ValueError("temperature must be a number >= 0 and top_p in (0, 1]")
-        if r.seed is not None and (not isinstance(r.seed, int) or not SEED_RANGE[0] <= r.seed <= SEED_RANGE[1]):
-            raise ValueError(f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
-        if not isinstance(r.top_k, int) or r.top_k < -1:
-            raise ValueError("top_k must be an integer >= 1, or 0 / -1 for no top-k")
-        for name, (low, high) in (
-            ("repetition_penalty", REPETITION_PENALTY_RANGE),
-            ("frequency_penalty", FREQUENCY_PENALTY_RANGE),
-            ("presence_penalty", PRESENCE_PENALTY_RANGE),
-        ):
-            value = getattr(r, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):
-                raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}")
-        if r.logprobs is not None and (not isinstance(r.logprobs, int) or not 0 <= r.logprobs <= MAX_LOGPROBS):
-            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (top logprobs per token)")
+        check_request(r, self.vocab_size)
         adapter = None if r.adapter in self.base_names else r.adapter
-        total = len(r.prompt) + r.max_tokens + self.serving.num_slots(adapter)
-        if total > self.max_positions:
-            raise ValueError(
-                f"prompt ({len(r.prompt)} tokens) + max_tokens ({r.max_tokens}) exceeds the model's "
-                f"context of {self.max_positions} positions"
-            )
+        check_context(r, self.serving.num_slots(adapter), self.max_positions)
         prompt = self.serving.prompt(r.prompt, adapter)  # ValueError: a base prompt beginning with the marker
         greedy = r.temperature < MIN_TEMPERATURE
         params = SamplingParams(
