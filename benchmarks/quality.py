@@ -37,7 +37,9 @@ def method_settings(method: str) -> dict[str, Any]:
     """Benchmark names → TrainConfig settings. IAPT variants chain modifiers after ``iapt``: ``zero`` (the paper's
     zero start), ``pad`` (pad-token anchor; ``anchor`` is its old name), ``vocab`` (anchored on vocabulary tokens),
     ``fp32`` (float32 backbone), ``joint``, ``frozen-<fn>``, ``pool-<mode>``, ``tokens-<n>`` (soft-token count),
-    ``every-<k>`` (Θ step every k steps), ``kv`` (keys/values written directly), e.g. ``iapt-zero-frozen-gelu``."""
+    ``every-<k>`` (Θ step every k steps), ``kv`` (keys/values written directly), ``layers-<subset>`` (generators
+    on ``upper`` / ``lower`` / ``even`` / ``odd`` layers only, the budget moved there), e.g.
+    ``iapt-zero-frozen-gelu``."""
     if method != "iapt" and not method.startswith("iapt-"):
         return {"method": method}
     settings: dict[str, Any] = {"method": "iapt", "activation_mode": "bilevel"}
@@ -56,6 +58,11 @@ def method_settings(method: str) -> dict[str, Any]:
             settings["insertion"] = "kv"
         elif word == "joint":
             settings["activation_mode"] = "joint"
+        elif word == "layers" and words:  # generators on a subset of layers, the budget moved there
+            value = words.pop(0)
+            if value not in LAYER_SUBSETS:
+                raise ValueError(f"unknown layer subset {value!r} in {method!r}: one of {list(LAYER_SUBSETS)}")
+            settings["layers"] = value  # resolved against the base's layer count by layer_subset
         elif word in ("frozen", "pool", "tokens", "every") and words:
             value = words.pop(0)
             if word == "frozen":
@@ -69,8 +76,24 @@ def method_settings(method: str) -> dict[str, Any]:
         else:
             raise ValueError(
                 f"unknown IAPT variant {method!r}: chain zero, pad, vocab, fp32, joint, frozen-<fn>, "
-                "pool-<mode>, tokens-<n>, every-<k>, kv after 'iapt'"
+                "pool-<mode>, tokens-<n>, every-<k>, kv, layers-<subset> after 'iapt'"
             )
+    return settings
+
+
+# Layer subsets of the ``layers-<subset>`` variant (SPT, Zhu & Tan 2023; LPT: prompts on some layers only).
+LAYER_SUBSETS: dict[str, Callable[[int], list[int]]] = {
+    "upper": lambda n: list(range(n // 2, n)),
+    "lower": lambda n: list(range(n // 2)),
+    "even": lambda n: list(range(0, n, 2)),
+    "odd": lambda n: list(range(1, n, 2)),
+}
+
+
+def layer_subset(settings: dict[str, Any], base: Any) -> dict[str, Any]:
+    """Replace a ``layers`` subset name by the base's layer indices."""
+    if isinstance(settings.get("layers"), str):
+        settings["layers"] = LAYER_SUBSETS[settings["layers"]](base.config.num_hidden_layers)
     return settings
 
 
@@ -132,7 +155,7 @@ def run_cell(
 
         if size_for_budget(method, base, budget) > args.cap[method]:
             sized = count_for(method, base, args.cap[method])
-    settings = method_settings(method)
+    settings = layer_subset(method_settings(method), base)
     dtype = settings.pop("dtype", args.dtype)
     cfg = TrainConfig(
         model=args.model,

@@ -339,8 +339,11 @@ def test_list_settings_take_several_values(setup, monkeypatch):
                 "6",
                 "7",
                 "8",
+                "--layers",
+                "1",
             ]
         )
         == 0
     )
     assert seen["cfg"].anchor_token_ids == [5, 6, 7, 8]
+    assert seen["cfg"].layers == [1]

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.tiny import make_base
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -184,6 +186,18 @@ def test_ablation_names_map_to_train_settings(quality):
     assert quality.method_settings("lora") == {"method": "lora"}
     with pytest.raises(ValueError, match="unknown IAPT variant"):
         quality.method_settings("iapt-anchr")
+    with pytest.raises(ValueError, match="unknown layer subset 'top'"):
+        quality.method_settings("iapt-layers-top")
+
+
+def test_layer_subsets_resolve_against_the_base(quality):
+    base = make_base("llama")
+    base.config.num_hidden_layers = 5
+    assert quality.layer_subset(quality.method_settings("iapt-layers-upper"), base)["layers"] == [2, 3, 4]
+    assert quality.layer_subset(quality.method_settings("iapt-layers-lower"), base)["layers"] == [0, 1]
+    assert quality.layer_subset(quality.method_settings("iapt-layers-even"), base)["layers"] == [0, 2, 4]
+    assert quality.layer_subset(quality.method_settings("iapt-layers-odd"), base)["layers"] == [1, 3]
+    assert "layers" not in quality.layer_subset(quality.method_settings("iapt"), base)
 
 
 def test_variants_of_a_separately_tuned_ablation_take_its_lr(quality):

@@ -1,8 +1,8 @@
 """The method registry: IAPT and every baseline as one entry each (name -> size rule, count, build, load).
 
 The trainer builds, the quality benchmark sizes and ``iapt.adapters`` loads through this module alone, with no
-special case for IAPT: its size is the bottleneck r (every layer gets a generator), sized by the same budget rule
-as the baselines' ranks and prompt lengths.
+special case for IAPT: its size is the bottleneck r of every generator (one per layer, or per chosen layer),
+sized by the same budget rule as the baselines' ranks and prompt lengths.
 """
 
 from __future__ import annotations
@@ -30,15 +30,15 @@ def _iapt_config(size: int, options: Any) -> IAPTConfig:
         anchor=options.anchor,
         anchor_token_ids=getattr(options, "anchor_token_ids", None),
         insertion=getattr(options, "insertion", "hidden"),
+        layers=getattr(options, "layers", None),
     )
 
 
 def _iapt_count(base: nn.Module, size: int, options: Any) -> int:
     text = text_config(base)
     config = _iapt_config(size, options)
-    return text.num_hidden_layers * generator_parameter_count(
-        text.hidden_size, config, generator_out_features(base, config)
-    )
+    layers = text.num_hidden_layers if config.layers is None else len(set(config.layers))
+    return layers * generator_parameter_count(text.hidden_size, config, generator_out_features(base, config))
 
 
 # The registry's bases are Hugging Face causal LMs (IAPTModel checks them: check_base).

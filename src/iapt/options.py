@@ -53,6 +53,14 @@ class MethodOptions:
         },
     )
 
+    layers: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "IAPT: the layers that get a generator (None = every layer, the paper). With a --budget the "
+            "bottleneck is sized over these layers only, so fewer layers get wider generators."
+        },
+    )
+
     def __post_init__(self) -> None:
         if isinstance(self.anchor, bool):  # recipes and run folders written when it was a flag
             self.anchor = "pad" if self.anchor else "none"
