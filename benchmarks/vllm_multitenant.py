@@ -1,0 +1,472 @@
+"""Multi-tenant serving on vLLM: the traces of ``multitenant.py`` served by vLLM bare, vLLM + IAPT (the
+``iapt.vllm`` plugin), vLLM's native multi-LoRA at IAPT's parameter budget (q/v, and all-linear: the
+configuration most users run), and the project's built-in engine (bare and IAPT), in one run.
+
+    row              model class                         each request's adapter
+    vllm bare        vLLM's own (LlamaForCausalLM)       none
+    vllm IAPT        iapt.vllm's IAPT subclass           its tenant's IAPT adapter (header in front of the prompt)
+    vllm LoRA q/v    vLLM's own, enable_lora             its tenant's LoRA on q_proj, v_proj (LoRARequest)
+    vllm LoRA all    vLLM's own, enable_lora             its tenant's LoRA on every linear layer
+    engine bare      iapt.serving.Engine                 none
+    engine IAPT      iapt.serving.Engine                 its tenant's IAPT adapter
+
+Adapters are random and non-zero, as in ``multitenant.py``: IAPT at ``--bottleneck`` (default r = 32, n = 4),
+LoRA at the rank whose parameter count comes closest to IAPT's (q/v: ``iapt.methods.size_for_budget``;
+all-linear: the same rule over the seven projections). vLLM pads every LoRA to ``max_lora_rank`` (one of
+1, 8, 16, 32, 64, ...): that cost is vLLM's and is part of what is measured.
+
+Each row runs in a process of its own that builds its engine once, with all max(N) adapters (IAPT: in the bank;
+LoRA: ``max_loras`` = min(max(N), --max-num-seqs) slots, ``max_cpu_loras`` = max(N)), runs an untimed warm-up,
+then for every N and trace (uniform; Zipf(s)) ``--repeats`` timed runs; the best run per cell is shown
+(contention only slows a run down). All requests arrive at t = 0 (``add_request`` for all, then
+``LLMEngine.step`` until done); every request gets exactly ``--new-tokens`` greedy tokens (EOS ignored).
+
+Measured per run:
+  prefill s      the summed wall time of the engine steps in which some request got its first token
+                 (vLLM mixes prefills into decode steps; such a step counts as prefill).
+  decode tok/s   tokens emitted in the other steps / their summed wall time.
+  total tok/s    R × new tokens / wall.
+  TTFT, p50/p99  per request, first token / finish time − t0.
+  peak RSS       vLLM: the engine-core process's VmHWM (GiB; its KV cache is preallocated: VLLM_CPU_KVCACHE_SPACE);
+                 engine: the worker's own VmHWM.
+Ratios are against ``vllm bare`` at the same N and trace, measured in the same run.
+
+``--check``: the IAPT row's greedy tokens for the first ``--check-requests`` requests of every cell equal the
+built-in engine's (which the project's tests hold equal to offline ``IAPTModel.generate``), and the adapters
+change the output.
+
+Runs in the vLLM environment (``scripts/setup_vllm.sh``)::
+
+    .venv-vllm/bin/python benchmarks/vllm_multitenant.py                       # CPU, SmolLM2-135M, float32
+    .venv-vllm/bin/python benchmarks/vllm_multitenant.py --tenants 1 16 --requests 32 --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from multitenant import _percentile, build_prompts, tenant_trace
+
+ROWS = ["vllm-bare", "vllm-iapt", "vllm-lora-qv", "vllm-lora-all", "engine-bare", "engine-iapt"]
+LABELS = {
+    "vllm-bare": "vllm bare",
+    "vllm-iapt": "vllm IAPT",
+    "vllm-lora-qv": "vllm LoRA q/v",
+    "vllm-lora-all": "vllm LoRA all-linear",
+    "engine-bare": "engine bare",
+    "engine-iapt": "engine IAPT",
+}
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's LoRAConfig.max_lora_rank choices
+
+
+def _traces(args: argparse.Namespace, n: int) -> list[str]:
+    return ["uniform"] if n == 1 else ["uniform", f"zipf:{args.zipf_s}"]
+
+
+# -------------------------------------------------------------------------------------------- setup
+def _lora_rank_all_linear(base: torch.nn.Module, budget: int) -> tuple[int, int]:
+    """The all-linear LoRA rank closest to ``budget`` parameters, and its count."""
+    per_rank = 0
+    for name, module in base.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in ALL_LINEAR:
+            per_rank += module.in_features + module.out_features
+    rank = max(1, round(budget / per_rank))
+    return rank, rank * per_rank
+
+
+def _save_loras(base: torch.nn.Module, rank: int, targets: list[str], folder: Path, count: int, seed: int) -> int:
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0))
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    for t in range(count):
+        torch.manual_seed(seed * 1000 + 500 + t)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_A" in name:
+                    torch.nn.init.kaiming_uniform_(p, a=5**0.5)
+                elif "lora_B" in name:
+                    torch.nn.init.normal_(p, std=0.02)
+        model.save_pretrained(str(folder / f"t{t:03d}"))
+    model.unload()
+    return params
+
+
+def setup(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Prompts and max(N) adapters of each kind under ``work``; what they are, in meta.json."""
+    from iapt import IAPTConfig, get_iapt_model
+    from iapt.methods import count_for, size_for_budget
+    from iapt.models import load_model
+    from iapt.vllm.engine import model_folder
+
+    torch.manual_seed(args.seed)
+    base, tokenizer = load_model(args.model, dtype="float32")
+    count = max(args.tenants)
+    iapt_params = count_for("iapt", base, args.bottleneck)
+    model = get_iapt_model(base, IAPTConfig(bottleneck=args.bottleneck, num_soft_tokens=args.soft_tokens))
+    for t in range(count):
+        torch.manual_seed(args.seed * 1000 + t)
+        with torch.no_grad():
+            for gen in model.generators.values():
+                gen.reset_parameters()
+                torch.nn.init.normal_(gen.up.weight, std=0.02)
+                torch.nn.init.normal_(gen.up.bias, std=0.02)
+        model.save_pretrained(work / "iapt" / f"t{t:03d}")
+    base = model.unload()
+    qv_rank = size_for_budget("lora", base, iapt_params)
+    all_rank, _ = _lora_rank_all_linear(base, iapt_params)
+    meta = {
+        "model_folder": model_folder(args.model),
+        "prompts": build_prompts(tokenizer, args.requests, args.prompt_len),
+        "iapt_params": iapt_params,
+        "lora_qv_rank": qv_rank,
+        "lora_qv_params": _save_loras(base, qv_rank, ["q_proj", "v_proj"], work / "lora-qv", count, args.seed),
+        "lora_all_rank": all_rank,
+        "lora_all_params": _save_loras(base, all_rank, ALL_LINEAR, work / "lora-all", count, args.seed),
+    }
+    (work / "meta.json").write_text(json.dumps(meta))
+    return meta
+
+
+# ------------------------------------------------------------------------------------------- workers
+def _child_hwm_gib() -> float | None:
+    """The largest VmHWM among this process's children (vLLM's engine core), GiB."""
+    best = None
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            text = status.read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+        if fields.get("PPid", "").strip() == str(os.getpid()) and "VmHWM" in fields:
+            kib = int(fields["VmHWM"].split()[0])
+            best = kib if best is None or kib > best else best
+    return None if best is None else best / 2**20
+
+
+def _own_hwm_gib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return 0.0
+
+
+class VLLMRow:
+    """One vLLM engine serving a row's requests; ``run`` times a trace through ``LLMEngine.step``."""
+
+    def __init__(self, args: argparse.Namespace, row: str, work: Path, meta: dict[str, Any]) -> None:
+        from vllm import EngineArgs, LLMEngine
+
+        self.row, self.work, self.args = row, work, args
+        count = max(args.tenants)
+        kwargs: dict[str, Any] = {
+            "model": meta["model_folder"],
+            "dtype": args.dtype,
+            "max_num_seqs": args.max_num_seqs,
+            "max_model_len": args.prompt_len + args.new_tokens + 64,
+            "enable_prefix_caching": False,
+            "enable_chunked_prefill": False,
+            "enforce_eager": args.enforce_eager,
+            "seed": args.seed,
+        }
+        self.serving = None
+        if row == "vllm-iapt":
+            from iapt.vllm.serving import IAPTServing
+
+            adapters = {f"t{t:03d}": work / "iapt" / f"t{t:03d}" for t in range(count)}
+            self.serving = IAPTServing(meta["model_folder"], adapters)
+            kwargs = self.serving.engine_args(**{k: v for k, v in kwargs.items() if k != "model"})
+        elif row.startswith("vllm-lora"):
+            rank = meta["lora_qv_rank" if row == "vllm-lora-qv" else "lora_all_rank"]
+            kwargs.update(
+                enable_lora=True,
+                max_lora_rank=next(r for r in VLLM_RANKS if r >= rank),
+                max_loras=min(count, args.max_num_seqs),
+                max_cpu_loras=count,
+            )
+        self.engine = LLMEngine.from_engine_args(EngineArgs(**kwargs))
+        self._ids = 0
+
+    def run(self, prompts: list[list[int]], tenants: list[int] | None) -> dict[str, Any]:
+        from vllm import SamplingParams
+        from vllm.lora.request import LoRARequest
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(
+            max_tokens=self.args.new_tokens, temperature=0.0, ignore_eos=True, output_kind=RequestOutputKind.DELTA
+        )
+        folder = {"vllm-lora-qv": "lora-qv", "vllm-lora-all": "lora-all"}.get(self.row)
+        order: dict[str, int] = {}
+        for i, ids in enumerate(prompts):
+            self._ids += 1
+            rid = f"r{self._ids}"
+            order[rid] = i
+            tenant = None if tenants is None else tenants[i]
+            lora = None
+            if self.serving is not None and tenant is not None:
+                prompt: Any = self.serving.prompt(ids, f"t{tenant:03d}")
+            else:
+                prompt = {"prompt_token_ids": list(ids)}
+                if folder is not None and tenant is not None:
+                    lora = LoRARequest(f"t{tenant:03d}", tenant + 1, str(self.work / folder / f"t{tenant:03d}"))
+            self.engine.add_request(rid, prompt, params, lora_request=lora)
+        R = len(prompts)
+        tokens: list[list[int]] = [[] for _ in range(R)]
+        ttft, latency = [0.0] * R, [0.0] * R
+        prefill = decode = 0.0
+        decode_tokens = 0
+        t0 = time.perf_counter()
+        while self.engine.has_unfinished_requests():
+            start = time.perf_counter()
+            outputs = self.engine.step()
+            now = time.perf_counter()
+            first, emitted = False, 0
+            for out in outputs:
+                i = order[out.request_id]
+                new = list(out.outputs[0].token_ids) if out.outputs else []
+                if new and not tokens[i]:
+                    ttft[i], first = now - t0, True
+                tokens[i] += new
+                emitted += len(new)
+                if out.finished:
+                    latency[i] = now - t0
+            if first:
+                prefill += now - start
+            else:
+                decode += now - start
+                decode_tokens += emitted
+        wall = time.perf_counter() - t0
+        return _summary(wall, prefill, decode, decode_tokens, ttft, latency, tokens, self.args) | {
+            "peak_gib": _child_hwm_gib()
+        }
+
+
+class EngineRow:
+    """The built-in engine (``iapt.serving.Engine``) on the same trace, timed as ``multitenant.py`` does."""
+
+    def __init__(self, args: argparse.Namespace, row: str, work: Path, meta: dict[str, Any]) -> None:
+        from iapt.models import load_model
+        from iapt.serving import Engine
+
+        self.args, self.row = args, row
+        base, tokenizer = load_model(args.model, dtype=args.dtype)
+        adapters = work / "iapt" if row == "engine-iapt" else None
+        self.engine = Engine(base.eval(), tokenizer, adapters_dir=adapters, max_batch_size=args.max_num_seqs)
+
+    def run(self, prompts: list[list[int]], tenants: list[int] | None) -> dict[str, Any]:
+        from iapt.serving import Request
+
+        R = len(prompts)
+        ttft, latency = [0.0] * R, [0.0] * R
+        prefill, started = [0.0], [0.0]
+
+        def observe(kind: str, rows: Any, seconds: float | None) -> None:
+            if kind == "prefill":
+                if seconds is None:
+                    started[0] = time.perf_counter()
+                else:
+                    prefill[0] += time.perf_counter() - started[0]
+
+        def listener(i: int) -> Any:
+            def on_event(event: Any) -> None:
+                now = time.perf_counter()
+                if event.token is not None and ttft[i] == 0.0:
+                    ttft[i] = now - t0
+                if event.finish_reason is not None:
+                    latency[i] = now - t0
+
+            return on_event
+
+        requests = [
+            Request(
+                list(p),
+                adapter=None if tenants is None else f"t{tenants[i]:03d}",
+                max_tokens=self.args.new_tokens,
+                ignore_eos=True,
+                on_event=listener(i),
+            )
+            for i, p in enumerate(prompts)
+        ]
+        remove = self.engine.add_step_observer(observe)
+        try:
+            t0 = time.perf_counter()
+            handles = self.engine.generate_many(requests)
+            wall = time.perf_counter() - t0
+        finally:
+            remove()
+        tokens = [list(h.tokens) for h in handles]
+        decode_tokens = R * (self.args.new_tokens - 1)
+        return _summary(wall, prefill[0], wall - prefill[0], decode_tokens, ttft, latency, tokens, self.args) | {
+            "peak_gib": _own_hwm_gib()
+        }
+
+
+def _summary(
+    wall: float,
+    prefill: float,
+    decode: float,
+    decode_tokens: int,
+    ttft: list[float],
+    latency: list[float],
+    tokens: list[list[int]],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    short = [i for i, t in enumerate(tokens) if len(t) != args.new_tokens]
+    if short:
+        raise RuntimeError(f"{len(short)} requests did not get {args.new_tokens} tokens (first: {short[0]})")
+    R = len(tokens)
+    return {
+        "wall": wall,
+        "prefill_s": prefill,
+        "decode_tok_s": decode_tokens / decode if decode > 0 else 0.0,
+        "total_tok_s": R * args.new_tokens / wall,
+        "ttft_mean": statistics.mean(ttft),
+        "p50": _percentile(latency, 50),
+        "p99": _percentile(latency, 99),
+        "tokens": tokens[: args.check_requests],
+    }
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Serve every (N, trace) cell on one row's engine; print one JSON line of results."""
+    torch.set_num_threads(args.threads)
+    work = Path(args.workdir)
+    meta = json.loads((work / "meta.json").read_text())
+    prompts = meta["prompts"]
+    row = (VLLMRow if args.worker.startswith("vllm") else EngineRow)(args, args.worker, work, meta)
+    bare = args.worker.endswith("bare")
+    warm = min(len(prompts), args.max_num_seqs)
+    row.run(prompts[:warm], None if bare else [t % max(args.tenants) for t in range(warm)])  # untimed
+    cells: dict[str, list[dict[str, Any]]] = {}
+    for _ in range(args.repeats):
+        for n in args.tenants:
+            for trace in _traces(args, n):
+                tenants = None if bare else tenant_trace(len(prompts), n, trace, args.seed)
+                cells.setdefault(f"{n}/{trace}", []).append(row.run(prompts, tenants))
+    print("RESULT " + json.dumps({"row": args.worker, "cells": cells}), flush=True)
+
+
+# ------------------------------------------------------------------------------------------- report
+def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    return max(runs, key=lambda r: r["total_tok_s"])
+
+
+def render(args: argparse.Namespace, meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        f"IAPT r={args.bottleneck}, n={args.soft_tokens}: {meta['iapt_params']:,d} parameters; LoRA q/v rank "
+        f"{meta['lora_qv_rank']} ({meta['lora_qv_params']:,d}); LoRA all-linear rank {meta['lora_all_rank']} "
+        f"({meta['lora_all_params']:,d}). {args.requests} requests × {args.prompt_len} prompt tokens × "
+        f"{args.new_tokens} new, max {args.max_num_seqs} running, {args.dtype}, {args.threads} thread(s).",
+        "",
+        "| N | trace | row | decode tok/s | × bare | total tok/s | TTFT s | × bare | p50 s | p99 s | peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for n in args.tenants:
+        for trace in _traces(args, n):
+            key = f"{n}/{trace}"
+            bare = _best(results["vllm-bare"]["cells"][key]) if "vllm-bare" in results else None
+            for row in args.rows:
+                if row not in results:
+                    continue
+                r = _best(results[row]["cells"][key])
+                dx = f"{r['decode_tok_s'] / bare['decode_tok_s']:.3f}" if bare else "–"
+                tx = f"{r['ttft_mean'] / bare['ttft_mean']:.3f}" if bare else "–"
+                peak = f"{r['peak_gib']:.2f}" if r.get("peak_gib") is not None else "–"
+                lines.append(
+                    f"| {n} | {trace} | {LABELS[row]} | {r['decode_tok_s']:.1f} | {dx} | {r['total_tok_s']:.1f} | "
+                    f"{r['ttft_mean']:.3f} | {tx} | {r['p50']:.2f} | {r['p99']:.2f} | {peak} |"
+                )
+    return "\n".join(lines)
+
+
+def checks(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> list[str]:
+    """The IAPT row equals the built-in engine on the checked requests; adapters change the output."""
+    failures = []
+    if "vllm-iapt" in results and "engine-iapt" in results:
+        for key, runs in results["vllm-iapt"]["cells"].items():
+            if runs[0]["tokens"] != results["engine-iapt"]["cells"][key][0]["tokens"]:
+                failures.append(f"{key}: vllm IAPT tokens differ from the built-in engine's")
+    if "vllm-iapt" in results and "vllm-bare" in results:
+        key = next(iter(results["vllm-bare"]["cells"]))
+        if results["vllm-iapt"]["cells"][key][0]["tokens"] == results["vllm-bare"]["cells"][key][0]["tokens"]:
+            failures.append(f"{key}: the IAPT adapters did not change the output")
+    return failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local HF folder")
+    p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
+    p.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS)
+    p.add_argument("--tenants", type=int, nargs="+", default=[1, 4, 16, 64])
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--max-num-seqs", type=int, default=16, help="requests running at once, every engine")
+    p.add_argument("--zipf-s", type=float, default=1.2)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--bottleneck", type=int, default=32)
+    p.add_argument("--soft-tokens", type=int, default=4)
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each row (vLLM: its engine core)")
+    p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--check", action="store_true", help="fail unless the checks above hold")
+    p.add_argument("--check-requests", type=int, default=3)
+    p.add_argument("--workdir", default=None, help="adapters and meta (default: a temporary folder)")
+    p.add_argument("--out", default=None, help="write the raw results (JSON) here")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.workdir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        meta = setup(args, work)
+        results: dict[str, dict[str, Any]] = {}
+        for row in args.rows:
+            print(f"[{datetime.datetime.now():%H:%M:%S}] {LABELS[row]} ...", file=sys.stderr, flush=True)
+            env = {
+                **os.environ,
+                "OMP_NUM_THREADS": str(args.threads),
+                "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"),
+                "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+                "VLLM_NO_USAGE_STATS": "1",
+                "DO_NOT_TRACK": "1",
+                "HF_HUB_OFFLINE": "1",
+                "TOKENIZERS_PARALLELISM": "false",
+            }
+            forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--check"]
+            cmd = [sys.executable, __file__, *forwarded, "--worker", row, "--workdir", str(work)]
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(done.stderr[-4000:], file=sys.stderr)
+                raise SystemExit(f"row {row} failed (exit {done.returncode})")
+            line = next(x for x in reversed(done.stdout.splitlines()) if x.startswith("RESULT "))
+            results[row] = json.loads(line.removeprefix("RESULT "))
+        table = render(args, meta, results)
+        machine = f"{platform.node()} · {platform.processor() or platform.machine()} · {os.cpu_count()} CPUs"
+        print(f"{datetime.date.today()} · {machine} · torch {torch.__version__}\n\n{table}")
+        failures = checks(args, results)
+        for failure in failures:
+            print(f"CHECK FAILED: {failure}", file=sys.stderr)
+        if args.out:
+            Path(args.out).write_text(json.dumps({"args": vars(args), "meta": meta, "results": results}, indent=1))
+        return 1 if args.check and failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
