@@ -327,7 +327,7 @@ def test_a_dead_vllm_engine_fails_its_requests_and_stops():
         pass
 
     class Dead:
-        def add_request(self, *args: object) -> None:
+        def add_request(self, *args: object, **kwargs: object) -> None:
             pass
 
         def abort_request(self, ids: list[str]) -> None:
@@ -338,7 +338,7 @@ def test_a_dead_vllm_engine_fails_its_requests_and_stops():
 
     engine = VLLMEngine.__new__(VLLMEngine)
     engine._init_state()
-    engine.llm, engine.max_queue, engine._prepare = Dead(), 4, lambda r: ({}, None)  # type: ignore[method-assign]
+    engine.llm, engine.max_queue, engine._prepare = Dead(), 4, lambda r: ({}, None, None)  # type: ignore[method-assign]
     engine.start()
     handle = engine.submit_many([Request([5, 6])])[0]
     handle.wait(10)

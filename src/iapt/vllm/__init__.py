@@ -20,6 +20,9 @@ def register() -> None:
     """vLLM general plugin: register the IAPT architectures (lazily: the model module loads with the model)."""
     from vllm import ModelRegistry
 
+    from iapt.vllm.lora import patch_cpu_lora_ops
+
+    patch_cpu_lora_ops()  # vLLM's CPU LoRA ops apply the last adapter to tokens without one (see there)
     for arch in ARCHITECTURES.values():
         if arch not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(arch, f"iapt.vllm.model:{arch}")

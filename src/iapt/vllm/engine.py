@@ -40,6 +40,7 @@ from iapt.serving.requests import (
     check_context,
     check_request,
 )
+from iapt.vllm.lora import LoRAInfo, lora_rank_limit, read_lora
 from iapt.vllm.protocol import MIN_SLOTS
 from iapt.vllm.serving import IAPTServing
 
@@ -51,13 +52,27 @@ RUNTIME_ADAPTERS = (
 )
 
 
+MAX_LORAS_PER_BATCH = 8  # vLLM's max_loras default cap here: each slot holds rank x width weights per module
+
+
 @dataclass(frozen=True)
 class ServedAdapter:
-    """An adapter the engine serves: its name, folder and config (what the app reads of it)."""
+    """An adapter the engine serves: its name, folder and config (what the app reads of it: ``num_soft_tokens``).
+
+    ``kind`` is "IAPT" (the plugin's bank, a header in front of the prompt) or "LORA" (vLLM's own multi-LoRA,
+    a ``LoRARequest`` with vLLM id ``lora_id``)."""
 
     name: str
     path: Path
-    config: IAPTConfig
+    config: IAPTConfig | LoRAInfo
+    kind: str = "IAPT"
+    lora_id: int = 0
+
+    def lora_request(self) -> Any:
+        """vLLM's ``LoRARequest`` for this LoRA tenant (the same id every time: vLLM caches adapters by id)."""
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(self.name, self.lora_id, str(self.path))
 
 
 class VLLMEngine:
@@ -65,7 +80,9 @@ class VLLMEngine:
 
     ``model``: a local Hugging Face folder (Llama, Mistral or Qwen2). ``adapters_dir``: every subfolder is an
     adapter served under its name (a bad one is skipped and reported in ``load_errors``); ``adapters``: more,
-    name -> folder (a bad one raises). ``engine_kwargs`` go to ``vllm.EngineArgs`` through
+    name -> folder (a bad one raises). IAPT folders go to the plugin's bank; PEFT LoRA folders to vLLM's own
+    multi-LoRA in the same engine (``enable_lora`` is set only when there is one, or when ``engine_kwargs``
+    asks for it, e.g. to load LoRA adapters at run time). ``engine_kwargs`` go to ``vllm.EngineArgs`` through
     :meth:`IAPTServing.engine_args` (which refuses what IAPT cannot serve).
     """
 
@@ -95,23 +112,78 @@ class VLLMEngine:
         self.max_bottleneck, self.max_soft_tokens = max_bottleneck, max_soft_tokens
         self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(self.model_path)
         self.load_errors: dict[str, str] = {}
+        self._lora_ids = itertools.count(1)
         self._adapters = self._read_adapters(adapters_dir, adapters or {})
-        self.serving = IAPTServing(self.model_path, {name: a.path for name, a in self._adapters.items()})
+        iapt = {name: a.path for name, a in self._adapters.items() if a.kind == "IAPT"}
+        self.serving = IAPTServing(self.model_path, iapt)
 
         kwargs = dict(engine_kwargs or {})
         kwargs.setdefault("max_num_seqs", max_batch_size)
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
+        self._lora_args(kwargs)
         self.llm = _make_engine(self.serving.engine_args(dtype=dtype, **kwargs))
+        try:
+            self._register_loras(explicit=set(adapters or {}))
+        except BaseException:
+            self.close_engine()
+            raise
         self.max_positions: int = int(self.llm.model_config.max_model_len)
         self.vocab_size: int = int(self.serving.header.vocab_size)
         self._init_state()
+
+    def _lora_args(self, kwargs: dict[str, Any]) -> None:
+        """vLLM's LoRA settings, only when a LoRA tenant exists (or the caller enables LoRA): max_lora_rank the
+        smallest value vLLM accepts above every tenant's rank, max_loras (per batch) one per tenant up to
+        MAX_LORAS_PER_BATCH, max_cpu_loras every tenant (none is evicted and re-read from disk)."""
+        loras = [a for a in self._adapters.values() if isinstance(a.config, LoRAInfo)]
+        self.lora_enabled = bool(loras or kwargs.get("enable_lora"))
+        if not self.lora_enabled:
+            return
+        rank = max((a.config.rank for a in loras if isinstance(a.config, LoRAInfo)), default=1)
+        kwargs["enable_lora"] = True
+        kwargs.setdefault("max_lora_rank", lora_rank_limit(rank))
+        if rank > int(kwargs["max_lora_rank"]):
+            raise ValueError(f"max_lora_rank={kwargs['max_lora_rank']} is below a LoRA tenant's rank {rank}")
+        kwargs.setdefault("max_loras", max(1, min(len(loras), MAX_LORAS_PER_BATCH, self.max_batch_size)))
+        kwargs.setdefault("max_cpu_loras", max(len(loras), int(kwargs["max_loras"])))
+        self.max_lora_rank = int(kwargs["max_lora_rank"])
+
+    def _register_loras(self, explicit: set[str]) -> None:
+        """Load every LoRA tenant into vLLM now (``add_lora``), so vLLM's own checks run at start, not on a
+        tenant's first request: a refused subfolder of ``adapters_dir`` goes to ``load_errors``, a refused
+        explicit adapter raises ValueError."""
+        for name, adapter in list(self._adapters.items()):
+            if adapter.kind != "LORA":
+                continue
+            try:
+                self._add_lora(adapter)
+            except ValueError as exc:
+                if name in explicit:
+                    raise
+                del self._adapters[name]
+                self.load_errors[name] = str(exc)
+                logger.warning("skipping adapter %s: %s", adapter.path, exc)
+
+    def _add_lora(self, adapter: ServedAdapter) -> None:
+        try:
+            ok = self.llm.add_lora(adapter.lora_request())
+        except Exception as exc:  # vLLM's error, from its engine core: name the adapter, no stack trace
+            raise ValueError(f"vLLM refused LoRA adapter {adapter.name!r} ({adapter.path}): {exc}") from None
+        if ok is False:
+            raise ValueError(f"vLLM refused LoRA adapter {adapter.name!r} ({adapter.path})")
+
+    def close_engine(self) -> None:
+        """Shut vLLM's engine core down (its own process by default: it must not outlive the server)."""
+        shutdown = getattr(getattr(getattr(self, "llm", None), "engine_core", None), "shutdown", None)
+        if shutdown is not None:
+            shutdown()
 
     def _init_state(self) -> None:
         self.dead: str | None = None  # why vLLM's engine died (EngineDeadError), if it did
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._pending: list[tuple[RequestHandle, dict[str, Any], Any]] = []
+        self._pending: list[tuple[RequestHandle, dict[str, Any], Any, Any]] = []  # handle, prompt, params, LoRA
         self._live: dict[str, RequestHandle] = {}  # vLLM request id -> handle, owned by the engine thread
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
@@ -126,30 +198,8 @@ class VLLMEngine:
         self, adapters_dir: str | Path | None, explicit: Mapping[str, str | Path]
     ) -> dict[str, ServedAdapter]:
         """Validate every adapter against the base before vLLM starts: the same checks as the built-in engine
-        (``read_adapter``: architecture, sizes, weight names and shapes) on a weightless copy of the base."""
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        from iapt.serving.bank import read_adapter
-
-        with torch.device("meta"):
-            base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(self.model_path))
-
-        def read(name: str, path: str | Path) -> ServedAdapter:
-            if not name or name in self.base_names:
-                raise ValueError(f"adapter name {name!r} is empty or is the base model's name")
-            adapter = read_adapter(base, path, name)
-            r, n = adapter.config.bottleneck, adapter.config.num_soft_tokens
-            if r > self.max_bottleneck:
-                raise AdapterTooLarge(f"adapter {name!r} has bottleneck r={r}; the limit is {self.max_bottleneck}")
-            if n > self.max_soft_tokens:
-                raise AdapterTooLarge(f"adapter {name!r} has {n} soft tokens; the limit is {self.max_soft_tokens}")
-            if n < MIN_SLOTS:
-                raise ValueError(
-                    f"adapter {name!r} has {n} soft tokens; --engine vllm serves adapters with at least {MIN_SLOTS}"
-                )
-            return ServedAdapter(name, adapter.path, adapter.config)
-
+        (``read_adapter``: architecture, sizes, weight names and shapes) on a weightless copy of the base; LoRA
+        folders with :func:`read_lora` (what vLLM's LoRA serves, shapes against the base)."""
         out: dict[str, ServedAdapter] = {}
         if adapters_dir is not None:
             root = Path(adapters_dir)
@@ -159,15 +209,51 @@ class VLLMEngine:
                 if not p.is_dir() or p.name.startswith("."):
                     continue
                 try:
-                    out[p.name] = read(p.name, p)
+                    out[p.name] = self._read(p.name, p)
                 except (ValueError, FileNotFoundError, OSError) as exc:
                     self.load_errors[p.name] = str(exc)
                     logger.warning("skipping adapter %s: %s", p, exc)
         for name, path in explicit.items():
             if name in out:
                 raise ValueError(f"an adapter named {name!r} is already loaded")
-            out[name] = read(name, path)
+            out[name] = self._read(name, path)
         return out
+
+    def _meta_base(self) -> Any:
+        """The base without weights (on ``meta``): enough to check adapters' sizes, kept for run-time loads."""
+        if getattr(self, "_meta", None) is None:
+            import torch
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            with torch.device("meta"):
+                self._meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(self.model_path))
+        return self._meta
+
+    def _read(self, name: str, path: str | Path) -> ServedAdapter:
+        """One adapter folder, validated (ValueError / FileNotFoundError naming the problem)."""
+        from iapt.adapters import adapter_type
+        from iapt.serving.bank import read_adapter
+
+        if not name or name in self.base_names:
+            raise ValueError(f"adapter name {name!r} is empty or is the base model's name")
+        base = self._meta_base()
+        kind = adapter_type(path)
+        if kind == "LORA":
+            directory, info = read_lora(base, path, name)
+            return ServedAdapter(name, directory, info, "LORA", next(self._lora_ids))
+        if kind != "IAPT":
+            raise ValueError(f"adapter {name!r} is a {kind} adapter; --engine vllm serves IAPT and LoRA adapters")
+        adapter = read_adapter(base, path, name)
+        r, n = adapter.config.bottleneck, adapter.config.num_soft_tokens
+        if r > self.max_bottleneck:
+            raise AdapterTooLarge(f"adapter {name!r} has bottleneck r={r}; the limit is {self.max_bottleneck}")
+        if n > self.max_soft_tokens:
+            raise AdapterTooLarge(f"adapter {name!r} has {n} soft tokens; the limit is {self.max_soft_tokens}")
+        if n < MIN_SLOTS:
+            raise ValueError(
+                f"adapter {name!r} has {n} soft tokens; --engine vllm serves adapters with at least {MIN_SLOTS}"
+            )
+        return ServedAdapter(name, adapter.path, adapter.config)
 
     @property
     def adapters(self) -> dict[str, ServedAdapter]:
@@ -192,19 +278,20 @@ class VLLMEngine:
         """Queue several requests all or none. Raises ValueError (bad request), UnknownAdapter, QueueFull."""
         if len(requests) > self.max_queue:
             raise ValueError(f"{len(requests)} completions in one call; this server queues at most {self.max_queue}")
-        prepared = [(r, *self._prepare(r)) for r in requests]
+        prepared = [self._prepare(r) for r in requests]
         with self._lock:
             if self.dead is not None:  # checked under the lock: the engine thread drains the queue under it
                 raise APIError(503, f"the vLLM engine has stopped ({self.dead}); restart the server", "server_error")
             if self._waiting() + len(requests) > self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} waiting requests); retry later", retry_after=1.0)
             handles = [RequestHandle(next(self._ids), r) for r in requests]
-            self._pending += [(h, prompt, params) for h, (_, prompt, params) in zip(handles, prepared, strict=True)]
+            self._pending += [(h, *p) for h, p in zip(handles, prepared, strict=True)]
             self._wake.notify()
         return handles
 
-    def _prepare(self, r: Request) -> tuple[dict[str, Any], Any]:
-        """Check ``r`` as the built-in engine does; return its vLLM prompt and sampling parameters."""
+    def _prepare(self, r: Request) -> tuple[dict[str, Any], Any, Any]:
+        """Check ``r`` as the built-in engine does; return its vLLM prompt, sampling parameters and LoRA request
+        (None but for a LoRA tenant, whose prompt is the base's: no header)."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -212,8 +299,10 @@ class VLLMEngine:
             raise UnknownAdapter(f"no adapter named {r.adapter!r} is loaded")
         check_request(r, self.vocab_size)
         adapter = None if r.adapter in self.base_names else r.adapter
-        check_context(r, self.serving.num_slots(adapter), self.max_positions)
-        prompt = self.serving.prompt(r.prompt, adapter)  # ValueError: a base prompt beginning with the marker
+        lora = self._adapters[adapter] if adapter is not None and self._adapters[adapter].kind == "LORA" else None
+        iapt = None if lora is not None else adapter
+        check_context(r, self.serving.num_slots(iapt), self.max_positions)
+        prompt = self.serving.prompt(r.prompt, iapt)  # ValueError: a base prompt beginning with the marker
         greedy = r.temperature < MIN_TEMPERATURE
         params = SamplingParams(
             max_tokens=r.max_tokens,
@@ -230,7 +319,7 @@ class VLLMEngine:
             detokenize=False,  # the app detokenizes (stop strings included)
             output_kind=RequestOutputKind.DELTA,
         )
-        return prompt, params
+        return prompt, params, None if lora is None else lora.lora_request()
 
     def _waiting(self) -> int:
         """Requests not yet given a token: still pending here, or waiting in vLLM's scheduler."""
@@ -264,16 +353,14 @@ class VLLMEngine:
                 self.llm.abort_request(list(self._live))
             except Exception:
                 logger.exception("aborting the running requests failed")
-        for h in [h for h, _, _ in pending] + list(self._live.values()):
+        for h in [p[0] for p in pending] + list(self._live.values()):
             h._emit(Event(finish_reason="cancelled", error="the server is shutting down"))
         self._live.clear()
 
     def close(self) -> None:
         """Stop the loop and shut vLLM's engine down."""
         self.stop()
-        shutdown = getattr(getattr(self.llm, "engine_core", None), "shutdown", None)
-        if shutdown is not None:
-            shutdown()
+        self.close_engine()
 
     def pause(self) -> None:
         """Hold the loop between steps (requests queue up); ``resume()`` continues."""
@@ -299,13 +386,13 @@ class VLLMEngine:
         """One round, in the engine's thread: add the pending requests, abort the cancelled ones, step vLLM."""
         with self._lock:
             pending, self._pending = self._pending, []
-        for h, prompt, params in pending:
+        for h, prompt, params, lora in pending:
             if h._cancel:
                 h._emit(Event(finish_reason="cancelled"))
                 continue
             request_id = f"iapt-{h.id}"  # vLLM's outputs and aborts use this id (it adds a suffix inside)
             try:
-                self.llm.add_request(request_id, prompt, params)
+                self.llm.add_request(request_id, prompt, params, lora_request=lora)
             except Exception as exc:
                 logger.exception("adding request %d failed", h.id)
                 h._emit(Event(finish_reason="error", error=f"the request was refused: {exc}"))
@@ -334,7 +421,7 @@ class VLLMEngine:
                 self._stop.set()
                 with self._lock:
                     pending, self._pending = self._pending, []
-                for h, _, _ in pending:
+                for h, *_ in pending:
                     h._emit(Event(finish_reason="error", error=f"the vLLM engine has stopped ({self.dead})"))
             return
         now, count = time.monotonic(), 0
@@ -466,8 +553,10 @@ def serve(
     modules = dict(lora_modules or {})
     for name, path in modules.items():  # before the engine starts: a wrong folder fails in a second
         kind = adapter_type(resolve_adapter_dir(path))
-        if kind != "IAPT":
-            raise ValueError(f"--lora-modules {name}={path}: a {kind} adapter; --engine vllm serves IAPT adapters")
+        if kind not in ("IAPT", "LORA"):
+            raise ValueError(
+                f"--lora-modules {name}={path}: a {kind} adapter; --engine vllm serves IAPT and LoRA adapters"
+            )
     is_default = model.strip().lower() in {alias.lower() for alias in DEFAULT_ALIASES}
     engine = VLLMEngine(
         model_folder(model),
