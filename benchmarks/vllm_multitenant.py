@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from multitenant import _percentile, build_prompts, tenant_trace
+from multitenant import _percentile, build_prompts, run_engine, tenant_trace
 
 ROWS = ["vllm-bare", "vllm-iapt", "vllm-lora-qv", "vllm-lora-all", "engine-bare", "engine-iapt"]
 LABELS = {
@@ -267,51 +267,22 @@ class EngineRow:
         self.engine = Engine(base.eval(), tokenizer, adapters_dir=adapters, max_batch_size=args.max_num_seqs)
 
     def run(self, prompts: list[list[int]], tenants: list[int] | None) -> dict[str, Any]:
-        from iapt.serving import Request
-
-        R = len(prompts)
-        ttft, latency = [0.0] * R, [0.0] * R
-        prefill, started = [0.0], [0.0]
-
-        def observe(kind: str, rows: Any, seconds: float | None) -> None:
-            if kind == "prefill":
-                if seconds is None:
-                    started[0] = time.perf_counter()
-                else:
-                    prefill[0] += time.perf_counter() - started[0]
-
-        def listener(i: int) -> Any:
-            def on_event(event: Any) -> None:
-                now = time.perf_counter()
-                if event.token is not None and ttft[i] == 0.0:
-                    ttft[i] = now - t0
-                if event.finish_reason is not None:
-                    latency[i] = now - t0
-
-            return on_event
-
-        requests = [
-            Request(
-                list(p),
-                adapter=None if tenants is None else f"t{tenants[i]:03d}",
-                max_tokens=self.args.new_tokens,
-                ignore_eos=True,
-                on_event=listener(i),
-            )
-            for i, p in enumerate(prompts)
-        ]
-        remove = self.engine.add_step_observer(observe)
-        try:
-            t0 = time.perf_counter()
-            handles = self.engine.generate_many(requests)
-            wall = time.perf_counter() - t0
-        finally:
-            remove()
-        tokens = [list(h.tokens) for h in handles]
-        decode_tokens = R * (self.args.new_tokens - 1)
-        return _summary(wall, prefill[0], wall - prefill[0], decode_tokens, ttft, latency, tokens, self.args) | {
-            "peak_gib": _own_hwm_gib()
-        }
+        timing = argparse.Namespace(
+            device="cpu", engine_mode="all", new_tokens=self.args.new_tokens, max_batch_size=self.args.max_num_seqs
+        )
+        adapters = [None if tenants is None else f"t{t:03d}" for t in (tenants or [0] * len(prompts))]
+        run = run_engine(timing, self.engine, prompts, adapters)
+        decode_tokens = len(prompts) * (self.args.new_tokens - 1)
+        return _summary(
+            run["wall"],
+            run["prefill"],
+            run["decode"],
+            decode_tokens,
+            run["ttft"],
+            run["latency"],
+            run["tokens"],
+            self.args,
+        ) | {"peak_gib": _own_hwm_gib()}
 
 
 def _summary(
