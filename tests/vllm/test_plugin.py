@@ -205,7 +205,9 @@ def test_a_split_instruction_raises_never_pools_part(serving, folders, monkeypat
     import iapt.vllm.model as plugin
 
     adapters = plugin.IAPTAdapters.__new__(plugin.IAPTAdapters)
-    adapters.header, adapters.bank, adapters.slot_token_id = serving.header, object(), 0
+    adapters.header, adapters.slot_token_id = serving.header, 0
+    adapters.bank = SimpleNamespace(index=dict(serving.index))  # the planner reads each adapter's bank row
+    adapters.names = {i: name for name, i in serving.index.items()}
     ids = serving.prompt(list(range(10, 30)), "alice")["prompt_token_ids"]  # 4 slots + 20 instruction tokens
     whole, part = torch.tensor(ids), torch.tensor(ids[:12])
 
@@ -217,6 +219,7 @@ def test_a_split_instruction_raises_never_pools_part(serving, folders, monkeypat
 
     plan, replaced = step(whole)
     assert plan.slot_rows[0][plan.slot_valid[0]].tolist() == [0, 1, 2, 3] and int(plan.pool_mask.sum()) == 20
+    assert plan.index.tolist() == [serving.index["alice"]]
     assert replaced[:4].tolist() == [0, 0, 0, 0] and replaced[4:].tolist() == ids[4:]
     with pytest.raises(RuntimeError, match="prefill was split"):
         step(part)

@@ -280,15 +280,19 @@ def test_a_full_queue_answers_429(server):
     assert all(h.finish_reason in ("stop", "length") for h in held)
 
 
-def test_runtime_adapter_changes_are_refused_clearly(server, folders):  # noqa: F811
+def test_runtime_adapter_load_and_unload_keep_the_error_shapes(server, folders):  # noqa: F811
+    """Loading and unloading at run time (tests/vllm/test_runtime.py has the answers); the app's error shapes."""
     _, adapter_dirs = folders
     body = {"lora_name": "dave", "lora_path": str(adapter_dirs["alice"])}
-    r = post(server, "/v1/load_lora_adapter", body, "sk-admin")
-    assert r.status_code == 400 and "not supported with --engine vllm yet" in r.json()["error"]["message"]
-    r = post(server, "/v1/unload_lora_adapter", {"lora_name": "alice"}, "sk-admin")
-    assert r.status_code == 400 and "not supported with --engine vllm yet" in r.json()["error"]["message"]
-    assert post(server, "/v1/unload_lora_adapter", {"lora_name": "zed"}, "sk-admin").status_code == 404
     assert post(server, "/v1/load_lora_adapter", body, "sk-alice").status_code == 403
+    r = post(server, "/v1/load_lora_adapter", body, "sk-admin")
+    assert r.status_code == 200 and r.json() == {"status": "loaded", "name": "dave"}
+    r = post(server, "/v1/load_lora_adapter", body, "sk-admin")
+    assert r.status_code == 400 and "already loaded" in r.json()["error"]["message"]
+    r = post(server, "/v1/unload_lora_adapter", {"lora_name": "dave"}, "sk-admin")
+    assert r.status_code == 200 and r.json() == {"status": "unloaded", "name": "dave"}
+    r = post(server, "/v1/unload_lora_adapter", {"lora_name": "zed"}, "sk-admin")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
 
 
 def test_tokenize_health_and_metrics(server):

@@ -6,14 +6,19 @@ paging and sampling. One background thread owns a ``vllm.LLMEngine``: it adds th
 (each prompt encoded by :class:`IAPTServing`, the adapter's header in front), aborts the cancelled ones,
 steps the engine and turns its outputs into the project's :class:`Event` on each :class:`RequestHandle`.
 
-What differs from the built-in engine: adapters are fixed at start (vLLM's bank is built when the model
-loads), so loading or unloading one at run time answers 400; a base prompt may not begin with the IAPT
-marker id (400, see docs/VLLM.md); seeded sampling draws other numbers than the built-in sampler.
+LoRA tenants are served by vLLM's own multi-LoRA in the same engine (a ``LoRARequest`` per request). Adapters
+load and unload at run time between two engine steps (IAPT: the bank in vLLM's worker, through
+``collective_rpc`` and :mod:`iapt.vllm.worker`; LoRA: vLLM's ``add_lora`` / ``remove_lora``).
+
+What differs from the built-in engine: unloading an adapter with requests queued or running answers 409 (the
+built-in engine lets them finish); a base prompt may not begin with the IAPT marker id (400, see
+docs/VLLM.md); seeded sampling draws other numbers than the built-in sampler.
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import itertools
 import logging
@@ -21,10 +26,10 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from iapt.config import IAPTConfig
 from iapt.serving.protocol import APIError
@@ -45,14 +50,10 @@ from iapt.vllm.protocol import MIN_SLOTS
 from iapt.vllm.serving import IAPTServing
 
 logger = logging.getLogger(__name__)
-
-RUNTIME_ADAPTERS = (
-    "loading or unloading adapters at run time is not supported with --engine vllm yet (the engine builds "
-    "its adapter bank once, at start); restart the server with the adapters you want"
-)
-
+_T = TypeVar("_T")
 
 MAX_LORAS_PER_BATCH = 8  # vLLM's max_loras default cap here: each slot holds rank x width weights per module
+VLLM_DEFAULT_LORA_RANK = 16  # LoRAConfig.max_lora_rank's default
 
 
 @dataclass(frozen=True)
@@ -133,19 +134,23 @@ class VLLMEngine:
         self._init_state()
 
     def _lora_args(self, kwargs: dict[str, Any]) -> None:
-        """vLLM's LoRA settings, only when a LoRA tenant exists (or the caller enables LoRA): max_lora_rank the
-        smallest value vLLM accepts above every tenant's rank, max_loras (per batch) one per tenant up to
-        MAX_LORAS_PER_BATCH, max_cpu_loras every tenant (none is evicted and re-read from disk)."""
+        """vLLM's LoRA settings, only when a LoRA tenant exists (or the caller enables LoRA, for run-time loads):
+        max_lora_rank the smallest value vLLM accepts above every tenant's rank (16 without one), max_loras (per
+        batch) one per tenant up to MAX_LORAS_PER_BATCH, max_cpu_loras every tenant (none is evicted and re-read
+        from disk). The caller's own values win."""
         loras = [a for a in self._adapters.values() if isinstance(a.config, LoRAInfo)]
         self.lora_enabled = bool(loras or kwargs.get("enable_lora"))
+        self.max_lora_rank = 0
         if not self.lora_enabled:
             return
-        rank = max((a.config.rank for a in loras if isinstance(a.config, LoRAInfo)), default=1)
+        ranks = [a.config.rank for a in loras if isinstance(a.config, LoRAInfo)]
         kwargs["enable_lora"] = True
-        kwargs.setdefault("max_lora_rank", lora_rank_limit(rank))
-        if rank > int(kwargs["max_lora_rank"]):
-            raise ValueError(f"max_lora_rank={kwargs['max_lora_rank']} is below a LoRA tenant's rank {rank}")
-        kwargs.setdefault("max_loras", max(1, min(len(loras), MAX_LORAS_PER_BATCH, self.max_batch_size)))
+        # No tenant yet (LoRA on for run-time loads): vLLM's default rank, and room for several per batch.
+        kwargs.setdefault("max_lora_rank", lora_rank_limit(max(ranks)) if ranks else VLLM_DEFAULT_LORA_RANK)
+        if ranks and max(ranks) > int(kwargs["max_lora_rank"]):
+            raise ValueError(f"max_lora_rank={kwargs['max_lora_rank']} is below a LoRA tenant's rank {max(ranks)}")
+        wanted = len(loras) or MAX_LORAS_PER_BATCH
+        kwargs.setdefault("max_loras", max(1, min(wanted, MAX_LORAS_PER_BATCH, self.max_batch_size)))
         kwargs.setdefault("max_cpu_loras", max(len(loras), int(kwargs["max_loras"])))
         self.max_lora_rank = int(kwargs["max_lora_rank"])
 
@@ -185,6 +190,7 @@ class VLLMEngine:
         self._wake = threading.Condition(self._lock)
         self._pending: list[tuple[RequestHandle, dict[str, Any], Any, Any]] = []  # handle, prompt, params, LoRA
         self._live: dict[str, RequestHandle] = {}  # vLLM request id -> handle, owned by the engine thread
+        self._control: list[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = []  # run-time loads
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -263,12 +269,105 @@ class VLLMEngine:
         return name is None or name in self.base_names or name in self._adapters
 
     def load_adapter(self, name: str, path: str | Path) -> ServedAdapter:
-        raise ValueError(RUNTIME_ADAPTERS)
+        """Serve another adapter from now on (IAPT or LoRA). Raises ValueError naming the problem (the app: 400);
+        the engine keeps serving the others.
+
+        The folder is checked here first (as at start); then, in the engine's thread between two steps, an IAPT
+        adapter is added to the bank in vLLM's worker (``collective_rpc("iapt_add_adapter")``) and a LoRA one
+        given to vLLM (``add_lora``); only then do requests for it get in."""
+        with self._lock:
+            if name in self._adapters:
+                raise ValueError(f"an adapter named {name!r} is already loaded; unload it first")
+        adapter = self._read(name, path)  # file I/O outside the lock
+        if isinstance(adapter.config, LoRAInfo):
+            if not self.lora_enabled:
+                raise ValueError(
+                    "this engine was started without LoRA: start it with a LoRA adapter, or with "
+                    "engine_kwargs={'enable_lora': True, 'max_lora_rank': ...}, to load LoRA adapters at run time"
+                )
+            if adapter.config.rank > self.max_lora_rank:
+                raise ValueError(
+                    f"LoRA adapter {name!r} has rank {adapter.config.rank}; this engine was started with "
+                    f"max_lora_rank={self.max_lora_rank}: restart it with max_lora_rank >= {adapter.config.rank}"
+                )
+        return self._in_loop(lambda: self._load(adapter))
+
+    def _load(self, adapter: ServedAdapter) -> ServedAdapter:
+        with self._lock:
+            if adapter.name in self._adapters:
+                raise ValueError(f"an adapter named {adapter.name!r} is already loaded; unload it first")
+        if adapter.kind == "LORA":
+            self._add_lora(adapter)
+            with self._lock:
+                self._adapters[adapter.name] = adapter
+            return adapter
+        index = self.serving.header.free_index()
+        self.serving.header.with_slots(index, adapter.config.num_soft_tokens)  # ValueError: no index left
+        try:
+            self.llm.collective_rpc("iapt_add_adapter", args=(adapter.name, str(adapter.path), index))
+        except Exception as exc:  # vLLM's worker refused it: name the adapter, no stack trace
+            raise ValueError(f"adapter {adapter.name!r} not loaded by vLLM's worker: {exc}") from None
+        with self._lock:
+            self.serving.add(adapter.name, adapter.path, index)
+            self._adapters[adapter.name] = adapter
+        logger.info("adapter %s loaded at run time (%s)", adapter.name, adapter.kind)
+        return adapter
 
     def unload_adapter(self, name: str) -> None:
-        if name not in self._adapters:
-            raise UnknownAdapter(f"no adapter named {name!r} is loaded")
-        raise APIError(400, f"adapter {name!r} not unloaded: {RUNTIME_ADAPTERS}")
+        """Stop serving ``name``. Raises UnknownAdapter (404); APIError 409 while requests of it are queued or
+        running: a LoRA adapter is applied at every decoded token, and an IAPT request that vLLM preempts is
+        recomputed from its header, so either needs its adapter until it ends. Retry once they have finished."""
+        with self._lock:
+            if name not in self._adapters:
+                raise UnknownAdapter(f"no adapter named {name!r} is loaded")
+        self._in_loop(lambda: self._unload(name))
+
+    def _unload(self, name: str) -> None:
+        with self._lock:  # the engine's thread: no request is added to vLLM meanwhile
+            adapter = self._adapters.get(name)
+            if adapter is None:
+                raise UnknownAdapter(f"no adapter named {name!r} is loaded")
+            handles = [p[0] for p in self._pending] + list(self._live.values())
+            busy = sum(1 for h in handles if h.request.adapter == name)
+            if busy:
+                raise APIError(
+                    409,
+                    f"adapter {name!r} has {busy} request(s) queued or running; unload it once they have finished",
+                    "conflict_error",
+                )
+            del self._adapters[name]  # new requests can no longer name it (they are encoded under this lock)
+        try:
+            if adapter.kind == "LORA":
+                self.llm.remove_lora(adapter.lora_id)
+            else:
+                self.llm.collective_rpc("iapt_remove_adapter", args=(name,))
+        except Exception:  # no longer served either way; its header index stays taken (the worker still has it)
+            logger.exception("vLLM could not drop adapter %s; it is no longer served", name)
+            return
+        if adapter.kind == "IAPT":
+            with self._lock:
+                self.serving.remove(name)  # its index is free for the next load
+        logger.info("adapter %s unloaded at run time", name)
+
+    def _in_loop(self, call: Callable[[], _T]) -> _T:
+        """Run ``call`` in the engine's thread between two steps (vLLM's engine is not thread-safe), or here when
+        no loop runs; its exception is raised here."""
+        if not self.is_running or threading.current_thread() is self._thread:
+            return call()
+        done: concurrent.futures.Future[_T] = concurrent.futures.Future()
+        with self._wake:
+            self._control.append((call, done))
+            self._wake.notify()
+        return done.result(timeout=600)
+
+    def _run_control(self) -> None:
+        with self._lock:
+            control, self._control = self._control, []
+        for call, done in control:
+            try:
+                done.set_result(call())
+            except BaseException as exc:
+                done.set_exception(exc)
 
     # -------------------------------------------------------------------- submit
     def submit(self, request: Request) -> RequestHandle:
@@ -278,8 +377,8 @@ class VLLMEngine:
         """Queue several requests all or none. Raises ValueError (bad request), UnknownAdapter, QueueFull."""
         if len(requests) > self.max_queue:
             raise ValueError(f"{len(requests)} completions in one call; this server queues at most {self.max_queue}")
-        prepared = [self._prepare(r) for r in requests]
-        with self._lock:
+        with self._lock:  # prepared under the lock: a run-time unload must not free an index being encoded
+            prepared = [self._prepare(r) for r in requests]
             if self.dead is not None:  # checked under the lock: the engine thread drains the queue under it
                 raise APIError(503, f"the vLLM engine has stopped ({self.dead}); restart the server", "server_error")
             if self._waiting() + len(requests) > self.max_queue:
@@ -348,6 +447,9 @@ class VLLMEngine:
             self._thread = None
         with self._lock:
             pending, self._pending = self._pending, []
+            control, self._control = self._control, []
+        for _, done in control:
+            done.set_exception(APIError(503, "the server is shutting down", "server_error"))
         if self._live:
             try:
                 self.llm.abort_request(list(self._live))
@@ -373,7 +475,10 @@ class VLLMEngine:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            self._run_control()
             with self._wake:
+                if self._control:
+                    continue
                 if self._paused.is_set() or (not self._pending and not self._live):
                     self._wake.wait(timeout=0.05)
                     continue

@@ -40,7 +40,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm.utils.torch_utils import direct_register_custom_op
 
 from iapt.vllm.config import check_vllm_config, plugin_config
-from iapt.vllm.protocol import Header
+from iapt.vllm.protocol import MIN_SLOTS, Header
 
 if TYPE_CHECKING:
     from iapt.serving.bank import AdapterBank
@@ -148,6 +148,7 @@ class IAPTAdapters:
         self.spec = plugin_config(vllm_config)
         self.bank: AdapterBank | None = None
         self.header: Header | None = None
+        self.names: dict[int, str] = {}  # header index -> adapter name (its bank row: bank.index[name])
         self.slot_token_id = 0
 
     def load(self, device: torch.device) -> None:
@@ -176,7 +177,56 @@ class IAPTAdapters:
         finally:
             del base
         self.header = Header(int(self.spec["marker"]), vocab, [a.config.num_soft_tokens for a in adapters])
+        self.names = {i: a.name for i, a in enumerate(adapters, start=1)}
         logger.info("IAPT: %d adapter(s) loaded: %s", len(adapters), ", ".join(a.name for a in adapters) or "none")
+
+    def add(self, name: str, path: str, index: int) -> None:
+        """Load adapter ``name`` at run time at header index ``index`` (``iapt_add_adapter``, between steps).
+
+        The same checks as at load (``read_adapter``) on a weightless copy of the base; an anchored adapter's
+        slot states need the base's weights, read from disk again for the call (the engine keeps none of its
+        own in transformers' layout). The bank is extended into a new one (``AdapterBank.extended``)."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from iapt.backbone import anchor_states
+        from iapt.serving.engine import read_adapter
+
+        assert self.bank is not None and self.header is not None, "the model is loaded"
+        if name in self.bank.index:
+            raise ValueError(f"an adapter named {name!r} is already loaded")
+        if index in self.names:
+            raise ValueError(f"adapter index {index} is taken by {self.names[index]!r}")
+        model_config = self.vllm_config.model_config
+        hf_config = AutoConfig.from_pretrained(model_config.model, trust_remote_code=model_config.trust_remote_code)
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(hf_config)
+        adapter = read_adapter(meta, path, name)
+        header = self.header.with_slots(index, adapter.config.num_soft_tokens)
+        anchors = {}
+        if adapter.config.anchor != "none":
+            base = AutoModelForCausalLM.from_pretrained(
+                model_config.model, dtype=model_config.dtype, trust_remote_code=model_config.trust_remote_code
+            ).eval()
+            try:
+                states = anchor_states(base, adapter.config)
+            finally:
+                del base
+            if states is not None:
+                anchors[name] = states.to(self.bank.num_slots.device)
+        self.bank = self.bank.extended([adapter], anchors)
+        self.header, self.names[index] = header, name
+        logger.info("IAPT: adapter %s loaded at index %d", name, index)
+
+    def remove(self, name: str) -> None:
+        """Unload adapter ``name`` (``iapt_remove_adapter``): the caller made sure no request of it is left."""
+        assert self.bank is not None and self.header is not None, "the model is loaded"
+        index = next((i for i, n in self.names.items() if n == name), None)
+        if index is None:
+            raise ValueError(f"no adapter named {name!r} is loaded")
+        self.bank = self.bank.without(name)
+        self.header = self.header.with_slots(index, 0)
+        del self.names[index]
+        logger.info("IAPT: adapter %s unloaded (index %d is free)", name, index)
 
     def plan(self, input_ids: torch.Tensor | None, positions: torch.Tensor) -> tuple[_Step | None, torch.Tensor | None]:
         """This step's plan (None: no IAPT request begins in it) and the input ids with the slots' ids."""
@@ -199,7 +249,7 @@ class IAPTAdapters:
         if not bool(begins.any()):
             return None, input_ids
         rows = []
-        width = max(self.header.num_slots)
+        width = max(max(self.header.num_slots, default=0), MIN_SLOTS)
         for i in begins.nonzero().flatten().tolist():
             start, end = bounds[i], bounds[i + 1]
             head = input_ids[start : min(end, start + width)].tolist()
@@ -212,6 +262,7 @@ class IAPTAdapters:
                     "max_num_batched_tokens >= max_model_len"
                 )
             rows.append((index, start, n, length))
+        assert self.bank is not None, "the header is set only once the bank is loaded"
         device = input_ids.device
         max_len = max(max(r[3] for r in rows), 1)
         offsets = torch.arange(width, device=device)
@@ -223,10 +274,9 @@ class IAPTAdapters:
         lengths = torch.tensor([r[3] for r in rows], device=device)
         pool_mask = pool[None] < lengths[:, None]
         pool_rows = torch.where(pool_mask, (slot_start + slot_n)[:, None] + pool[None], slot_start[:, None])
-        adapter_index = torch.tensor([r[0] for r in rows], device=device)
+        adapter_index = torch.tensor([self.bank.index[self.names[r[0]]] for r in rows], device=device)
         ids = input_ids.clone()
         ids[slot_rows[slot_valid]] = self.slot_token_id  # what IAPTModel feeds at its slots
-        assert self.bank is not None, "the header is set only once the bank is loaded"
         return _Step(self.bank, adapter_index, slot_rows, slot_valid, pool_rows, pool_mask), ids
 
 

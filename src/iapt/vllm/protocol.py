@@ -7,7 +7,8 @@ adapter to run and how many tokens after the slots are the instruction the gener
     [MARKER, adapter index, L // V, L % V, MARKER, ..., MARKER] + prompt        (n header tokens)
 
 V is the vocabulary size (every id stays in the vocabulary: vLLM's renderer rejects the others), the
-adapter index is 1-based in the order the adapters are given, L <= len(prompt). The model replaces the
+adapter index is 1-based in the order the adapters are given (an adapter loaded at run time takes the first
+free index; an unloaded one leaves its index free, slot count 0), L <= len(prompt). The model replaces the
 header ids by the slot token id (what IAPTModel feeds there) before embedding them, and writes each
 layer's soft tokens over the slots. A base request is its prompt unchanged, which therefore must not
 begin with the marker: :meth:`Header.encode` refuses such a prompt.
@@ -29,7 +30,7 @@ class Header:
 
     marker: int
     vocab_size: int
-    num_slots: Sequence[int]  # num_slots[i - 1]: slot count of adapter index i
+    num_slots: Sequence[int]  # num_slots[i - 1]: slot count of adapter index i; 0: no adapter at i (unloaded)
 
     def __post_init__(self) -> None:
         if not 0 <= self.marker < self.vocab_size:
@@ -39,12 +40,27 @@ class Header:
                 f"{len(self.num_slots)} adapters do not fit in one id of a {self.vocab_size}-token vocabulary"
             )
         for i, n in enumerate(self.num_slots, start=1):
-            if n < MIN_SLOTS:
+            if 0 < n < MIN_SLOTS or n < 0:
                 raise ValueError(
                     f"adapter index {i} has {n} soft tokens; the vLLM plugin needs at least "
                     f"{MIN_SLOTS} (its header: marker, adapter index, two ids for the instruction "
                     "length)"
                 )
+
+    def in_use(self) -> list[int]:
+        return [i for i, n in enumerate(self.num_slots, start=1) if n]
+
+    def free_index(self) -> int:
+        """The index an adapter loaded now takes: the first free one, else the next."""
+        return next((i for i, n in enumerate(self.num_slots, start=1) if n == 0), len(self.num_slots) + 1)
+
+    def with_slots(self, index: int, n: int) -> Header:
+        """This header with adapter index ``index`` holding ``n`` slots (0: freed)."""
+        slots = list(self.num_slots) + [0] * max(0, index - len(self.num_slots))
+        slots[index - 1] = n
+        while slots and slots[-1] == 0:
+            slots.pop()
+        return Header(self.marker, self.vocab_size, slots)
 
     @property
     def max_instruction(self) -> int:
@@ -69,8 +85,8 @@ class Header:
                     "with another marker (IAPTServing(marker=...))"
                 )
             return prompt
-        if not 1 <= index <= len(self.num_slots):
-            raise ValueError(f"adapter index {index} is not in [1, {len(self.num_slots)}]")
+        if not 1 <= index <= len(self.num_slots) or self.num_slots[index - 1] == 0:
+            raise ValueError(f"no adapter at index {index} (indices in use: {self.in_use() or 'none'})")
         length = len(prompt) if instruction_length is None else int(instruction_length)
         if not 0 <= length <= len(prompt):
             raise ValueError(f"instruction_length {length} is not in [0, {len(prompt)}] (the prompt's length)")
@@ -97,6 +113,8 @@ class Header:
                 "list)"
             )
         n = self.num_slots[index - 1]
+        if n == 0:
+            raise ValueError(f"an IAPT header names adapter index {index}, which is unloaded")
         if len(tokens) < n or any(int(t) != self.marker for t in tokens[MIN_SLOTS:n]):
             raise ValueError(f"an IAPT header for adapter index {index} must be {n} tokens ending in markers")
         length = int(tokens[2]) * self.vocab_size + int(tokens[3])

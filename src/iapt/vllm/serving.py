@@ -13,6 +13,7 @@ from iapt.serving.engine import UnknownAdapter
 from iapt.vllm.config import CONFIG_KEY, check_engine_args
 from iapt.vllm.protocol import Header
 
+WORKER_EXTENSION = "iapt.vllm.worker.IAPTWorkerExtension"
 ARCHITECTURES = {
     "LlamaForCausalLM": "IAPTLlamaForCausalLM",
     "MistralForCausalLM": "IAPTMistralForCausalLM",
@@ -38,7 +39,8 @@ class IAPTServing:
 
     Adapter indices follow the order of ``adapters``; the engine reads the same mapping from
     ``additional_config``, so both sides agree. Only the adapters' configs are read here; the engine reads
-    and validates the weights against the base when it loads.
+    and validates the weights against the base when it loads. :meth:`add` and :meth:`remove` follow an
+    engine's run-time loads (``VLLMEngine`` makes the engine's side of them, ``iapt_add_adapter``).
     """
 
     def __init__(
@@ -66,6 +68,26 @@ class IAPTServing:
         self.header = Header(self.marker, text.vocab_size, [c.num_soft_tokens for c in self.configs.values()])
         self.index = {name: i for i, name in enumerate(self.adapters, start=1)}
 
+    def add(self, name: str, path: str | Path, index: int | None = None) -> int:
+        """Serve adapter ``name`` (folder ``path``) at header index ``index`` (default: the first free one)."""
+        if not name or name == self.model or name in self.index:
+            raise ValueError(f"adapter name {name!r} is empty, the base model's name, or taken")
+        folder = str(resolve_adapter_dir(path))
+        config = IAPTConfig.load(folder)
+        index = self.header.free_index() if index is None else int(index)
+        header = self.header.with_slots(index, config.num_soft_tokens)  # ValueError: too few slots, no index left
+        self.adapters[name], self.configs[name], self.index[name], self.header = folder, config, index, header
+        return index
+
+    def remove(self, name: str) -> int:
+        """Stop serving ``name``; its index becomes free. Returns the index."""
+        if name not in self.index:
+            raise UnknownAdapter(f"no adapter named {name!r} is served")
+        index = self.index.pop(name)
+        del self.adapters[name], self.configs[name]
+        self.header = self.header.with_slots(index, 0)
+        return index
+
     def plugin_config(self, salted_prefix_caching: bool = False) -> dict[str, Any]:
         return {
             "adapters": dict(self.adapters),
@@ -88,6 +110,7 @@ class IAPTServing:
             "model": self.model,
             "enable_chunked_prefill": False,
             "enable_prefix_caching": False,
+            "worker_extension_cls": WORKER_EXTENSION,  # run-time loads: VLLMEngine calls it by collective_rpc
             **kwargs,
             "hf_overrides": overrides,
             "additional_config": extra,
