@@ -627,7 +627,8 @@ def create_app(
     @app.post("/v1/load_lora_adapter", responses={200: {"model": AdapterStatus}, **_errors(400, 401, 403, 413)})
     @app.post("/v1/load_adapter", responses={200: {"model": AdapterStatus}, **_errors(400, 401, 403, 413)})
     async def load_adapter(request: HTTPRequest, body: LoadAdapterBody) -> JSONResponse:
-        """Load an IAPT adapter folder under ``lora_name`` (vLLM's name for the call; admin key)."""
+        """Load an adapter folder under ``lora_name`` (vLLM's name for the call; admin key): IAPT, or with
+        ``--engine vllm`` also LoRA."""
         serving.auth(request, admin=True)
         try:
             await asyncio.to_thread(engine.load_adapter, body.lora_name, Path(body.lora_path))
@@ -635,8 +636,10 @@ def create_app(
             raise APIError(400, f"adapter {body.lora_name!r} not loaded: {exc}") from None
         return JSONResponse({"status": "loaded", "name": body.lora_name})
 
-    @app.post("/v1/unload_lora_adapter", responses={200: {"model": AdapterStatus}, **_errors(400, 401, 403, 404, 413)})
-    @app.post("/v1/unload_adapter", responses={200: {"model": AdapterStatus}, **_errors(400, 401, 403, 404, 413)})
+    @app.post(
+        "/v1/unload_lora_adapter", responses={200: {"model": AdapterStatus}, **_errors(400, 401, 403, 404, 409, 413)}
+    )
+    @app.post("/v1/unload_adapter", responses={200: {"model": AdapterStatus}, **_errors(400, 401, 403, 404, 409, 413)})
     async def unload_adapter(request: HTTPRequest, body: UnloadAdapterBody) -> JSONResponse:
         serving.auth(request, admin=True)
         try:  # off the event loop: copying a large bank takes a while, and /health must answer meanwhile

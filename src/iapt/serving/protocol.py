@@ -283,6 +283,7 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         401: "missing or invalid API key",
         403: "needs an admin key",
         404: "no such model, or not this key's",
+        409: "the adapter has requests queued or running (--engine vllm); retry once they have finished",
         413: "request body over the server's limit",
         429: "the queue is full; retry after Retry-After",
         500: "the engine failed on this request alone (others are unaffected)",
