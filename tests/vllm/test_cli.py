@@ -21,7 +21,7 @@ from tests.vllm.test_plugin import folders, prompts, reference  # noqa: F401  (f
 
 KEYS = """
 keys:
-  sk-alice: {tenant: alice, adapters: [alice]}
+  sk-alice: {tenant: alice, adapters: [alice, lo]}
 """
 
 
@@ -32,7 +32,11 @@ def free_port() -> int:
 
 
 def test_serve_engine_vllm_answers_like_offline_generate(folders, tmp_path):  # noqa: F811
+    from tests.vllm.test_lora import peft_reference, save_lora
+    from tests.vllm.test_plugin import tiny_base
+
     base_dir, adapter_dirs = folders
+    lora = save_lora(tiny_base(), tmp_path / "lo", seed=41)
     keys = tmp_path / "keys.yaml"
     keys.write_text(KEYS)
     port = free_port()
@@ -40,6 +44,7 @@ def test_serve_engine_vllm_answers_like_offline_generate(folders, tmp_path):  # 
     command = [sys.executable, "-m", "iapt.cli", "serve", "--engine", "vllm", "--model", str(base_dir)]
     command += ["--adapters", str(adapter_dirs["alice"].parent), "--keys", str(keys), "--port", str(port)]
     command += ["--served-model-name", "tiny", "--max-model-len", "128", "--enforce-eager", "--log-level", "warning"]
+    command += ["--lora-modules", f"lo={lora}"]  # a LoRA tenant beside the IAPT ones
     server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -54,12 +59,12 @@ def test_serve_engine_vllm_answers_like_offline_generate(folders, tmp_path):  # 
                 pass
             time.sleep(0.5)
         headers = {"Authorization": "Bearer sk-alice"}
-        for model, adapter in (("alice", adapter_dirs["alice"]), ("tiny", None)):
+        for model, adapter in (("alice", adapter_dirs["alice"]), ("tiny", None), ("lo", lora)):
             prompt = prompts(1, seed=len(model))[0]
             body = {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0}
             r = httpx.post(url + "/v1/completions", json=body, headers=headers, timeout=60)
             assert r.status_code == 200, r.text
-            want = reference(base_dir, adapter, prompt)
+            want = peft_reference(base_dir, lora, prompt)[0] if model == "lo" else reference(base_dir, adapter, prompt)
             assert r.json()["choices"][0]["text"] == tiny_tokenizer().decode(want, skip_special_tokens=True)
         r = httpx.post(url + "/v1/completions", json={**body, "model": "bob"}, headers=headers, timeout=60)
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
@@ -101,6 +106,22 @@ def test_without_vllm_the_command_names_the_setup_script(monkeypatch, capsys):
     assert cli.main(["serve", "--engine", "vllm", "--model", "x"]) == 2
     err = capsys.readouterr().err
     assert "scripts/setup_vllm.sh" in err and "Traceback" not in err
+
+
+def test_lora_modules_vllm_cannot_serve_stop_the_start_clearly(folders, tmp_path, capsys):  # noqa: F811
+    """A PEFT method other than LoRA, and a LoRA adapter of another base: exit 2 with the reason, before vLLM
+    starts (no engine is built)."""
+    from tests.tiny import make_base
+    from tests.vllm.test_lora import save_lora
+
+    base_dir, _ = folders
+    (tmp_path / "pt").mkdir()
+    (tmp_path / "pt" / "adapter_config.json").write_text('{"peft_type": "PROMPT_TUNING"}')
+    other = save_lora(make_base("llama"), tmp_path / "other", seed=3)
+    for entry, message in [(f"p={tmp_path / 'pt'}", "serves IAPT and LoRA adapters"), (f"o={other}", "another base")]:
+        assert cli.main(["serve", "--engine", "vllm", "--model", str(base_dir), "--lora-modules", entry]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("flag", [["--max-model-len", "64"], ["--enforce-eager"]])
