@@ -154,11 +154,9 @@ def patch_cpu_lora_ops() -> None:
 
 def _skip_no_lora(op: Any) -> Any:
     def op_without_minus_one(inputs: Any, weights: Any, output: Any, indices: Any, *args: Any, **kwargs: Any) -> Any:
-        missing = indices < 0
-        if bool(missing.any()):
-            inputs = inputs * (~missing).to(inputs.dtype)[:, None]
-            indices = indices.clamp_min(0)
-        return op(inputs, weights, output, indices, *args, **kwargs)
+        # No data-dependent branch: the same ops whether a batch has such tokens or not (torch.compile traces it).
+        keep = (indices >= 0).to(inputs.dtype)
+        return op(inputs * keep[:, None], weights, output, indices.clamp_min(0), *args, **kwargs)
 
     op_without_minus_one.__name__ = op.__name__
     op_without_minus_one.__wrapped__ = op  # type: ignore[attr-defined]
