@@ -10,6 +10,7 @@ while the other tenants keep being served.
 from __future__ import annotations
 
 import shutil
+import time
 from typing import Any, cast
 
 import httpx
@@ -140,6 +141,27 @@ def test_an_adapter_with_requests_in_flight_is_not_unloaded(setup):
     for h in held:
         assert h.wait(60).finish_reason in ("stop", "length")
     assert "lo" in engine.adapters and "alice" in engine.adapters
+
+
+def test_an_adapter_with_a_request_decoding_is_not_unloaded(setup, monkeypatch):
+    srv, engine, _, _ = setup
+    step = engine.llm.step
+
+    def slow() -> Any:
+        time.sleep(0.02)
+        return step()
+
+    monkeypatch.setattr(engine.llm, "step", slow)
+    for name in ("lo", "alice"):
+        h = engine.submit(Request([5, 6, 7], name, max_tokens=90, ignore_eos=True))
+        deadline = time.monotonic() + 30
+        while not h.tokens:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        r = post(srv, "/v1/unload_lora_adapter", {"lora_name": name})
+        assert r.status_code == 409 and not h.finished, r.text
+        h.cancel()
+        assert h.wait(30).finish_reason == "cancelled"
 
 
 def test_a_bad_folder_answers_400_and_the_others_keep_serving(setup, tmp_path):
