@@ -15,11 +15,12 @@ import contextlib
 import json
 import logging
 import math
+import signal
 import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
 
@@ -814,6 +815,81 @@ class BackgroundServer:
         self._socket.close()
 
 
+def serve_options(
+    host: str,
+    port: int,
+    keys_file: str | Path | None,
+    api_key: str | None,
+    served_model_name: str | Sequence[str] | None,
+    lora_modules: Mapping[str, str | Path] | None,
+    kinds: Collection[str],
+    refusal: str,
+) -> tuple[KeyRing, list[str], dict[str, str | Path]]:
+    """What every engine's ``serve`` checks before it loads anything: the keys (``--keys`` and ``--api-key``), a
+    warning when the API is open beyond loopback, the served names, and that each ``--lora-modules`` folder is an
+    adapter of ``kinds`` (else ValueError ending in ``refusal``): a wrong folder fails in a second, not minutes."""
+    from iapt.adapters import adapter_type, resolve_adapter_dir
+
+    keys = KeyRing.from_file(keys_file) if keys_file else KeyRing(None)
+    if api_key is not None:
+        keys = keys.with_api_key(api_key)
+    if keys.open and host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("no --keys file or --api-key: the API is open to anyone who can reach %s:%d", host, port)
+    names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name or [])
+    if any(not n for n in names):
+        raise ValueError("--served-model-name: names must be non-empty")
+    modules = dict(lora_modules or {})
+    for name, path in modules.items():
+        kind = adapter_type(resolve_adapter_dir(path))
+        if kind not in kinds:
+            raise ValueError(f"--lora-modules {name}={path}: a {kind} adapter; {refusal}")
+    return keys, names, modules
+
+
+def run_server(
+    engine: Engine,
+    keys: KeyRing,
+    *,
+    host: str,
+    port: int,
+    log_level: str,
+    max_prompt_tokens: int,
+    max_tokens_limit: int,
+    docs: bool,
+) -> None:
+    """Serve ``engine`` (its load errors logged first) until the server stops, then close it, on SIGTERM too."""
+    import uvicorn
+
+    try:
+        for name, error in engine.load_errors.items():
+            logger.warning("adapter %s not loaded: %s", name, error)
+        app = create_app(
+            engine, keys, max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit, docs=docs
+        )
+        with _exit_on_sigterm():
+            uvicorn.run(app, host=host, port=port, log_level=log_level)
+    finally:
+        engine.close()  # vLLM's engine core is a process of its own: it must not outlive the server
+
+
+@contextlib.contextmanager
+def _exit_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit while serving. uvicorn shuts down on SIGTERM and then raises the signal again;
+    with the default action the process would die there, before ``engine.close()`` (orphaning vLLM's engine core)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def leave(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, leave)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def serve(
     model: str = "default",
     adapters_dir: str | Path | None = None,
@@ -840,27 +916,18 @@ def serve(
     ``lora_modules`` (name -> IAPT adapter folder, loaded at start; any that cannot be is a start-up error,
     unlike a bad subfolder of ``adapters_dir``, which is skipped with a warning).
     """
-    import uvicorn
-
-    from iapt.adapters import adapter_type, resolve_adapter_dir
     from iapt.models import load_model
 
-    keys = KeyRing.from_file(keys_file) if keys_file else KeyRing(None)
-    if api_key is not None:
-        keys = keys.with_api_key(api_key)
-    if keys.open and host not in ("127.0.0.1", "localhost", "::1"):
-        logger.warning("no --keys file or --api-key: the API is open to anyone who can reach %s:%d", host, port)
-    names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name or [])
-    if any(not n for n in names):
-        raise ValueError("--served-model-name: names must be non-empty")
-    modules = dict(lora_modules or {})
-    for name, path in modules.items():  # before the backbone loads: a wrong folder fails in a second, not minutes
-        kind = adapter_type(resolve_adapter_dir(path))
-        if kind != "IAPT":
-            raise ValueError(
-                f"--lora-modules {name}={path}: a {kind} adapter; only IAPT adapters are served by the "
-                "built-in engine (serve LoRA and other PEFT adapters with vLLM)"
-            )
+    keys, names, modules = serve_options(
+        host,
+        port,
+        keys_file,
+        api_key,
+        served_model_name,
+        lora_modules,
+        kinds=("IAPT",),
+        refusal="only IAPT adapters are served by the built-in engine (serve LoRA and other PEFT adapters with vLLM)",
+    )
     base, tokenizer = load_model(model, dtype=dtype)
     engine = Engine(
         base,
@@ -879,11 +946,16 @@ def serve(
                 engine.load_adapter(name, path)
             except (ValueError, FileNotFoundError, OSError) as exc:
                 raise ValueError(f"--lora-modules {name}={path}: {exc}") from None
-        for name, error in engine.load_errors.items():
-            logger.warning("adapter %s not loaded: %s", name, error)
-        app = create_app(
-            engine, keys, max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit, docs=docs
-        )
-        uvicorn.run(app, host=host, port=port, log_level=log_level)
-    finally:
+    except BaseException:
         engine.close()
+        raise
+    run_server(
+        engine,
+        keys,
+        host=host,
+        port=port,
+        log_level=log_level,
+        max_prompt_tokens=max_prompt_tokens,
+        max_tokens_limit=max_tokens_limit,
+        docs=docs,
+    )

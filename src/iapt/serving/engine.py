@@ -41,6 +41,7 @@ from transformers.cache_utils import DynamicLayer
 
 from iapt.backbone import anchor_states, check_base, find_layers, input_embeddings, slot_token_id, text_config
 from iapt.serving.bank import Adapter, AdapterBank, read_adapter
+from iapt.serving.loop import EngineLoop
 from iapt.serving.requests import (
     FREQUENCY_PENALTY_RANGE,
     MAX_LOGPROBS,
@@ -113,7 +114,7 @@ class _Running:
 
 
 # ------------------------------------------------------------------------------------------ engine
-class Engine:
+class Engine(EngineLoop):
     """Serve many IAPT adapters on one frozen backbone with continuous batching across tenants.
 
     Use it from Python directly::
@@ -166,14 +167,10 @@ class Engine:
         self._adapters: dict[str, Adapter] = {}
         self.bank = AdapterBank([], self.hidden_size, self.num_layers, self.device)
         self.load_errors: dict[str, str] = {}
-        self._lock = threading.RLock()  # guards the queue, the registry and the bank
-        self._wake = threading.Condition(self._lock)
+        self._init_loop(threading.RLock())  # the lock guards the queue, the registry and the bank
         self._waiting: collections.deque[RequestHandle] = collections.deque()
         self._running: _Running | None = None
         self._ids = itertools.count(1)
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._paused = threading.Event()
         self._token_times: collections.deque[tuple[float, int]] = collections.deque()
         self._observers: list[StepObserver] = []
         self.tokens_generated = 0
@@ -346,51 +343,15 @@ class Engine:
             return Request(self.tokenizer(r).input_ids)
         return Request(list(r))
 
-    def start(self) -> None:
-        """Run the engine loop in a daemon thread that owns the model."""
-        if self.is_running:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="iapt-engine", daemon=True)
-        self._thread.start()
+    def _has_work(self) -> bool:
+        return bool(self._waiting) or self._running is not None
 
-    @property
-    def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the loop; requests still queued or running end with finish_reason 'cancelled'."""
-        self._stop.set()
-        with self._wake:
-            self._wake.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+    def _cancel_all(self) -> None:
         with self._lock:
             for h in list(self._waiting) + (self._running.handles if self._running else []):
                 h._emit(Event(finish_reason="cancelled", error="the server is shutting down"))
             self._waiting.clear()
             self._running = None
-
-    def pause(self) -> None:
-        """Hold the loop between steps (requests queue up); ``resume()`` continues."""
-        self._paused.set()
-
-    def resume(self) -> None:
-        self._paused.clear()
-        with self._wake:
-            self._wake.notify_all()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            with self._wake:
-                if self._paused.is_set() or (not self._waiting and self._running is None):
-                    self._wake.wait(timeout=0.1)
-                    continue
-            try:
-                self.step()
-            except Exception:  # step isolates request errors; this is a last resort that keeps serving
-                logger.exception("engine step failed")
 
     @torch.no_grad()
     def step(self) -> None:

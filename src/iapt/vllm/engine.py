@@ -19,19 +19,18 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import contextlib
 import itertools
 import logging
 import math
-import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from iapt.config import IAPTConfig
+from iapt.serving.loop import EngineLoop
 from iapt.serving.protocol import APIError
 from iapt.serving.requests import (
     MIN_TEMPERATURE,
@@ -76,7 +75,7 @@ class ServedAdapter:
         return LoRARequest(self.name, self.lora_id, str(self.path))
 
 
-class VLLMEngine:
+class VLLMEngine(EngineLoop):
     """IAPT adapters on vLLM's engine, behind the built-in engine's interface (the part the HTTP app uses).
 
     ``model``: a local Hugging Face folder (Llama, Mistral or Qwen2). ``adapters_dir``: every subfolder is an
@@ -86,6 +85,10 @@ class VLLMEngine:
     asks for it, e.g. to load LoRA adapters at run time). ``engine_kwargs`` go to ``vllm.EngineArgs`` through
     :meth:`IAPTServing.engine_args` (which refuses what IAPT cannot serve).
     """
+
+    thread_name = "iapt-vllm-engine"
+    idle_wait = 0.05
+    stop_timeout = 30.0
 
     def __init__(
         self,
@@ -186,15 +189,11 @@ class VLLMEngine:
 
     def _init_state(self) -> None:
         self.dead: str | None = None  # why vLLM's engine died (EngineDeadError), if it did
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
+        self._init_loop(threading.Lock())
         self._pending: list[tuple[RequestHandle, dict[str, Any], Any, Any]] = []  # handle, prompt, params, LoRA
         self._live: dict[str, RequestHandle] = {}  # vLLM request id -> handle, owned by the engine thread
         self._control: list[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = []  # run-time loads
         self._ids = itertools.count(1)
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._paused = threading.Event()
         self._token_times: collections.deque[tuple[float, int]] = collections.deque()
         self.tokens_generated = 0
         self.requests_finished = 0
@@ -425,26 +424,14 @@ class VLLMEngine:
         return len(self._pending) + sum(1 for h in list(self._live.values()) if not h.tokens)
 
     # -------------------------------------------------------------------- running
-    def start(self) -> None:
-        """Run the engine loop in a daemon thread that owns vLLM's engine."""
-        if self.is_running:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="iapt-vllm-engine", daemon=True)
-        self._thread.start()
+    def _has_work(self) -> bool:
+        return bool(self._pending or self._live)
 
-    @property
-    def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+    def _between_steps(self) -> None:
+        self._run_control()
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop the loop; requests still queued or running end with finish_reason 'cancelled' (and are aborted)."""
-        self._stop.set()
-        with self._wake:
-            self._wake.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+    def _cancel_all(self) -> None:
+        """Queued and running requests end 'cancelled' (running ones aborted in vLLM); queued adapter changes 503."""
         with self._lock:
             pending, self._pending = self._pending, []
             control, self._control = self._control, []
@@ -463,29 +450,6 @@ class VLLMEngine:
         """Stop the loop and shut vLLM's engine down."""
         self.stop()
         self.close_engine()
-
-    def pause(self) -> None:
-        """Hold the loop between steps (requests queue up); ``resume()`` continues."""
-        self._paused.set()
-
-    def resume(self) -> None:
-        self._paused.clear()
-        with self._wake:
-            self._wake.notify_all()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self._run_control()
-            with self._wake:
-                if self._control:
-                    continue
-                if self._paused.is_set() or (not self._pending and not self._live):
-                    self._wake.wait(timeout=0.05)
-                    continue
-            try:
-                self.step()
-            except Exception:  # step isolates request errors; this is a last resort that keeps serving
-                logger.exception("engine step failed")
 
     def step(self) -> None:
         """One round, in the engine's thread: add the pending requests, abort the cancelled ones, step vLLM."""
@@ -639,29 +603,20 @@ def serve(
     :class:`VLLMEngine`; the options mean what they mean for the built-in engine's ``serve``."""
     from typing import cast
 
-    import uvicorn
-
-    from iapt.adapters import adapter_type, resolve_adapter_dir
     from iapt.models import DEFAULT_ALIASES, DEFAULT_NAME
-    from iapt.serving.app import create_app
-    from iapt.serving.auth import KeyRing
+    from iapt.serving.app import run_server, serve_options
     from iapt.serving.engine import Engine
 
-    keys = KeyRing.from_file(keys_file) if keys_file else KeyRing(None)
-    if api_key is not None:
-        keys = keys.with_api_key(api_key)
-    if keys.open and host not in ("127.0.0.1", "localhost", "::1"):
-        logger.warning("no --keys file or --api-key: the API is open to anyone who can reach %s:%d", host, port)
-    names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name or [])
-    if any(not n for n in names):
-        raise ValueError("--served-model-name: names must be non-empty")
-    modules = dict(lora_modules or {})
-    for name, path in modules.items():  # before the engine starts: a wrong folder fails in a second
-        kind = adapter_type(resolve_adapter_dir(path))
-        if kind not in ("IAPT", "LORA"):
-            raise ValueError(
-                f"--lora-modules {name}={path}: a {kind} adapter; --engine vllm serves IAPT and LoRA adapters"
-            )
+    keys, names, modules = serve_options(
+        host,
+        port,
+        keys_file,
+        api_key,
+        served_model_name,
+        lora_modules,
+        kinds=("IAPT", "LORA"),
+        refusal="--engine vllm serves IAPT and LoRA adapters",
+    )
     is_default = model.strip().lower() in {alias.lower() for alias in DEFAULT_ALIASES}
     engine = VLLMEngine(
         model_folder(model),
@@ -677,36 +632,14 @@ def serve(
         max_model_len=max_model_len,
         engine_kwargs=engine_kwargs,
     )
-    try:
-        for name, error in engine.load_errors.items():
-            logger.warning("adapter %s not loaded: %s", name, error)
-        # The app is typed for the built-in engine; VLLMEngine has every member it uses (tests/vllm/test_server.py).
-        app = create_app(
-            cast(Engine, engine),
-            keys,
-            max_prompt_tokens=max_prompt_tokens,
-            max_tokens_limit=max_tokens_limit,
-            docs=docs,
-        )
-        with _exit_on_sigterm():
-            uvicorn.run(app, host=host, port=port, log_level=log_level)
-    finally:
-        engine.close()  # vLLM's engine core is a process of its own: it must not outlive the server
-
-
-@contextlib.contextmanager
-def _exit_on_sigterm() -> Iterator[None]:
-    """Turn SIGTERM into SystemExit while serving. uvicorn shuts down on SIGTERM and then raises the signal again;
-    with the default action the process would die there, before ``engine.close()``, orphaning vLLM's engine core."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def leave(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, leave)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    # The app is typed for the built-in engine; VLLMEngine has every member it uses (tests/vllm/test_server.py).
+    run_server(
+        cast(Engine, engine),
+        keys,
+        host=host,
+        port=port,
+        log_level=log_level,
+        max_prompt_tokens=max_prompt_tokens,
+        max_tokens_limit=max_tokens_limit,
+        docs=docs,
+    )
