@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from iapt.slots import SlotPlan, SlotWriter, insert_slots, slot_layout, write_slots
+from iapt.slots import SlotPlan, SlotWriter, insert_slots, read_flat, slot_layout, write_flat_slots, write_slots
 from tests.tiny import left_padded_batch, make_base
 
 
@@ -38,6 +38,33 @@ def test_write_keeps_rows_without_a_generator_and_slots_past_a_rows_count():
     assert torch.equal(out[0], hidden[0]), "a row without a generator at this layer keeps its slots"
     contiguous = SlotPlan.contiguous(torch.tensor([[False, True, True, False]]), torch.ones(1, 4, dtype=torch.bool), 2)
     assert contiguous.columns.tolist() == [[1, 2]]
+
+
+def test_a_flattened_plan_writes_the_same_slots_as_the_batched_one():
+    """vLLM's batch is one (T, d) sequence of requests: the flat plan must read and write what the (B, W, d) plan
+    of the same requests does."""
+    hidden = torch.randn(2, 5, 3)
+    batched = SlotPlan(
+        columns=torch.tensor([[0, 1], [0, 1]]),
+        pooled=torch.tensor([[False, False, True, True, True], [False, False, True, True, False]]),
+        valid=torch.tensor([[True, True], [True, False]]),
+    )
+    flat_hidden = torch.cat([hidden[0], hidden[1, :4]])  # request 1 is 4 tokens long: it starts at token 5
+    flat = SlotPlan(
+        columns=torch.tensor([[0, 1], [5, 5]]),
+        pooled=torch.tensor([[True, True, True], [True, True, False]]),
+        valid=batched.valid,
+        rows=torch.tensor([[2, 3, 4], [7, 8, 5]]),
+    )
+    gathered = read_flat(flat_hidden, flat)
+    assert torch.equal(gathered[0], hidden[0, 2:5]) and torch.equal(gathered[1, :2], hidden[1, 2:4])
+    prompts = torch.randn(2, 2, 3)
+    present = torch.tensor([True, True])
+    expected = write_slots(hidden, batched, prompts, present)
+    written = write_flat_slots(flat_hidden, flat, prompts, present)
+    assert written.tolist() == [0, 1, 5]
+    assert torch.equal(flat_hidden[:5], expected[0]) and torch.equal(flat_hidden[5:], expected[1, :4])
+    assert write_flat_slots(flat_hidden, flat, prompts, torch.tensor([False, False])).numel() == 0
 
 
 def test_a_writer_acts_only_inside_its_own_session_and_thread():

@@ -1,9 +1,11 @@
 """The soft-token slot mechanism, once: where a batch's slots go, and the hooks that write them at prefill.
 
-Three users share it: ``IAPTModel`` (a generator per layer), IDPG/LPT (``baselines/generated.py``: one generator
-at one layer) and the serving ``Engine`` (every tenant's generators stacked in one bank). Each lays out its batch
-with slots (:func:`slot_layout`, or its own per-row layout), describes one prefill by a :class:`SlotPlan`, and
-gives a :class:`SlotWriter` a *source*: ``(layer, hidden, state) -> (soft tokens, rows that have them)``.
+Four users share it: ``IAPTModel`` (a generator per layer), IDPG/LPT (``baselines/generated.py``: one generator
+at one layer), the serving ``Engine`` (every tenant's generators stacked in one bank) and the vLLM plugin
+(``iapt.vllm.model``: the same bank on vLLM's flattened batch, :func:`read_flat` / :func:`write_flat_slots`).
+Each lays out its batch with slots (:func:`slot_layout`, or its own per-row layout), describes one prefill by a
+:class:`SlotPlan`, and gives a :class:`SlotWriter` a *source*:
+``(layer, hidden, state) -> (soft tokens, rows that have them)``.
 
 Per-call state lives in a context variable (one per thread, and per asyncio task), never in instance fields or
 thread ids: a writer's hooks act only inside its own :meth:`SlotWriter.session`, so another thread's forward on
@@ -57,6 +59,9 @@ class SlotPlan:
     columns: torch.Tensor  # (B, N) the column of row b's slot k
     pooled: torch.Tensor  # (B, W) over the hidden columns: the instruction tokens (never slots or padding)
     valid: torch.Tensor | None = None  # (B, N) False past a row's own slot count (tenants of different n)
+    # A flattened batch (vLLM: every request's tokens in one (T, d) sequence) has no rows of its own: ``rows``
+    # (B, W) gives the token index of row b's column w (what ``pooled`` is over), and ``columns`` are token indices.
+    rows: torch.Tensor | None = None
 
     @classmethod
     def contiguous(cls, is_slot: torch.Tensor, pooled: torch.Tensor, n: int) -> SlotPlan:
@@ -78,6 +83,26 @@ def write_slots(
     if keep is not None:
         prompts = torch.where(keep[..., None], prompts, hidden.gather(1, columns))
     return hidden.scatter(1, columns, prompts)
+
+
+def read_flat(hidden: torch.Tensor, plan: SlotPlan) -> torch.Tensor:
+    """The (B, W, d) rows of a flattened plan's batch, gathered from ``hidden`` (T, d)."""
+    assert plan.rows is not None, "read_flat reads a flattened plan (SlotPlan.rows)"
+    return hidden[plan.rows]
+
+
+def write_flat_slots(
+    hidden: torch.Tensor, plan: SlotPlan, prompts: torch.Tensor, present: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`write_slots` for a flattened batch, in place (vLLM's layers mutate their stream): ``prompts``
+    (B, N, d) into ``hidden`` (T, d) at the plan's slot tokens. Returns the token indices written."""
+    keep = plan.valid if plan.valid is not None else torch.ones_like(plan.columns, dtype=torch.bool)
+    if present is not None:
+        keep = keep & present[:, None]
+    written = plan.columns[keep]
+    if written.numel():
+        hidden[written] = prompts[keep].to(hidden.dtype)
+    return written
 
 
 class SlotState(Protocol):

@@ -218,7 +218,9 @@ def test_a_split_instruction_raises_never_pools_part(serving, folders, monkeypat
         return adapters.plan(tokens, torch.arange(len(tokens)))
 
     plan, replaced = step(whole)
-    assert plan.slot_rows[0][plan.slot_valid[0]].tolist() == [0, 1, 2, 3] and int(plan.pool_mask.sum()) == 20
+    slots = plan.plan
+    assert slots.columns[0][slots.valid[0]].tolist() == [0, 1, 2, 3] and int(slots.pooled.sum()) == 20
+    assert slots.rows[0][slots.pooled[0]].tolist() == list(range(4, 24))  # the instruction's token indices
     assert plan.index.tolist() == [serving.index["alice"]]
     assert replaced[:4].tolist() == [0, 0, 0, 0] and replaced[4:].tolist() == ids[4:]
     with pytest.raises(RuntimeError, match="prefill was split"):

@@ -10,7 +10,8 @@ slots' hidden states with that layer's soft tokens, as IAPTModel's forward pre-h
   instruction is not whole in this step raises (never a silently wrong prompt);
 * the write is an opaque custom op (``torch.ops.vllm.iapt_write_slots*``), so torch.compile keeps it as it
   is. It reads each IAPT request's instruction states, runs the project's :class:`AdapterBank` (one
-  ``soft_prompts`` call per layer for the whole batch, anchors included) and writes the soft tokens;
+  ``soft_prompts`` call per layer for the whole batch, anchors included) and writes the soft tokens, through
+  the project's one slot mechanism (``iapt.slots``: a flattened :class:`SlotPlan`);
 * vLLM's layers take ``(hidden, residual)`` and add them in their fused add-RMSNorm: the layer's input
   stream is ``hidden + residual``, so writing P into ``hidden`` and 0 into ``residual`` at the slots makes
   the norm see exactly P, and the generators read ``hidden + residual`` at the instruction.
@@ -39,6 +40,7 @@ from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2ForCausalLM
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.utils.torch_utils import direct_register_custom_op
 
+from iapt.slots import SlotPlan, read_flat, write_flat_slots
 from iapt.vllm.config import check_vllm_config, plugin_config
 from iapt.vllm.protocol import MIN_SLOTS, Header
 
@@ -51,14 +53,11 @@ logger = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------------ the step plan
 @dataclass
 class _Step:
-    """Where this step's IAPT requests are in the flattened batch (B = IAPT requests in the step)."""
+    """This step's IAPT requests (B of them) in the flattened batch: their bank rows and their slot plan."""
 
     bank: AdapterBank
     index: torch.Tensor  # (B,) adapter index (bank row)
-    slot_rows: torch.Tensor  # (B, N) flattened token index of each slot (clamped past a request's own n)
-    slot_valid: torch.Tensor  # (B, N) False past the request's own n
-    pool_rows: torch.Tensor  # (B, T) flattened token index of each instruction token (clamped)
-    pool_mask: torch.Tensor  # (B, T) the instruction
+    plan: SlotPlan  # flattened: slot token indices (B, N), instruction token indices ``rows`` (B, T)
 
 
 _STEP: _Step | None = None  # set by the outer forward for the duration of one model call
@@ -78,17 +77,14 @@ def _write(hidden_states: torch.Tensor, residual: torch.Tensor | None, layer: in
     step = _STEP
     if step is None:
         return
-    stream = hidden_states[step.pool_rows]  # (B, T, d)
+    plan = step.plan
+    stream = read_flat(hidden_states, plan)  # (B, T, d)
     if residual is not None:
-        stream = stream + residual[step.pool_rows]
-    prompts, present = step.bank.soft_prompts(layer, step.index, stream, step.pool_mask, step.slot_rows.shape[1])
-    write = step.slot_valid & present[:, None]  # requests without a generator here keep their slots' states
-    if not bool(write.any()):
-        return
-    rows = step.slot_rows[write]
-    hidden_states[rows] = prompts[write].to(hidden_states.dtype)
-    if residual is not None:
-        residual[rows] = 0
+        stream = stream + read_flat(residual, plan)
+    prompts, present = step.bank.soft_prompts(layer, step.index, stream, plan.pooled, plan.columns.shape[1])
+    written = write_flat_slots(hidden_states, plan, prompts, present)  # rows without a generator here keep theirs
+    if residual is not None and written.numel():
+        residual[written] = 0
 
 
 def iapt_write_slots(hidden_states: torch.Tensor, layer: int) -> None:
@@ -277,7 +273,8 @@ class IAPTAdapters:
         adapter_index = torch.tensor([self.bank.index[self.names[r[0]]] for r in rows], device=device)
         ids = input_ids.clone()
         ids[slot_rows[slot_valid]] = self.slot_token_id  # what IAPTModel feeds at its slots
-        return _Step(self.bank, adapter_index, slot_rows, slot_valid, pool_rows, pool_mask), ids
+        plan = SlotPlan(columns=slot_rows, pooled=pool_mask, valid=slot_valid, rows=pool_rows)
+        return _Step(self.bank, adapter_index, plan), ids
 
 
 class _IAPTMixin:
