@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import cast
 
 import httpx
 import openai
@@ -21,11 +20,9 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from iapt.serving.app import BackgroundServer, create_app
-from iapt.serving.auth import KeyRing
-from iapt.serving.engine import Engine
 from iapt.serving.requests import Request
 from tests.tiny import make_base
+from tests.vllm.servers import tiny_server
 from tests.vllm.test_plugin import folders, prompts, reference  # noqa: F401  (folders: a fixture)
 
 MAX_TOKENS = 8
@@ -87,25 +84,11 @@ def tenants(folders, tmp_path_factory):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def server(tenants, tmp_path_factory):
-    from iapt.vllm.engine import VLLMEngine
-
     base_dir, root, _ = tenants
     keys_file = tmp_path_factory.mktemp("keys") / "keys.yaml"
-    keys_file.write_text(KEYS)
-    engine = VLLMEngine(
-        base_dir,
-        root,
-        base_name="tiny",
-        max_batch_size=8,
-        max_queue=16,
-        max_model_len=128,
-        engine_kwargs={"enforce_eager": True, "max_num_batched_tokens": 512, "seed": 0},
-    )
-    app = create_app(cast(Engine, engine), KeyRing.from_file(keys_file), max_prompt_tokens=64, max_tokens_limit=100)
-    with BackgroundServer(app) as srv:
-        srv.engine = engine  # type: ignore[attr-defined]
+    with tiny_server(base_dir, root, keys_file, KEYS) as (srv, engine):
+        srv.engine = engine
         yield srv
-    engine.close()
 
 
 def peft_reference(base_dir: Path, lora_dir: Path, prompt: list[int]) -> tuple[list[int], list[float]]:

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import shutil
 import time
-from typing import Any, cast
+from typing import Any
 
 import httpx
 import pytest
 
-from iapt.serving.app import BackgroundServer, create_app
-from iapt.serving.auth import KeyRing
-from iapt.serving.engine import Engine
 from iapt.serving.requests import Request
 from tests.tiny import tiny_tokenizer
+from tests.vllm.servers import tiny_server
 from tests.vllm.test_lora import peft_reference, save_lora
 from tests.vllm.test_plugin import folders, prompts, reference, tiny_base  # noqa: F401  (folders: a fixture)
 
@@ -33,8 +31,6 @@ keys:
 
 @pytest.fixture(scope="module")
 def setup(folders, tmp_path_factory):  # noqa: F811
-    from iapt.vllm.engine import VLLMEngine
-
     base_dir, iapt_dirs = folders
     root = tmp_path_factory.mktemp("runtime")
     shutil.copytree(iapt_dirs["alice"], root / "adapters" / "alice")
@@ -43,21 +39,8 @@ def setup(folders, tmp_path_factory):  # noqa: F811
         "lo2": save_lora(tiny_base(), root / "lo2", seed=22),
         "big": save_lora(tiny_base(), root / "big", seed=23, rank=32, targets=["q_proj"]),
     }
-    keys_file = root / "keys.yaml"
-    keys_file.write_text(KEYS)
-    engine = VLLMEngine(
-        base_dir,
-        root / "adapters",
-        base_name="tiny",
-        max_batch_size=8,
-        max_queue=16,
-        max_model_len=128,
-        engine_kwargs={"enforce_eager": True, "max_num_batched_tokens": 512, "seed": 0},
-    )
-    app = create_app(cast(Engine, engine), KeyRing.from_file(keys_file), max_prompt_tokens=64, max_tokens_limit=100)
-    with BackgroundServer(app) as srv:
+    with tiny_server(base_dir, root / "adapters", root / "keys.yaml", KEYS) as (srv, engine):
         yield srv, engine, base_dir, {**iapt_dirs, **extra}
-    engine.close()
 
 
 def post(srv: Any, path: str, body: dict[str, Any]) -> httpx.Response:

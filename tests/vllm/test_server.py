@@ -10,16 +10,14 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from iapt.serving.app import BackgroundServer, create_app
-from iapt.serving.auth import KeyRing
-from iapt.serving.engine import Engine
 from tests.tiny import tiny_tokenizer
+from tests.vllm.servers import tiny_server
 from tests.vllm.test_plugin import folders, prompts, reference  # noqa: F401  (folders: a fixture)
 
 KEYS = """
@@ -33,26 +31,12 @@ MAX_TOKENS = 8
 
 @pytest.fixture(scope="module")
 def server(folders, tmp_path_factory):  # noqa: F811
-    from iapt.vllm.engine import VLLMEngine
-
     base_dir, adapter_dirs = folders
     keys_file = tmp_path_factory.mktemp("keys") / "keys.yaml"
-    keys_file.write_text(KEYS)
-    engine = VLLMEngine(
-        base_dir,
-        adapter_dirs["alice"].parent,
-        base_name="tiny",
-        max_batch_size=8,
-        max_queue=16,
-        max_model_len=128,
-        engine_kwargs={"enforce_eager": True, "max_num_batched_tokens": 512, "seed": 0},
-    )
-    app = create_app(cast(Engine, engine), KeyRing.from_file(keys_file), max_prompt_tokens=64, max_tokens_limit=100)
-    with BackgroundServer(app) as srv:
-        srv.engine = engine  # type: ignore[attr-defined]
+    with tiny_server(base_dir, adapter_dirs["alice"].parent, keys_file, KEYS) as (srv, engine):
+        srv.engine = engine
         yield srv
-    assert not engine.is_running, "the app's lifespan stops the engine"
-    engine.close()
+    assert srv.stopped_engine, "the app's lifespan stops the engine"
 
 
 def client(server, key: str = "sk-alice") -> openai.OpenAI:
