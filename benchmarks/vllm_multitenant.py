@@ -27,9 +27,18 @@ Measured per run:
   decode tok/s   tokens emitted in the other steps / their summed wall time.
   total tok/s    R × new tokens / wall.
   TTFT, p50/p99  per request, first token / finish time − t0.
-  peak RSS       vLLM: the engine-core process's VmHWM (GiB; its KV cache is preallocated: VLLM_CPU_KVCACHE_SPACE);
+  peak RSS       vLLM: the largest VmHWM of the row's vLLM processes (the model worker: weights, the KV cache it
+                 allocates up front, VLLM_CPU_KVCACHE_SPACE = 1 GiB, and activations; GiB);
                  engine: the worker's own VmHWM.
-Ratios are against ``vllm bare`` at the same N and trace, measured in the same run.
+Ratios are against ``vllm bare`` at the same N and trace and the same settings (each row says when it ran).
+
+``--out FILE`` keeps the rows as each finishes (atomically); run again with the same settings and only the rows
+not in it are measured, so a long matrix resumes, and rows can be measured in separate quiet windows (each row
+records when it ran). Settings that change the numbers must match (``SETTINGS``), else the script refuses.
+
+vLLM's CPU build runs LoRA through pure-PyTorch gather ops (``vllm/lora/ops/torch_ops``: each token's A and B
+gathered and multiplied; ~56% of the LoRA engine's time in ``bgmv_shrink`` / ``bgmv_expand_slice`` in a
+py-spy sample), not the Punica kernels of its GPU build: on CPU the LoRA rows measure that implementation.
 
 ``--check``: the IAPT row's greedy tokens for the first ``--check-requests`` requests of every cell equal the
 built-in engine's (which the project's tests hold equal to offline ``IAPTModel.generate``), and the adapters
@@ -59,6 +68,8 @@ from typing import Any
 import torch
 from multitenant import _percentile, build_prompts, run_engine, tenant_trace
 
+from iapt.io import atomic_write_text
+
 ROWS = ["vllm-bare", "vllm-iapt", "vllm-lora-qv", "vllm-lora-all", "engine-bare", "engine-iapt"]
 LABELS = {
     "vllm-bare": "vllm bare",
@@ -70,6 +81,23 @@ LABELS = {
 }
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's LoRAConfig.max_lora_rank choices
+# What a row's numbers depend on: rows in one --out file were all measured with these equal.
+SETTINGS = (
+    "model",
+    "dtype",
+    "tenants",
+    "requests",
+    "prompt_len",
+    "new_tokens",
+    "max_num_seqs",
+    "zipf_s",
+    "repeats",
+    "bottleneck",
+    "soft_tokens",
+    "threads",
+    "enforce_eager",
+    "seed",
+)
 
 
 def _traces(args: argparse.Namespace, n: int) -> list[str]:
@@ -143,18 +171,25 @@ def setup(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------- workers
 def _child_hwm_gib() -> float | None:
-    """The largest VmHWM among this process's children (vLLM's engine core), GiB."""
-    best = None
+    """The largest VmHWM among this process's descendants, GiB: vLLM's engine core and its model worker (the
+    worker, a grandchild, holds the weights and the KV cache)."""
+    parents: dict[int, int] = {}
+    hwm: dict[int, int] = {}
     for status in Path("/proc").glob("[0-9]*/status"):
         try:
-            text = status.read_text()
-        except OSError:
+            fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+            pid = int(status.parent.name)
+            parents[pid] = int(fields["PPid"])
+            if "VmHWM" in fields:
+                hwm[pid] = int(fields["VmHWM"].split()[0])
+        except (OSError, KeyError, ValueError):
             continue
-        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-        if fields.get("PPid", "").strip() == str(os.getpid()) and "VmHWM" in fields:
-            kib = int(fields["VmHWM"].split()[0])
-            best = kib if best is None or kib > best else best
-    return None if best is None else best / 2**20
+    mine, frontier = set(), {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - mine
+        mine |= frontier
+    peaks = [hwm[pid] for pid in mine if pid in hwm]
+    return max(peaks) / 2**20 if peaks else None
 
 
 def _own_hwm_gib() -> float:
@@ -397,46 +432,69 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="fail unless the checks above hold")
     p.add_argument("--check-requests", type=int, default=3)
     p.add_argument("--workdir", default=None, help="adapters and meta (default: a temporary folder)")
-    p.add_argument("--out", default=None, help="write the raw results (JSON) here")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="results JSON, written after every row; rows already in it (same settings) are not measured again",
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         worker(args)
         return 0
+    out = Path(args.out) if args.out else None
+    settings = {k: getattr(args, k) for k in SETTINGS}
+    saved: dict[str, Any] = json.loads(out.read_text()) if out is not None and out.is_file() else {}
+    if saved and saved.get("settings") != settings:
+        raise SystemExit(f"{out} holds rows measured with other settings ({saved.get('settings')}); use another --out")
+    results: dict[str, dict[str, Any]] = dict(saved.get("results", {}))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
         meta = setup(args, work)
-        results: dict[str, dict[str, Any]] = {}
         for row in args.rows:
+            if row in results:
+                print(f"{LABELS[row]}: measured already in {out} ({results[row]['when']})", file=sys.stderr)
+                continue
             print(f"[{datetime.datetime.now():%H:%M:%S}] {LABELS[row]} ...", file=sys.stderr, flush=True)
-            env = {
-                **os.environ,
-                "OMP_NUM_THREADS": str(args.threads),
-                "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"),
-                "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-                "VLLM_NO_USAGE_STATS": "1",
-                "DO_NOT_TRACK": "1",
-                "HF_HUB_OFFLINE": "1",
-                "TOKENIZERS_PARALLELISM": "false",
-            }
-            forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--check"]
-            cmd = [sys.executable, __file__, *forwarded, "--worker", row, "--workdir", str(work)]
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if done.returncode != 0:
-                print(done.stderr[-4000:], file=sys.stderr)
-                raise SystemExit(f"row {row} failed (exit {done.returncode})")
-            line = next(x for x in reversed(done.stdout.splitlines()) if x.startswith("RESULT "))
-            results[row] = json.loads(line.removeprefix("RESULT "))
-        table = render(args, meta, results)
-        machine = f"{platform.node()} · {platform.processor() or platform.machine()} · {os.cpu_count()} CPUs"
-        print(f"{datetime.date.today()} · {machine} · torch {torch.__version__}\n\n{table}")
-        failures = checks(args, results)
-        for failure in failures:
-            print(f"CHECK FAILED: {failure}", file=sys.stderr)
-        if args.out:
-            Path(args.out).write_text(json.dumps({"args": vars(args), "meta": meta, "results": results}, indent=1))
-        return 1 if args.check and failures else 0
+            results[row] = run_row(args, argv, row, work)
+            if out is not None:  # one row at a time: a long matrix resumes where it stopped
+                machine = f"{platform.node()} · {platform.processor() or platform.machine()} · {os.cpu_count()} CPUs"
+                record = {"settings": settings, "machine": machine, "meta": meta, "results": results}
+                atomic_write_text(out, json.dumps(record, indent=1) + "\n")
+    shown = [r for r in args.rows if r in results]
+    table = render(args, meta, {r: results[r] for r in shown})
+    machine = f"{platform.node()} · {platform.processor() or platform.machine()} · {os.cpu_count()} CPUs"
+    print(f"{datetime.date.today()} · {machine} · torch {torch.__version__}\n\n{table}")
+    failures = checks(args, results)
+    for failure in failures:
+        print(f"CHECK FAILED: {failure}", file=sys.stderr)
+    return 1 if args.check and failures else 0
+
+
+def run_row(args: argparse.Namespace, argv: list[str] | None, row: str, work: Path) -> dict[str, Any]:
+    """One row in a process of its own (its own heap and peak memory; vLLM's engine core as its child)."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(args.threads),
+        "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"),
+        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--check"]
+    cmd = [sys.executable, __file__, *forwarded, "--worker", row, "--workdir", str(work)]
+    started = time.perf_counter()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        print(done.stderr[-4000:], file=sys.stderr)
+        raise SystemExit(f"row {row} failed (exit {done.returncode})")
+    line = next(x for x in reversed(done.stdout.splitlines()) if x.startswith("RESULT "))
+    result = json.loads(line.removeprefix("RESULT "))
+    result.update(when=f"{datetime.datetime.now():%Y-%m-%d %H:%M}", seconds=round(time.perf_counter() - started))
+    return result
 
 
 if __name__ == "__main__":
