@@ -29,7 +29,16 @@ from iapt.training import TrainConfig, Trainer, evaluate_task
 PRIMARY = {"sentiment": "accuracy", "nli": "accuracy", "squad": "f1", "e2e": "rougeL"}
 DEFAULT_METHODS = ["iapt", "lora", "prompt-tuning", "prefix", "idpg", "lpt"]
 # Candidate changes of the method first (issue: does IAPT close the gap to LoRA?), then the checks of defaults.
-DEFAULT_ABLATIONS = ["iapt-kv", "iapt-tokens-16", "iapt-zero", "iapt-every-1", "iapt-fp32", "iapt-vocab"]
+DEFAULT_ABLATIONS = [
+    "iapt-kv",
+    "iapt-tokens-16",
+    "iapt-layers-upper",
+    "iapt-layers-even",
+    "iapt-zero",
+    "iapt-every-1",
+    "iapt-fp32",
+    "iapt-vocab",
+]
 IAPT_PAPER_RATIO_BUDGET = 1_579_590  # IAPT at r = 45 on SmolLM2-135M: the paper's r/d = 320/4096 (MiLoRA's re-run)
 
 
