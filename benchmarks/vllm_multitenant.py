@@ -66,9 +66,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from machine import proc_status_kib
 from multitenant import _percentile, build_prompts, run_engine, tenant_trace
 
 from iapt.io import atomic_write_text
+from iapt.vllm.lora import LORA_TARGETS, lora_rank_limit
 
 ROWS = ["vllm-bare", "vllm-iapt", "vllm-lora-qv", "vllm-lora-all", "engine-bare", "engine-iapt"]
 LABELS = {
@@ -79,8 +81,7 @@ LABELS = {
     "engine-bare": "engine bare",
     "engine-iapt": "engine IAPT",
 }
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's LoRAConfig.max_lora_rank choices
+ALL_LINEAR = list(LORA_TARGETS)  # every projection vLLM's LoRA layers wrap
 # What a row's numbers depend on: rows in one --out file were all measured with these equal.
 SETTINGS = (
     "model",
@@ -193,10 +194,7 @@ def _child_hwm_gib() -> float | None:
 
 
 def _own_hwm_gib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    return 0.0
+    return (proc_status_kib("VmHWM") or 0) / 2**20
 
 
 class VLLMRow:
@@ -228,7 +226,7 @@ class VLLMRow:
             rank = meta["lora_qv_rank" if row == "vllm-lora-qv" else "lora_all_rank"]
             kwargs.update(
                 enable_lora=True,
-                max_lora_rank=next(r for r in VLLM_RANKS if r >= rank),
+                max_lora_rank=lora_rank_limit(rank),
                 max_loras=min(count, args.max_num_seqs),
                 max_cpu_loras=count,
             )
@@ -448,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     if saved and saved.get("settings") != settings:
         raise SystemExit(f"{out} holds rows measured with other settings ({saved.get('settings')}); use another --out")
     results: dict[str, dict[str, Any]] = dict(saved.get("results", {}))
+    machine = f"{platform.node()} · {platform.processor() or platform.machine()} · {os.cpu_count()} CPUs"
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -459,12 +458,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{datetime.datetime.now():%H:%M:%S}] {LABELS[row]} ...", file=sys.stderr, flush=True)
             results[row] = run_row(args, argv, row, work)
             if out is not None:  # one row at a time: a long matrix resumes where it stopped
-                machine = f"{platform.node()} · {platform.processor() or platform.machine()} · {os.cpu_count()} CPUs"
                 record = {"settings": settings, "machine": machine, "meta": meta, "results": results}
                 atomic_write_text(out, json.dumps(record, indent=1) + "\n")
     shown = [r for r in args.rows if r in results]
     table = render(args, meta, {r: results[r] for r in shown})
-    machine = f"{platform.node()} · {platform.processor() or platform.machine()} · {os.cpu_count()} CPUs"
     print(f"{datetime.date.today()} · {machine} · torch {torch.__version__}\n\n{table}")
     failures = checks(args, results)
     for failure in failures:
