@@ -35,3 +35,24 @@ def tiny_server(base_dir: Path, adapters_dir: Path, keys_file: Path, keys: str) 
         srv.stopped_engine = not engine.is_running  # the app's lifespan stops the engine (test_server checks it)
     finally:
         engine.close()
+
+
+def packaged_model_with_adapter(base_dir: Path, adapter_dir: Path) -> tuple[Any, Any]:
+    """The packaged model (SmolLM2-135M-Instruct, float32) saved to ``base_dir`` for vLLM, and a random IAPT
+    adapter on it (every layer's up-projection drawn with std 0.05: soft tokens that depend on the instruction)
+    saved to ``adapter_dir``. Returns the bare (model, tokenizer)."""
+    import torch
+
+    from iapt import IAPTConfig, get_iapt_model
+    from iapt.models import load_model
+
+    model, tokenizer = load_model("default")
+    model.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    iapt = get_iapt_model(model, IAPTConfig())
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for gen in iapt.generators.values():
+            torch.nn.init.normal_(gen.up.weight, std=0.05)
+    iapt.save_pretrained(adapter_dir)
+    return iapt.unload(), tokenizer

@@ -14,21 +14,12 @@ MAX_TOKENS = 12
 def test_real_model_mixed_batch_equals_offline_generate(tmp_path):
     from vllm import LLM, SamplingParams
 
-    from iapt import IAPTConfig, IAPTModel, get_iapt_model
+    from iapt import IAPTModel
     from iapt.data import encode_prompt
-    from iapt.models import load_model
     from iapt.vllm import IAPTServing
+    from tests.vllm.servers import packaged_model_with_adapter
 
-    model, tokenizer = load_model("default")
-    model.save_pretrained(tmp_path / "base")
-    tokenizer.save_pretrained(tmp_path / "base")
-    iapt = get_iapt_model(model, IAPTConfig())
-    torch.manual_seed(0)
-    with torch.no_grad():  # a trained-looking adapter: soft tokens that depend on the instruction
-        for gen in iapt.generators.values():
-            torch.nn.init.normal_(gen.up.weight, std=0.05)
-    iapt.save_pretrained(tmp_path / "adapter")
-    iapt.unload()
+    model, tokenizer = packaged_model_with_adapter(tmp_path / "base", tmp_path / "adapter")
 
     serving = IAPTServing(tmp_path / "base", {"demo": tmp_path / "adapter"})
     prompts = [encode_prompt(tokenizer, p).input_ids for p in PROMPTS]

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import cast
 
 import pytest
-import torch
 
 pytestmark = pytest.mark.slow
 
@@ -20,22 +19,12 @@ MAX_TOKENS = 12
 def test_vllm_engine_answers_as_the_builtin_engine(tmp_path):
     import openai
 
-    from iapt import IAPTConfig, get_iapt_model
-    from iapt.models import load_model
     from iapt.serving.app import BackgroundServer, create_app
     from iapt.serving.engine import Engine
     from iapt.vllm.engine import VLLMEngine
+    from tests.vllm.servers import packaged_model_with_adapter
 
-    model, tokenizer = load_model("default")
-    model.save_pretrained(tmp_path / "base")
-    tokenizer.save_pretrained(tmp_path / "base")
-    iapt = get_iapt_model(model, IAPTConfig())
-    torch.manual_seed(0)
-    with torch.no_grad():  # a trained-looking adapter: soft tokens that depend on the instruction
-        for gen in iapt.generators.values():
-            torch.nn.init.normal_(gen.up.weight, std=0.05)
-    iapt.save_pretrained(tmp_path / "adapters" / "demo")
-    iapt.unload()
+    model, tokenizer = packaged_model_with_adapter(tmp_path / "base", tmp_path / "adapters" / "demo")
 
     def answers(app) -> list[str]:
         with BackgroundServer(app) as server:
