@@ -489,6 +489,7 @@ def table(
                 cells.append("—")
         mean = f"**{statistics.mean(scores):.1f}**" if len(scores) == len(tasks) else "—"
         counts = [len({r["seed"] for r in mine if r["task"] == task}) for task in tasks]
+        counts = [c for c in counts if c]  # seeds per task done; a task not started shows "—" in its column
         seed_count = str(max(counts)) if min(counts) == max(counts) else f"{min(counts)}–{max(counts)}"
         lines.append(
             f"| {method} | {mine[0]['params']:,d} | {mine[0]['lr']:g} | {seed_count} | "

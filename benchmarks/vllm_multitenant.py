@@ -16,10 +16,16 @@ all-linear: the same rule over the seven projections). vLLM pads every LoRA to `
 1, 8, 16, 32, 64, ...): that cost is vLLM's and is part of what is measured.
 
 Each row runs in a process of its own that builds its engine once, with all max(N) adapters (IAPT: in the bank;
-LoRA: ``max_loras`` = min(max(N), --max-num-seqs) slots, ``max_cpu_loras`` = max(N)), runs an untimed warm-up,
-then for every N and trace (uniform; Zipf(s)) ``--repeats`` timed runs; the best run per cell is shown
-(contention only slows a run down). All requests arrive at t = 0 (``add_request`` for all, then
-``LLMEngine.step`` until done); every request gets exactly ``--new-tokens`` greedy tokens (EOS ignored).
+LoRA: ``max_loras`` = min(max(N), --max-num-seqs) slots, ``max_cpu_loras`` = max(N)), and runs an untimed
+warm-up. All rows' engines stay alive together (idle ones wait on a pipe and take no CPU); the runs are
+**interleaved**: one round runs every (N, trace) cell (uniform; Zipf(s)) once on every row, the rows of a cell
+back to back, in an order that rotates from cell to cell and round to round, for ``--repeats`` rounds. Each
+ratio to bare vLLM is taken within a round (the two runs seconds apart) and the table shows its median over
+rounds with the range, so the drift of a shared machine between minutes cancels: rows measured one after the
+other drifted ±10% here. Every run records the share of the machine's CPU taken by processes outside its row.
+Absolute numbers are the best run per cell (contention only slows a run down). All requests arrive at t = 0
+(``add_request`` for all, then ``LLMEngine.step`` until done); every request gets exactly ``--new-tokens``
+greedy tokens (EOS ignored).
 
 Measured per run:
   prefill s      the summed wall time of the engine steps in which some request got its first token
@@ -32,9 +38,10 @@ Measured per run:
                  engine: the worker's own VmHWM.
 Ratios are against ``vllm bare`` at the same N and trace and the same settings (each row says when it ran).
 
-``--out FILE`` keeps the rows as each finishes (atomically); run again with the same settings and only the rows
-not in it are measured, so a long matrix resumes, and rows can be measured in separate quiet windows (each row
-records when it ran). Settings that change the numbers must match (``SETTINGS``), else the script refuses.
+``--out FILE`` keeps the results after every round (atomically); run again with the same settings and only
+rows short of ``--repeats`` rounds are measured (bare vLLM always joins, so each round has its own reference):
+a long matrix resumes, and slow rows (LoRA on the CPU build) can be measured in a window of their own. Settings
+that change the numbers must match (``SETTINGS``), else the script refuses.
 
 vLLM's CPU build runs LoRA through pure-PyTorch gather ops (``vllm/lora/ops/torch_ops``: each token's A and B
 gathered and multiplied; ~56% of the LoRA engine's time in ``bgmv_shrink`` / ``bgmv_expand_slice`` in a
@@ -48,6 +55,7 @@ Runs in the vLLM environment (``scripts/setup_vllm.sh``)::
 
     .venv-vllm/bin/python benchmarks/vllm_multitenant.py                       # CPU, SmolLM2-135M, float32
     .venv-vllm/bin/python benchmarks/vllm_multitenant.py --tenants 1 16 --requests 32 --repeats 1
+    .venv-vllm/bin/python benchmarks/vllm_multitenant.py --rows vllm-bare vllm-lora-all --tenants 16 --repeats 1
 """
 
 from __future__ import annotations
@@ -58,15 +66,15 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from machine import proc_status_kib
+from machine import CpuMeter, WorkerProcess, proc_status_kib
 from multitenant import _percentile, build_prompts, run_engine, tenant_trace
 
 from iapt.io import atomic_write_text
@@ -344,28 +352,77 @@ def _summary(
     }
 
 
+def _tree_cpu_s(root: int) -> float:
+    """CPU seconds (user + system) of ``root`` and its descendants: a vLLM row's work is in its engine core."""
+    parents: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            pid = int(stat.parent.name)
+            parents[pid], cpu[pid] = int(fields[1]), (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            continue
+    mine, frontier = {root}, {root}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - mine
+        mine |= frontier
+    return sum(cpu.get(pid, 0.0) for pid in mine)
+
+
 def worker(args: argparse.Namespace) -> None:
-    """Serve every (N, trace) cell on one row's engine; print one JSON line of results."""
+    """One row's engine in a process of its own, driven one JSON line at a time (``machine.WorkerProcess``):
+    built and warmed up at start (answers ``{"ready"}``), then ``{"n", "trace"}`` runs that cell once and
+    answers its numbers, with the share of the machine's CPU that processes outside this row took meanwhile."""
+    proto = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # what vLLM prints goes to the log, not into the protocol
+    sys.stdout = sys.stderr
+
+    def reply(obj: dict[str, Any]) -> None:
+        proto.write(json.dumps(obj) + "\n")
+        proto.flush()
+
     torch.set_num_threads(args.threads)
     work = Path(args.workdir)
     meta = json.loads((work / "meta.json").read_text())
     prompts = meta["prompts"]
+    started = time.perf_counter()
     row = (VLLMRow if args.worker.startswith("vllm") else EngineRow)(args, args.worker, work, meta)
     bare = args.worker.endswith("bare")
     warm = min(len(prompts), args.max_num_seqs)
     row.run(prompts[:warm], None if bare else [t % max(args.tenants) for t in range(warm)])  # untimed
-    cells: dict[str, list[dict[str, Any]]] = {}
-    for _ in range(args.repeats):
-        for n in args.tenants:
-            for trace in _traces(args, n):
-                tenants = None if bare else tenant_trace(len(prompts), n, trace, args.seed)
-                cells.setdefault(f"{n}/{trace}", []).append(row.run(prompts, tenants))
-    print("RESULT " + json.dumps({"row": args.worker, "cells": cells}), flush=True)
+    reply({"ready": True, "build_s": time.perf_counter() - started})
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd.get("cmd") == "finish":
+            return
+        tenants = None if bare else tenant_trace(len(prompts), cmd["n"], cmd["trace"], args.seed)
+        busy0, tree0, t0 = CpuMeter._busy_s(), _tree_cpu_s(os.getpid()), time.perf_counter()
+        result = row.run(prompts, tenants)
+        busy1, tree1, wall = CpuMeter._busy_s(), _tree_cpu_s(os.getpid()), time.perf_counter() - t0
+        foreign = 0.0
+        if busy0 is not None and busy1 is not None:
+            foreign = max(0.0, ((busy1 - busy0) - (tree1 - tree0)) / (wall * (os.cpu_count() or 1)))
+        reply(result | {"foreign": foreign})
 
 
 # ------------------------------------------------------------------------------------------- report
 def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return max(runs, key=lambda r: r["total_tok_s"])
+
+
+def paired_ratios(runs: list[dict[str, Any]], bare: list[dict[str, Any]], field: str) -> list[float]:
+    """``field`` of each run over bare's in the same round (rows of one round ran within a minute of each
+    other, so drift between rounds cancels); runs without a round (an older results file) pair best with best."""
+    by_round = {b["round"]: b for b in bare if "round" in b}
+    ratios = [r[field] / by_round[r["round"]][field] for r in runs if r.get("round") in by_round]
+    return ratios or [_best(runs)[field] / _best(bare)[field]]
+
+
+def _ratio(ratios: list[float]) -> str:
+    med = statistics.median(ratios)
+    return f"{med:.3f}" if len(ratios) == 1 else f"{med:.3f} [{min(ratios):.2f}–{max(ratios):.2f}]"
 
 
 def render(args: argparse.Namespace, meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
@@ -374,26 +431,57 @@ def render(args: argparse.Namespace, meta: dict[str, Any], results: dict[str, di
         f"{meta['lora_qv_rank']} ({meta['lora_qv_params']:,d}); LoRA all-linear rank {meta['lora_all_rank']} "
         f"({meta['lora_all_params']:,d}). {args.requests} requests × {args.prompt_len} prompt tokens × "
         f"{args.new_tokens} new, max {args.max_num_seqs} running, {args.dtype}, {args.threads} thread(s).",
+        "Best run per cell; × bare: the median over rounds of the ratio to bare vLLM's run of the same round "
+        "[range over rounds]; others' CPU: the most that processes outside the row took during any of its runs.",
         "",
-        "| N | trace | row | decode tok/s | × bare | total tok/s | TTFT s | × bare | p50 s | p99 s | peak GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| N | trace | row | runs | decode tok/s | × bare | total tok/s | TTFT s | × bare | p50 s | p99 s | "
+        "peak GiB | others' CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n in args.tenants:
         for trace in _traces(args, n):
             key = f"{n}/{trace}"
-            bare = _best(results["vllm-bare"]["cells"][key]) if "vllm-bare" in results else None
+            bare = results["vllm-bare"]["cells"].get(key) if "vllm-bare" in results else None
             for row in args.rows:
-                if row not in results:
+                runs = results.get(row, {}).get("cells", {}).get(key)
+                if not runs:
                     continue
-                r = _best(results[row]["cells"][key])
-                dx = f"{r['decode_tok_s'] / bare['decode_tok_s']:.3f}" if bare else "–"
-                tx = f"{r['ttft_mean'] / bare['ttft_mean']:.3f}" if bare else "–"
+                r = _best(runs)
+                dx = _ratio(paired_ratios(runs, bare, "decode_tok_s")) if bare else "–"
+                tx = _ratio(paired_ratios(runs, bare, "ttft_mean")) if bare else "–"
                 peak = f"{r['peak_gib']:.2f}" if r.get("peak_gib") is not None else "–"
+                foreign = f"{max(x.get('foreign', 0.0) for x in runs):.0%}"
                 lines.append(
-                    f"| {n} | {trace} | {LABELS[row]} | {r['decode_tok_s']:.1f} | {dx} | {r['total_tok_s']:.1f} | "
-                    f"{r['ttft_mean']:.3f} | {tx} | {r['p50']:.2f} | {r['p99']:.2f} | {peak} |"
+                    f"| {n} | {trace} | {LABELS[row]} | {len(runs)} | {r['decode_tok_s']:.1f} | {dx} | "
+                    f"{r['total_tok_s']:.1f} | {r['ttft_mean']:.3f} | {tx} | {r['p50']:.2f} | {r['p99']:.2f} | "
+                    f"{peak} | {foreign} |"
                 )
     return "\n".join(lines)
+
+
+def targets(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> list[str]:
+    """The issue's targets, each with the measured median paired ratio and whether it is met."""
+    out = []
+    cells = [(n, t) for n in args.tenants for t in _traces(args, n)]
+
+    def runs(row: str, key: str) -> list[dict[str, Any]] | None:
+        return results.get(row, {}).get("cells", {}).get(key)
+
+    for n, trace in cells:
+        key = f"{n}/{trace}"
+        iapt, bare = runs("vllm-iapt", key), runs("vllm-bare", key)
+        if iapt and bare:
+            d = statistics.median(paired_ratios(iapt, bare, "decode_tok_s"))
+            t = statistics.median(paired_ratios(iapt, bare, "ttft_mean"))
+            out.append(
+                f"N={n} {trace}: IAPT decode {d:.3f}× bare ({'met' if d >= 0.97 else 'missed'}: ≥ 0.97), "
+                f"TTFT {t:.3f}× bare ({'met' if t <= 1.05 else 'missed'}: ≤ 1.05)"
+            )
+        lora = runs("vllm-lora-all", key)
+        if iapt and lora and n == 16:
+            x = _best(iapt)["decode_tok_s"] / _best(lora)["decode_tok_s"]
+            out.append(f"N=16 {trace}: IAPT decode {x:.2f}× all-linear LoRA ({'met' if x >= 1.2 else 'missed'}: ≥ 1.2)")
+    return out
 
 
 def checks(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> list[str]:
@@ -421,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--max-num-seqs", type=int, default=16, help="requests running at once, every engine")
     p.add_argument("--zipf-s", type=float, default=1.2)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="rounds: every row runs every cell once per round")
     p.add_argument("--bottleneck", type=int, default=32)
     p.add_argument("--soft-tokens", type=int, default=4)
     p.add_argument("--threads", type=int, default=1, help="torch threads of each row (vLLM: its engine core)")
@@ -433,7 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--out",
         default=None,
-        help="results JSON, written after every row; rows already in it (same settings) are not measured again",
+        help="results JSON, written after every round; rows already complete in it (same settings) are not "
+        "measured again",
     )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -451,47 +540,102 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(args.workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
         meta = setup(args, work)
-        for row in args.rows:
-            if row in results:
-                print(f"{LABELS[row]}: measured already in {out} ({results[row]['when']})", file=sys.stderr)
-                continue
-            print(f"[{datetime.datetime.now():%H:%M:%S}] {LABELS[row]} ...", file=sys.stderr, flush=True)
-            results[row] = run_row(args, argv, row, work)
-            if out is not None:  # one row at a time: a long matrix resumes where it stopped
+
+        def save() -> None:
+            if out is not None:
                 record = {"settings": settings, "machine": machine, "meta": meta, "results": results}
                 atomic_write_text(out, json.dumps(record, indent=1) + "\n")
+
+        measure_rounds(args, argv, work, results, save)
     shown = [r for r in args.rows if r in results]
     table = render(args, meta, {r: results[r] for r in shown})
-    print(f"{datetime.date.today()} · {machine} · torch {torch.__version__}\n\n{table}")
+    print(f"{datetime.date.today()} · {machine} · torch {torch.__version__}\n\n{table}\n")
+    for line in targets(args, results):
+        print(line)
     failures = checks(args, results)
     for failure in failures:
         print(f"CHECK FAILED: {failure}", file=sys.stderr)
     return 1 if args.check and failures else 0
 
 
-def run_row(args: argparse.Namespace, argv: list[str] | None, row: str, work: Path) -> dict[str, Any]:
-    """One row in a process of its own (its own heap and peak memory; vLLM's engine core as its child)."""
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": str(args.threads),
-        "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"),
-        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-        "VLLM_NO_USAGE_STATS": "1",
-        "DO_NOT_TRACK": "1",
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
+def _rounds_done(args: argparse.Namespace, result: dict[str, Any] | None) -> int:
+    if not result:
+        return 0
+    return min(len(result["cells"].get(f"{n}/{t}", [])) for n in args.tenants for t in _traces(args, n))
+
+
+def measure_rounds(
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    work: Path,
+    results: dict[str, dict[str, Any]],
+    save: Callable[[], None],
+) -> None:
+    """Every row still short of ``--repeats`` rounds, all engines alive at once, each in a process of its own;
+    one round runs every (N, trace) cell on every row back to back, rows in an order that rotates from cell to
+    cell and round to round, so the drift of a shared machine hits all rows alike. bare vLLM joins every
+    session, so each round has its own reference. Saved after every round: a killed run keeps its rounds."""
+    pending = [r for r in args.rows if _rounds_done(args, results.get(r)) < args.repeats]
+    if not pending:
+        for row in args.rows:
+            print(f"{LABELS[row]}: measured already ({results[row]['when']})", file=sys.stderr)
+        return
+    if "vllm-bare" in args.rows and "vllm-bare" not in pending:
+        pending.insert(0, "vllm-bare")
+    rounds = args.repeats - min(_rounds_done(args, results.get(r)) for r in pending)
+    env_keep = {k: os.environ.get(k) for k in ENV}
+    os.environ.update({k: os.environ.get(k, v) for k, v in ENV.items()})
     forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--check"]
-    cmd = [sys.executable, __file__, *forwarded, "--worker", row, "--workdir", str(work)]
-    started = time.perf_counter()
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        print(done.stderr[-4000:], file=sys.stderr)
-        raise SystemExit(f"row {row} failed (exit {done.returncode})")
-    line = next(x for x in reversed(done.stdout.splitlines()) if x.startswith("RESULT "))
-    result = json.loads(line.removeprefix("RESULT "))
-    result.update(when=f"{datetime.datetime.now():%Y-%m-%d %H:%M}", seconds=round(time.perf_counter() - started))
-    return result
+    session = f"{datetime.datetime.now():%Y-%m-%d %H:%M}"
+    workers: dict[str, WorkerProcess] = {}
+    try:
+        with tempfile.TemporaryDirectory() as logs:
+            for row in pending:  # one at a time: building engines side by side would fight for the cores
+                _log(f"{LABELS[row]}: building its engine ...")
+                cmd = [sys.executable, __file__, *forwarded, "--worker", row, "--workdir", str(work)]
+                workers[row] = WorkerProcess(cmd, row, Path(logs) / f"{row}.log", args.threads)
+                ready = workers[row].ask(None)
+                _log(f"{LABELS[row]}: ready in {ready['build_s']:.0f} s")
+                results.setdefault(row, {"row": row, "cells": {}}).update(when=session)
+            cells = [(n, t) for n in args.tenants for t in _traces(args, n)]
+            for rnd in range(rounds):
+                for c, (n, trace) in enumerate(cells):
+                    shift = (rnd + c) % len(pending)
+                    for row in pending[shift:] + pending[:shift]:
+                        run = workers[row].ask({"n": n, "trace": trace}) | {"round": f"{session}/{rnd}"}
+                        results[row]["cells"].setdefault(f"{n}/{trace}", []).append(run)
+                        _log(
+                            f"[round {rnd + 1}/{rounds}] N={n} {trace:9s} {LABELS[row]:22s} decode "
+                            f"{run['decode_tok_s']:6.1f} tok/s, TTFT {run['ttft_mean']:.3f} s, "
+                            f"others' CPU {run['foreign']:.0%}"
+                        )
+                save()
+            for w in workers.values():
+                w.proc.stdin.write(json.dumps({"cmd": "finish"}) + "\n")
+                w.proc.stdin.flush()
+    finally:
+        for w in workers.values():
+            w.close()
+        for k, v in env_keep.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# Environment of the row processes (``setdefault``: a value set by the caller wins).
+ENV = {
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def _log(message: str) -> None:
+    print(f"[{datetime.datetime.now():%H:%M:%S}] {message}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
