@@ -193,7 +193,8 @@ def _child_hwm_gib() -> float | None:
                 hwm[pid] = int(fields["VmHWM"].split()[0])
         except (OSError, KeyError, ValueError):
             continue
-    mine, frontier = set(), {os.getpid()}
+    mine: set[int] = set()
+    frontier = {os.getpid()}
     while frontier:
         frontier = {pid for pid, parent in parents.items() if parent in frontier} - mine
         mine |= frontier
@@ -611,6 +612,7 @@ def measure_rounds(
                         )
                 save()
             for w in workers.values():
+                assert w.proc.stdin is not None
                 w.proc.stdin.write(json.dumps({"cmd": "finish"}) + "\n")
                 w.proc.stdin.flush()
     finally:
