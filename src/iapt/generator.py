@@ -59,9 +59,12 @@ def soft_prompts(
     pool nothing and get the generator's response to a zero summary.
     """
     h = hidden.float()
-    if input_norm:
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + _RMS_EPS)
-    z = _linear(h, down_weight, down_bias)  # (B, T, r)
+    z = h @ down_weight.transpose(-1, -2)  # (B, T, r)
+    if input_norm:  # norm(H) @ W = (H @ W) scaled per token: the scale goes on (B, T, r), not on (B, T, d)
+        rms = torch.linalg.vector_norm(h, dim=-1, keepdim=True) * h.shape[-1] ** -0.5
+        z = z * torch.rsqrt(rms.square() + _RMS_EPS)
+    if down_bias is not None:
+        z = z + (down_bias.unsqueeze(-2) if down_bias.dim() == 2 else down_bias)
     keep = mask.to(device=z.device, dtype=torch.bool)
     if pooling == "attention":
         scores = z @ queries  # (B, T, n): column k of W_sa is the query of soft token k
