@@ -57,3 +57,18 @@ def test_bf16_inputs_give_float32_soft_tokens_close_to_float32_inputs():
     out = g(hidden.bfloat16(), mask)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, g(hidden, mask), atol=0.1, rtol=0.05)
+
+
+def test_soft_tokens_follow_the_documented_formula():
+    """Z = norm(H) W_down + b, A = softmax_T(Z W_sa), S = A^T Z, P = g(S) W_up + b, written out by hand: the
+    norm is applied to Z per token (cheaper), which must be the same function as normalising H first."""
+    for input_norm in (True, False):
+        g = generators(input_norm=input_norm)[0]
+        hidden = 50 * torch.randn(2, 5, 16)  # far from unit RMS, so a missing or misplaced norm shows
+        mask = torch.ones(2, 5, dtype=torch.bool)
+        h = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + 1e-6) if input_norm else hidden
+        z = h @ g.down.weight.T + g.down.bias
+        a = torch.softmax(z @ g.queries, dim=1)
+        s = a.transpose(1, 2) @ z
+        p = g.activation(s) @ g.up.weight.T + g.up.bias
+        torch.testing.assert_close(g(hidden, mask), p, atol=1e-4, rtol=1e-4)
