@@ -1,4 +1,5 @@
-"""IAPT adapters served by vLLM: a general plugin registering IAPT variants of vLLM's Llama, Mistral and Qwen2.
+"""IAPT adapters served by vLLM: a general plugin registering IAPT variants of vLLM's Llama, Mistral, Qwen2 and
+Gemma 3 (text-only ``Gemma3ForCausalLM``).
 
 Install: ``bash scripts/setup_vllm.sh`` (a second venv, ``.venv-vllm``). See docs/VLLM.md.
 

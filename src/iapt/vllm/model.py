@@ -1,4 +1,5 @@
-"""vLLM models that serve IAPT adapters: vLLM's own Llama / Mistral / Qwen2 with a slot-writing decoder layer.
+"""vLLM models that serve IAPT adapters: vLLM's own Llama / Mistral / Qwen2 / Gemma 3 (text) with a slot-writing
+decoder layer.
 
 Nothing of vLLM's modeling code is copied. Each decoder layer, before running vLLM's own, overwrites the
 slots' hidden states with that layer's soft tokens, as IAPTModel's forward pre-hook does:
@@ -14,7 +15,10 @@ slots' hidden states with that layer's soft tokens, as IAPTModel's forward pre-h
   the project's one slot mechanism (``iapt.slots``: a flattened :class:`SlotPlan`);
 * vLLM's layers take ``(hidden, residual)`` and add them in their fused add-RMSNorm: the layer's input
   stream is ``hidden + residual``, so writing P into ``hidden`` and 0 into ``residual`` at the slots makes
-  the norm see exactly P, and the generators read ``hidden + residual`` at the instruction.
+  the norm see exactly P, and the generators read ``hidden + residual`` at the instruction. Gemma 3's layer
+  adds them the same way (a fused add-GemmaRMSNorm), and vLLM scales its embeddings by sqrt(d) before layer 0
+  as transformers does: what the generators read, and what the slots hold at a layer without a generator
+  (the slot token's scaled embedding, then the layers' own states), are the offline model's.
 
 Adapters (``additional_config={"iapt": ...}``, see ``iapt.vllm.IAPTServing``) are read and validated with
 the project's ``read_adapter`` at load, against the base loaded once with transformers (also what
@@ -33,7 +37,9 @@ import torch
 from torch import nn
 from vllm.config import VllmConfig
 from vllm.forward_context import get_forward_context, is_forward_context_available
+from vllm.model_executor.models import gemma3 as vllm_gemma3
 from vllm.model_executor.models import qwen2 as vllm_qwen2
+from vllm.model_executor.models.gemma3 import Gemma3DecoderLayer, Gemma3ForCausalLM
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from vllm.model_executor.models.mistral import MistralDecoderLayer, MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2ForCausalLM
@@ -61,6 +67,17 @@ class _Step:
 
 
 _STEP: _Step | None = None  # set by the outer forward for the duration of one model call
+
+
+@contextlib.contextmanager
+def _replaced(module: object, name: str, value: object) -> Iterator[None]:
+    """``module.name`` is ``value`` inside (vLLM's model classes that take no layer type: while one is built)."""
+    original = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
 
 
 @contextlib.contextmanager
@@ -132,6 +149,16 @@ def iapt_layer(base: type[nn.Module]) -> type[nn.Module]:
 
     IAPTDecoderLayer.__name__ = IAPTDecoderLayer.__qualname__ = f"IAPT{base.__name__}"
     return IAPTDecoderLayer
+
+
+def _check_layers(layers: nn.ModuleList, base: type[nn.Module]) -> None:
+    """Every ``base`` layer of ``layers`` writes its slots (vLLM built ours): else refuse, never serve without them."""
+    bare = [i for i, layer in enumerate(layers) if isinstance(layer, base) and not hasattr(layer, "iapt_layer")]
+    if bare:
+        raise RuntimeError(
+            f"IAPT: vLLM built decoder layers {bare} as its own {base.__name__}, not IAPT's slot-writing one "
+            "(a vLLM version the plugin does not know?); IAPT adapters cannot be served on it"
+        )
 
 
 # ------------------------------------------------------------------------------------------ the model side
@@ -321,11 +348,22 @@ class IAPTQwen2ForCausalLM(_IAPTMixin, Qwen2ForCausalLM):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         iapt = IAPTAdapters(vllm_config)
         # Qwen2ForCausalLM builds its Qwen2Model without a layer-type argument: give it ours while it does.
-        original = vllm_qwen2.Qwen2Model
-        layer = iapt_layer(Qwen2DecoderLayer)
-        vllm_qwen2.Qwen2Model = lambda **kw: original(**kw, decoder_layer_type=layer)  # type: ignore[assignment]
-        try:
+        original, layer = vllm_qwen2.Qwen2Model, iapt_layer(Qwen2DecoderLayer)
+        with _replaced(vllm_qwen2, "Qwen2Model", lambda **kw: original(**kw, decoder_layer_type=layer)):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
-        finally:
-            vllm_qwen2.Qwen2Model = original
+        _check_layers(self.model.layers, Qwen2DecoderLayer)
+        self.iapt = iapt
+
+
+class IAPTGemma3ForCausalLM(_IAPTMixin, Gemma3ForCausalLM):
+    """Gemma 3, text only (``Gemma3ForCausalLM``): sliding-window and global layers alike write their slots."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        iapt = IAPTAdapters(vllm_config)
+        # Gemma3Model names its decoder layer's class when it builds each layer, and takes no layer type: it
+        # builds ours while this runs. Built as ours (not re-classed afterwards), so a wrapper vLLM puts on a
+        # layer's forward as it builds it (its CPU-offloading ones) wraps the slot write too.
+        with _replaced(vllm_gemma3, "Gemma3DecoderLayer", iapt_layer(Gemma3DecoderLayer)):
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+        _check_layers(self.model.layers, Gemma3DecoderLayer)
         self.iapt = iapt

@@ -18,6 +18,7 @@ ARCHITECTURES = {
     "LlamaForCausalLM": "IAPTLlamaForCausalLM",
     "MistralForCausalLM": "IAPTMistralForCausalLM",
     "Qwen2ForCausalLM": "IAPTQwen2ForCausalLM",
+    "Gemma3ForCausalLM": "IAPTGemma3ForCausalLM",  # Gemma 3 text-only (model_type gemma3_text)
 }
 
 
