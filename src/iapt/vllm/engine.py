@@ -78,12 +78,12 @@ class ServedAdapter:
 class VLLMEngine(EngineLoop):
     """IAPT adapters on vLLM's engine, behind the built-in engine's interface (the part the HTTP app uses).
 
-    ``model``: a local Hugging Face folder (Llama, Mistral or Qwen2). ``adapters_dir``: every subfolder is an
-    adapter served under its name (a bad one is skipped and reported in ``load_errors``); ``adapters``: more,
-    name -> folder (a bad one raises). IAPT folders go to the plugin's bank; PEFT LoRA folders to vLLM's own
-    multi-LoRA in the same engine (``enable_lora`` is set only when there is one, or when ``engine_kwargs``
-    asks for it, e.g. to load LoRA adapters at run time). ``engine_kwargs`` go to ``vllm.EngineArgs`` through
-    :meth:`IAPTServing.engine_args` (which refuses what IAPT cannot serve).
+    ``model``: a local Hugging Face folder (Llama, Mistral, Qwen2 or Gemma 3 text). ``adapters_dir``: every
+    subfolder is an adapter served under its name (a bad one is skipped and reported in ``load_errors``);
+    ``adapters``: more, name -> folder (a bad one raises). IAPT folders go to the plugin's bank; PEFT LoRA folders
+    to vLLM's own multi-LoRA in the same engine (``enable_lora`` is set only when there is one, or when
+    ``engine_kwargs`` asks for it, e.g. to load LoRA adapters at run time). ``engine_kwargs`` go to
+    ``vllm.EngineArgs`` through :meth:`IAPTServing.engine_args` (which refuses what IAPT cannot serve).
     """
 
     thread_name = "iapt-vllm-engine"

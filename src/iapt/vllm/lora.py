@@ -18,8 +18,9 @@ from typing import Any
 
 from iapt.adapters import CONFIG_NAME, resolve_adapter_dir
 
-# The modules vLLM's LoRA layers wrap in Llama, Mistral and Qwen2 (qkv_proj and gate_up_proj are packed from
-# these; PEFT names the unpacked ones). Embeddings and the LM head are not LoRA targets in vLLM 0.32.
+# The modules vLLM's LoRA layers wrap in Llama, Mistral and Qwen2, and Gemma 3's of the same names (LoRA there is
+# untested; qkv_proj and gate_up_proj are packed from these; PEFT names the unpacked ones). Embeddings and the LM
+# head are not LoRA targets in vLLM 0.32.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted max_lora_rank values
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.weight)?$")
