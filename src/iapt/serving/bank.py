@@ -239,20 +239,21 @@ class AdapterBank:
         """
         bank = self.layers[layer]
         present = bank["present"].index_select(0, adapter_index)
-        out = hidden.new_zeros(hidden.shape[0], num_slots, hidden.shape[-1], dtype=torch.float32)
         modes = [self.modes[i] for i in adapter_index.tolist()]
-        for mode in dict.fromkeys(modes):
-            rows = torch.tensor([i for i, m in enumerate(modes) if m == mode], device=hidden.device)
-            idx = adapter_index.index_select(0, rows)
+        groups = dict.fromkeys(modes)
+        out: torch.Tensor | None = None
+        for mode in groups:
+            # one mode (the usual case): the whole batch at once, without copying its states row by row
+            rows = None if len(groups) == 1 else torch.tensor([i for i, m in enumerate(modes) if m == mode])
+            idx = adapter_index if rows is None else adapter_index.index_select(0, rows.to(adapter_index.device))
             w = {k: bank[k].index_select(0, idx) for k in _WEIGHTS}
-            w["queries"] = w["queries"][..., :num_slots]
-            out[rows] = (
+            tokens = (
                 soft_prompts(
-                    hidden.index_select(0, rows),
-                    mask.index_select(0, rows),
+                    hidden if rows is None else hidden.index_select(0, rows.to(hidden.device)),
+                    mask if rows is None else mask.index_select(0, rows.to(mask.device)),
                     w["down_weight"],
                     w["down_bias"],
-                    w["queries"],
+                    w["queries"][..., :num_slots],
                     w["numerator"],
                     w["denominator"],
                     w["up_weight"],
@@ -262,4 +263,11 @@ class AdapterBank:
                 )
                 + bank["anchor"].index_select(0, idx)[:, :num_slots]
             )
+            if rows is None:
+                return tokens, present
+            if out is None:
+                out = hidden.new_zeros(hidden.shape[0], num_slots, hidden.shape[-1], dtype=torch.float32)
+            out[rows.to(out.device)] = tokens
+        if out is None:  # an empty batch
+            out = hidden.new_zeros(0, num_slots, hidden.shape[-1], dtype=torch.float32)
         return out, present
