@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -111,8 +112,17 @@ class WorkerProcess:
             env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         self.name, self.log_path = name, log_path
         self._log = log_path.open("w")
+        # its own process group: close() ends what it started too (vLLM's engine core and model worker, which
+        # outlive a killed parent, idle but holding their memory)
         self.proc = subprocess.Popen(
-            cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1
+            cmd,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            bufsize=1,
+            start_new_session=True,
         )
 
     def ask(self, command: str | dict[str, Any] | None) -> dict[str, Any]:
@@ -128,8 +138,22 @@ class WorkerProcess:
             )
         return json.loads(line)
 
+    def finish(self, command: str | dict[str, Any], timeout: float = 120.0) -> None:
+        """Send the last command and give the worker ``timeout`` seconds to exit on its own (a clean shutdown)."""
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write((command if isinstance(command, str) else json.dumps(command)) + "\n")
+            self.proc.stdin.flush()
+            self.proc.wait(timeout)
+        except (BrokenPipeError, subprocess.TimeoutExpired):
+            pass
+
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # whatever it started and left behind
+        except (ProcessLookupError, PermissionError):
+            pass
         self._log.close()

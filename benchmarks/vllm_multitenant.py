@@ -9,6 +9,8 @@ configuration most users run), and the project's built-in engine (bare and IAPT)
     vllm LoRA all    vLLM's own, enable_lora             its tenant's LoRA on every linear layer
     engine bare      iapt.serving.Engine                 none
     engine IAPT      iapt.serving.Engine                 its tenant's IAPT adapter
+    vllm bare / IAPT, 2nd engine                         a second engine of the same kind (``--rows``, not run
+                                                         by default): how far two engines of one kind differ
 
 Adapters are random and non-zero, as in ``multitenant.py``: IAPT at ``--bottleneck`` (default r = 32, n = 4),
 LoRA at the rank whose parameter count comes closest to IAPT's (q/v: ``iapt.methods.size_for_budget``;
@@ -80,7 +82,16 @@ from multitenant import _percentile, build_prompts, run_engine, tenant_trace
 from iapt.io import atomic_write_text
 from iapt.vllm.lora import LORA_TARGETS, lora_rank_limit
 
-ROWS = ["vllm-bare", "vllm-iapt", "vllm-lora-qv", "vllm-lora-all", "engine-bare", "engine-iapt"]
+ROWS = [
+    "vllm-bare",
+    "vllm-iapt",
+    "vllm-lora-qv",
+    "vllm-lora-all",
+    "engine-bare",
+    "engine-iapt",
+    "vllm-bare-2",
+    "vllm-iapt-2",
+]
 LABELS = {
     "vllm-bare": "vllm bare",
     "vllm-iapt": "vllm IAPT",
@@ -88,6 +99,8 @@ LABELS = {
     "vllm-lora-all": "vllm LoRA all-linear",
     "engine-bare": "engine bare",
     "engine-iapt": "engine IAPT",
+    "vllm-bare-2": "vllm bare, 2nd engine",
+    "vllm-iapt-2": "vllm IAPT, 2nd engine",
 }
 ALL_LINEAR = list(LORA_TARGETS)  # every projection vLLM's LoRA layers wrap
 # What a row's numbers depend on: rows in one --out file were all measured with these equal.
@@ -389,8 +402,9 @@ def worker(args: argparse.Namespace) -> None:
     meta = json.loads((work / "meta.json").read_text())
     prompts = meta["prompts"]
     started = time.perf_counter()
-    row = (VLLMRow if args.worker.startswith("vllm") else EngineRow)(args, args.worker, work, meta)
-    bare = args.worker.endswith("bare")
+    kind = args.worker.removesuffix("-2")  # a second engine of the same kind: the spread between engines
+    row = (VLLMRow if kind.startswith("vllm") else EngineRow)(args, kind, work, meta)
+    bare = kind.endswith("bare")
     warm = min(len(prompts), args.max_num_seqs)
     row.run(prompts[:warm], None if bare else [t % max(args.tenants) for t in range(warm)])  # untimed
     reply({"ready": True, "build_s": time.perf_counter() - started})
@@ -478,6 +492,10 @@ def targets(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> lis
                 f"N={n} {trace}: IAPT decode {d:.3f}× bare ({'met' if d >= 0.97 else 'missed'}: ≥ 0.97), "
                 f"TTFT {t:.3f}× bare ({'met' if t <= 1.05 else 'missed'}: ≤ 1.05)"
             )
+        for twin, of in (("vllm-bare-2", "vllm-bare"), ("vllm-iapt-2", "vllm-iapt")):
+            if (a := runs(twin, key)) and (b := runs(of, key)):
+                r = statistics.median(paired_ratios(a, b, "decode_tok_s"))
+                out.append(f"N={n} {trace}: {LABELS[twin]} decodes at {r:.3f}× the first (the spread between engines)")
         lora = runs("vllm-lora-all", key)
         if iapt and lora and n == 16:
             x = _best(iapt)["decode_tok_s"] / _best(lora)["decode_tok_s"]
@@ -503,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local HF folder")
     p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
-    p.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS)
+    p.add_argument("--rows", nargs="+", default=ROWS[:6], choices=ROWS)
     p.add_argument("--tenants", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=64)
@@ -612,9 +630,7 @@ def measure_rounds(
                         )
                 save()
             for w in workers.values():
-                assert w.proc.stdin is not None
-                w.proc.stdin.write(json.dumps({"cmd": "finish"}) + "\n")
-                w.proc.stdin.flush()
+                w.finish({"cmd": "finish"})
     finally:
         for w in workers.values():
             w.close()
