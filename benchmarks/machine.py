@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -100,6 +101,20 @@ class Clock:
 
     def end(self) -> None:
         pass
+
+
+def worker_channel() -> Callable[[dict[str, Any]], None]:
+    """The worker's side of :class:`WorkerProcess`: from now on whatever this process prints goes to stderr (the
+    log), and the returned function writes one JSON answer per line to the real stdout (the protocol)."""
+    proto = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+
+    def reply(obj: dict[str, Any]) -> None:
+        proto.write(json.dumps(obj) + "\n")
+        proto.flush()
+
+    return reply
 
 
 class WorkerProcess:

@@ -101,6 +101,7 @@ from machine import (
     reset_hwm,
     sync_for,
     wait_quiet,
+    worker_channel,
 )
 
 INSTRUCTIONS = [
@@ -400,13 +401,7 @@ def run_engine(
 # ------------------------------------------------------------------------------------------ the worker
 def method_worker(args: argparse.Namespace) -> None:
     """One method at one N, in a process of its own; one JSON command per stdin line, one answer per line."""
-    proto = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)  # whatever a library prints goes to stderr, not into the protocol
-    sys.stdout = sys.stderr
-
-    def reply(obj: dict[str, Any]) -> None:
-        proto.write(json.dumps(obj) + "\n")
-        proto.flush()
+    reply = worker_channel()  # what libraries print goes to the log, not into the protocol
 
     from iapt.serving import Engine
 

@@ -76,7 +76,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from machine import CpuMeter, WorkerProcess, proc_status_kib
+from machine import CpuMeter, WorkerProcess, proc_status_kib, worker_channel
 from multitenant import _percentile, build_prompts, run_engine, tenant_trace
 
 from iapt.io import atomic_write_text
@@ -389,13 +389,7 @@ def worker(args: argparse.Namespace) -> None:
     """One row's engine in a process of its own, driven one JSON line at a time (``machine.WorkerProcess``):
     built and warmed up at start (answers ``{"ready"}``), then ``{"n", "trace"}`` runs that cell once and
     answers its numbers, with the share of the machine's CPU that processes outside this row took meanwhile."""
-    proto = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)  # what vLLM prints goes to the log, not into the protocol
-    sys.stdout = sys.stderr
-
-    def reply(obj: dict[str, Any]) -> None:
-        proto.write(json.dumps(obj) + "\n")
-        proto.flush()
+    reply = worker_channel()  # what libraries print goes to the log, not into the protocol
 
     torch.set_num_threads(args.threads)
     work = Path(args.workdir)
