@@ -192,26 +192,39 @@ def setup(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------- workers
+def _proc_stats() -> dict[int, tuple[int, float]]:
+    """pid -> (parent pid, CPU seconds user + system) of every process (/proc/<pid>/stat)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[int, float]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            stats[int(stat.parent.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+        except (OSError, IndexError, ValueError):
+            continue
+    return stats
+
+
+def _descendants(root: int, stats: dict[int, tuple[int, float]]) -> set[int]:
+    """The pids below ``root`` (children, grandchildren, ...), not ``root`` itself."""
+    mine: set[int] = set()
+    frontier = {root}
+    while frontier:
+        frontier = {pid for pid, (parent, _) in stats.items() if parent in frontier} - mine
+        mine |= frontier
+    return mine
+
+
 def _child_hwm_gib() -> float | None:
     """The largest VmHWM among this process's descendants, GiB: vLLM's engine core and its model worker (the
     worker, a grandchild, holds the weights and the KV cache)."""
-    parents: dict[int, int] = {}
-    hwm: dict[int, int] = {}
-    for status in Path("/proc").glob("[0-9]*/status"):
+    peaks = []
+    for pid in _descendants(os.getpid(), _proc_stats()):
         try:
-            fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
-            pid = int(status.parent.name)
-            parents[pid] = int(fields["PPid"])
-            if "VmHWM" in fields:
-                hwm[pid] = int(fields["VmHWM"].split()[0])
-        except (OSError, KeyError, ValueError):
+            lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        except OSError:
             continue
-    mine: set[int] = set()
-    frontier = {os.getpid()}
-    while frontier:
-        frontier = {pid for pid, parent in parents.items() if parent in frontier} - mine
-        mine |= frontier
-    peaks = [hwm[pid] for pid in mine if pid in hwm]
+        peaks += [int(line.split()[1]) for line in lines if line.startswith("VmHWM:")]
     return max(peaks) / 2**20 if peaks else None
 
 
@@ -368,21 +381,8 @@ def _summary(
 
 def _tree_cpu_s(root: int) -> float:
     """CPU seconds (user + system) of ``root`` and its descendants: a vLLM row's work is in its engine core."""
-    parents: dict[int, int] = {}
-    cpu: dict[int, float] = {}
-    tick = os.sysconf("SC_CLK_TCK")
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            pid = int(stat.parent.name)
-            parents[pid], cpu[pid] = int(fields[1]), (int(fields[11]) + int(fields[12])) / tick
-        except (OSError, IndexError, ValueError):
-            continue
-    mine, frontier = {root}, {root}
-    while frontier:
-        frontier = {pid for pid, parent in parents.items() if parent in frontier} - mine
-        mine |= frontier
-    return sum(cpu.get(pid, 0.0) for pid in mine)
+    stats = _proc_stats()
+    return sum(stats[pid][1] for pid in _descendants(root, stats) | {root} if pid in stats)
 
 
 def worker(args: argparse.Namespace) -> None:
