@@ -31,12 +31,14 @@ def generator_parameter_count(hidden_size: int, config: IAPTConfig, out_features
     return d * r + r * n + 12 + r * o + ((r + o) if config.bias else 0)
 
 
+def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y + bias for a shared (out,) bias or per-row (B, out) biases."""
+    return y if bias is None else y + (bias.unsqueeze(-2) if bias.dim() == 2 else bias)
+
+
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ weight^T + bias for shared (out, in) weights or per-row (B, out, in) weights."""
-    y = x @ weight.transpose(-1, -2)
-    if bias is not None:
-        y = y + (bias.unsqueeze(-2) if bias.dim() == 2 else bias)
-    return y
+    return _add_bias(x @ weight.transpose(-1, -2), bias)
 
 
 def soft_prompts(
@@ -63,8 +65,7 @@ def soft_prompts(
     if input_norm:  # norm(H) @ W = (H @ W) scaled per token: the scale goes on (B, T, r), not on (B, T, d)
         rms = torch.linalg.vector_norm(h, dim=-1, keepdim=True) * h.shape[-1] ** -0.5
         z = z * torch.rsqrt(rms.square() + _RMS_EPS)
-    if down_bias is not None:
-        z = z + (down_bias.unsqueeze(-2) if down_bias.dim() == 2 else down_bias)
+    z = _add_bias(z, down_bias)
     keep = mask.to(device=z.device, dtype=torch.bool)
     if pooling == "attention":
         scores = z @ queries  # (B, T, n): column k of W_sa is the query of soft token k

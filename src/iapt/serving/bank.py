@@ -240,34 +240,31 @@ class AdapterBank:
         bank = self.layers[layer]
         present = bank["present"].index_select(0, adapter_index)
         modes = [self.modes[i] for i in adapter_index.tolist()]
-        groups = dict.fromkeys(modes)
-        out: torch.Tensor | None = None
-        for mode in groups:
-            # one mode (the usual case): the whole batch at once, without copying its states row by row
-            rows = None if len(groups) == 1 else torch.tensor([i for i, m in enumerate(modes) if m == mode])
-            idx = adapter_index if rows is None else adapter_index.index_select(0, rows.to(adapter_index.device))
+
+        def run(mode: tuple[str, bool], idx: torch.Tensor, h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
             w = {k: bank[k].index_select(0, idx) for k in _WEIGHTS}
-            tokens = (
-                soft_prompts(
-                    hidden if rows is None else hidden.index_select(0, rows.to(hidden.device)),
-                    mask if rows is None else mask.index_select(0, rows.to(mask.device)),
-                    w["down_weight"],
-                    w["down_bias"],
-                    w["queries"][..., :num_slots],
-                    w["numerator"],
-                    w["denominator"],
-                    w["up_weight"],
-                    w["up_bias"],
-                    pooling=mode[0],
-                    input_norm=mode[1],
-                )
-                + bank["anchor"].index_select(0, idx)[:, :num_slots]
+            tokens = soft_prompts(
+                h,
+                m,
+                w["down_weight"],
+                w["down_bias"],
+                w["queries"][..., :num_slots],
+                w["numerator"],
+                w["denominator"],
+                w["up_weight"],
+                w["up_bias"],
+                pooling=mode[0],
+                input_norm=mode[1],
             )
-            if rows is None:
-                return tokens, present
-            if out is None:
-                out = hidden.new_zeros(hidden.shape[0], num_slots, hidden.shape[-1], dtype=torch.float32)
-            out[rows.to(out.device)] = tokens
-        if out is None:  # an empty batch
-            out = hidden.new_zeros(0, num_slots, hidden.shape[-1], dtype=torch.float32)
+            return tokens + bank["anchor"].index_select(0, idx)[:, :num_slots]
+
+        groups = dict.fromkeys(modes)
+        if len(groups) == 1:  # one pooling mode (the usual case): the whole batch at once, no copies of its rows
+            return run(modes[0], adapter_index, hidden, mask), present
+        out = hidden.new_zeros(hidden.shape[0], num_slots, hidden.shape[-1], dtype=torch.float32)
+        for mode in groups:
+            rows = torch.tensor([i for i, m in enumerate(modes) if m == mode], device=hidden.device)
+            out[rows] = run(
+                mode, adapter_index.index_select(0, rows), hidden.index_select(0, rows), mask.index_select(0, rows)
+            )
         return out, present
