@@ -246,10 +246,10 @@ def load_results(results: Path) -> list[dict[str, Any]]:
     return [json.loads(f.read_text()) for f in sorted(results.glob("*.json"))]
 
 
-def beyond(args: argparse.Namespace, lr: float) -> float | None:
-    """The next point past ``lr`` when it is the grid's top or bottom (one step of the grid's own ratio, rounded
-    to 1 or 3 × 10^k), else None: a method whose best LR is an edge of the grid is tried once beyond it."""
-    grid = sorted(args.lr_grid)
+def beyond(tried: Sequence[float], lr: float) -> float | None:
+    """The next point past ``lr`` when it is the top or bottom of the LRs ``tried`` (one step of their own ratio
+    at that end, rounded to 1 or 3 × 10^k), else None."""
+    grid = sorted(set(tried))
     if len(grid) < 2 or lr not in (grid[0], grid[-1]):
         return None
     ratio = grid[1] / grid[0] if lr == grid[0] else grid[-1] / grid[-2]
@@ -260,17 +260,25 @@ def beyond(args: argparse.Namespace, lr: float) -> float | None:
 
 
 def edge_lrs(args: argparse.Namespace, results: list[dict[str, Any]], method: str) -> list[float]:
-    """The LRs beyond the grid that ``method`` gets: one past the grid's edge when the grid's best is there
-    (decided once every grid point of ``method`` is finished; empty until then or with --no-edge)."""
-    grid = [
-        r
-        for r in results
-        if is_tuning(r) and r["method"] == method and r["budget"] == args.budget and r["lr"] in args.lr_grid
-    ]
-    if not args.edge or len({r["lr"] for r in grid}) < len(set(args.lr_grid)):
+    """The LRs beyond the grid that ``method`` gets, in order: while the best LR tried is the top (or bottom) of
+    those tried, one more point past it, up to ``--edge`` points, so that a chosen LR is bracketed where the
+    grid allows it. Empty until the grid is finished; the last point may still be unfinished (nothing is decided
+    past it until it is)."""
+    losses = {
+        r["lr"]: r["dev_loss"] for r in results if is_tuning(r) and r["method"] == method and r["budget"] == args.budget
+    }
+    if not args.edge or not all(lr in losses for lr in args.lr_grid):
         return []
-    extra = beyond(args, min(grid, key=lambda r: r["dev_loss"])["lr"])
-    return [] if extra is None else [extra]
+    tried, extra = list(args.lr_grid), list[float]()
+    while len(extra) < args.edge:
+        nxt = beyond(tried, min(tried, key=lambda lr: losses[lr]))
+        if nxt is None:
+            break
+        extra.append(nxt)
+        if nxt not in losses:
+            break
+        tried.append(nxt)
+    return extra
 
 
 def choose_lrs(args: argparse.Namespace, results: list[dict[str, Any]]) -> dict[str, float]:
@@ -298,13 +306,13 @@ def tuned_methods(args: argparse.Namespace) -> list[str]:
 
 
 def missing_tuning(
-    args: argparse.Namespace, results: list[dict[str, Any]], methods: Sequence[str] | None = None, edges: bool = True
+    args: argparse.Namespace, results: list[dict[str, Any]], methods: Sequence[str] | None = None
 ) -> set[tuple[str, float]]:
     """The (method, LR) tuning cells of this run (of ``methods``: default all) not finished yet, the points
-    beyond the grid's edge included (``edges``) once the grid is done; LRs are chosen only when none is missing."""
+    beyond the grid's edge known so far included; LRs are chosen only when none is missing."""
     done = {(r["method"], r["lr"]) for r in results if is_tuning(r) and r["budget"] == args.budget}
     methods = tuned_methods(args) if methods is None else [m for m in methods if m in tuned_methods(args)]
-    wanted = {(m, lr) for m in methods for lr in [*args.lr_grid, *(edge_lrs(args, results, m) if edges else [])]}
+    wanted = {(m, lr) for m in methods for lr in [*args.lr_grid, *edge_lrs(args, results, m)]}
     return wanted - done
 
 
@@ -738,9 +746,10 @@ def main() -> None:
     )
     p.add_argument(
         "--edge",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="a method whose best LR is the grid's top or bottom gets one point beyond it",
+        type=int,
+        default=2,
+        help="points tried beyond the grid's top (or bottom), one at a time, while a method's best LR is there "
+        "(0: the grid alone)",
     )
     p.add_argument(
         "--sweep-budgets",
@@ -836,7 +845,8 @@ def main() -> None:
 
     # Order: first the methods every seed needs (IAPT, --always-seeded, ablations with their own LR): their LR
     # tuning (each tuning cell scored, so the chosen LR's cell is the first task's seed-1 cell; a method whose
-    # best LR is an edge of the grid gets one point beyond it), their first seed on the ablation tasks, the
+    # best LR is an edge of the grid gets points beyond it, one at a time, while its best is there), their first
+    # seed on the ablation tasks, the
     # ablations (method by method, so a candidate change is judged on every ablation task early), their first
     # seed on the other tasks. Then the other baselines' tuning and first seed; then the other seeds for the
     # methods that need them (IAPT, LoRA, and each baseline whose interval against IAPT still contains 0); then
@@ -860,10 +870,9 @@ def main() -> None:
         for method in methods:
             for lr in args.lr_grid:
                 yield method, args.tasks[0], args.seeds[0], args.budget, lr, True
-        yield lambda: not missing_tuning(args, load_results(results_dir), methods, edges=False)  # edges known
-        for method in methods:
-            for lr in edge_lrs(args, load_results(results_dir), method):
-                yield method, args.tasks[0], args.seeds[0], args.budget, lr, True
+        for k in range(1, args.edge + 1):  # the k-th point beyond the edge, resolved when it can be (run())
+            for method in methods:
+                yield method, args.tasks[0], args.seeds[0], args.budget, f"edge-{k}", True
 
     def cells() -> Iterator[Cell | Callable[[], bool]]:
         lead = [m for m in args.methods if m not in trailing]
@@ -884,16 +893,25 @@ def main() -> None:
                     yield method, task, args.seeds[0], budget, "tuned", True
 
     def run(item: Cell) -> bool:
-        """Run (or skip, if finished or claimed) one cell; False when its method's LR is not chosen yet."""
+        """Run (or skip, if finished or claimed) one cell; False when it cannot be decided yet: its method's LR is
+        not chosen, or (an ``edge-k`` cell) whether there is a k-th point beyond the grid is not known."""
         method, task, seed, budget, lr, test = item
         tuning_cell = lr != "tuned"
-        if not tuning_cell:
+        if isinstance(lr, str) and lr.startswith("edge-"):
+            results = load_results(results_dir)
+            edges, k = edge_lrs(args, results, method), int(lr.removeprefix("edge-"))
+            if len(edges) < k:
+                return not missing_tuning(args, results, [method])  # all done: there is no k-th point
+            rate = edges[k - 1]
+        elif not tuning_cell:
             results = load_results(results_dir)
             if missing_tuning(args, results, [tuning_method(method, args.tune_ablations)]):
                 return False
-            lr = choose_lrs(args, results)[method]
-        if claim(work, f"{method}-{task}-{seed}-{budget}-{lr:g}-{test}-{tuning_cell}"):
-            cell(method, task, seed, budget, lr, test, tuning_cell)
+            rate = choose_lrs(args, results)[method]
+        else:
+            rate = float(lr)
+        if claim(work, f"{method}-{task}-{seed}-{budget}-{rate:g}-{test}-{tuning_cell}"):
+            cell(method, task, seed, budget, rate, test, tuning_cell)
         return True
 
     # A cell whose LR is still being tuned waits aside while the worker goes on with the next cells.

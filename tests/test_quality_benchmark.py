@@ -50,7 +50,7 @@ def args(**kw) -> argparse.Namespace:
         "train_examples": None,
         "always_seeded": ["lora"],
         "ablation_tasks": [],
-        "edge": False,
+        "edge": 0,
     }
     return argparse.Namespace(**{**base, **kw})
 
@@ -220,9 +220,10 @@ def test_lrs_outside_the_grid_are_not_chosen(quality):
     assert quality.choose_lrs(args(lr_grid=[1e-4, 1e-3, 1e-2]), results)["iapt"] == 1e-2
 
 
-def test_a_best_lr_at_the_grids_edge_gets_one_point_beyond_it(quality):
-    a = args(lr_grid=[3e-4, 1e-3, 3e-3], edge=True)
-    assert [quality.beyond(a, lr) for lr in (3e-3, 3e-4, 1e-3)] == [1e-2, 1e-4, None]
+def test_a_best_lr_at_the_grids_edge_gets_points_beyond_it_until_it_is_bracketed(quality):
+    a = args(lr_grid=[3e-4, 1e-3, 3e-3], edge=2)
+    assert [quality.beyond(a.lr_grid, lr) for lr in (3e-3, 3e-4, 1e-3)] == [1e-2, 1e-4, None]
+    assert quality.beyond([3e-4, 1e-3, 3e-3, 1e-2], 1e-2) == 3e-2
     grid = [tuned("iapt", 3e-4, 0.9), tuned("iapt", 1e-3, 0.5), tuned("iapt", 3e-3, 0.3)]
     grid += [tuned("lora", 3e-4, 0.9), tuned("lora", 1e-3, 0.2), tuned("lora", 3e-3, 0.3)]
     assert quality.missing_tuning(a, grid[:2]) == {("iapt", 3e-3), *{("lora", lr) for lr in (3e-4, 1e-3, 3e-3)}}, (
@@ -230,13 +231,17 @@ def test_a_best_lr_at_the_grids_edge_gets_one_point_beyond_it(quality):
     )
     assert quality.missing_tuning(a, grid) == {("iapt", 1e-2)}, "iapt's best is the top: 1e-2 next; lora's is inside"
     assert quality.missing_tuning(a, grid, ["lora"]) == set()
-    assert quality.missing_tuning(a, grid, edges=False) == set(), "the barrier before the edge cells: grid only"
     assert quality.choose_lrs(a, grid)["iapt"] == 3e-3
-    assert quality.choose_lrs(a, grid + [tuned("iapt", 1e-2, 0.25)])["iapt"] == 1e-2
     assert quality.choose_lrs(a, grid + [tuned("iapt", 1e-2, 0.35)])["iapt"] == 3e-3
+    assert quality.missing_tuning(a, grid + [tuned("iapt", 1e-2, 0.35)]) == set(), "3e-3 is bracketed: no more"
+    better = grid + [tuned("iapt", 1e-2, 0.25)]
+    assert quality.missing_tuning(a, better) == {("iapt", 3e-2)}, "1e-2 is the new top and the best: 3e-2 next"
+    assert quality.choose_lrs(a, better + [tuned("iapt", 3e-2, 0.26)])["iapt"] == 1e-2
+    assert quality.choose_lrs(a, better + [tuned("iapt", 3e-2, 0.2)])["iapt"] == 3e-2
+    assert quality.edge_lrs(a, better + [tuned("iapt", 3e-2, 0.2)], "iapt") == [1e-2, 3e-2], "--edge 2: at most two"
     assert quality.choose_lrs(a, grid + [tuned("lora", 1e-2, 0.1)])["lora"] == 1e-3, "no edge point for lora"
-    assert quality.missing_tuning(args(lr_grid=[3e-4, 1e-3, 3e-3]), grid) == set(), "--no-edge: the grid alone"
-    report = quality.write_report(a, grid + [tuned("iapt", 1e-2, 0.25)])
+    assert quality.missing_tuning(args(lr_grid=[3e-4, 1e-3, 3e-3]), grid) == set(), "--edge 0: the grid alone"
+    report = quality.write_report(a, better)
     assert "| 0.0003 | 0.001 | 0.003 | 0.01 |" in report
 
 
