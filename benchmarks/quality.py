@@ -30,6 +30,7 @@ PRIMARY = {"sentiment": "accuracy", "nli": "accuracy", "squad": "f1", "e2e": "ro
 DEFAULT_METHODS = ["iapt", "lora", "prompt-tuning", "prefix", "idpg", "lpt"]
 # Candidate changes of the method first (issue: does IAPT close the gap to LoRA?), then the checks of defaults.
 DEFAULT_ABLATIONS = [
+    "iapt-scaled",
     "iapt-kv",
     "iapt-tokens-16",
     "iapt-layers-upper",
@@ -46,7 +47,8 @@ def method_settings(method: str) -> dict[str, Any]:
     """Benchmark names → TrainConfig settings. IAPT variants chain modifiers after ``iapt``: ``zero`` (the paper's
     zero start), ``pad`` (pad-token anchor; ``anchor`` is its old name), ``vocab`` (anchored on vocabulary tokens),
     ``fp32`` (float32 backbone), ``joint``, ``frozen-<fn>``, ``pool-<mode>``, ``tokens-<n>`` (soft-token count),
-    ``every-<k>`` (Θ step every k steps), ``kv`` (keys/values written directly), ``layers-<subset>`` (generators
+    ``every-<k>`` (Θ step every k steps), ``kv`` (keys/values written directly), ``scaled`` (the output in units
+    of the anchor's RMS), ``layers-<subset>`` (generators
     on ``upper`` / ``lower`` / ``even`` / ``odd`` layers only, the budget moved there), e.g.
     ``iapt-zero-frozen-gelu``."""
     if method != "iapt" and not method.startswith("iapt-"):
@@ -65,6 +67,8 @@ def method_settings(method: str) -> dict[str, Any]:
             settings["dtype"] = "float32"
         elif word == "kv":  # the generator writes the slots' keys and values (IAPTConfig.insertion)
             settings["insertion"] = "kv"
+        elif word == "scaled":  # the generator's output in units of the anchor's RMS (IAPTConfig.output_scale)
+            settings["output_scale"] = "anchor"
         elif word == "joint":
             settings["activation_mode"] = "joint"
         elif word == "layers" and words:  # generators on a subset of layers, the budget moved there
@@ -85,7 +89,7 @@ def method_settings(method: str) -> dict[str, Any]:
         else:
             raise ValueError(
                 f"unknown IAPT variant {method!r}: chain zero, pad, vocab, fp32, joint, frozen-<fn>, "
-                "pool-<mode>, tokens-<n>, every-<k>, kv, layers-<subset> after 'iapt'"
+                "pool-<mode>, tokens-<n>, every-<k>, kv, scaled, layers-<subset> after 'iapt'"
             )
     return settings
 

@@ -183,6 +183,7 @@ def test_ablation_names_map_to_train_settings(quality):
     assert quality.method_settings("iapt-every-1")["rational_every"] == 1
     assert quality.method_settings("iapt-fp32")["dtype"] == "float32"
     assert quality.method_settings("iapt-kv-tokens-8")["insertion"] == "kv"
+    assert quality.method_settings("iapt-scaled")["output_scale"] == "anchor"
     assert quality.method_settings("lora") == {"method": "lora"}
     with pytest.raises(ValueError, match="unknown IAPT variant"):
         quality.method_settings("iapt-anchr")

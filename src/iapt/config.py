@@ -24,6 +24,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 POOLINGS = ("attention", "mean", "last")
 ANCHORS = ("tokens", "pad", "none")
 INSERTIONS = ("hidden", "kv")
+OUTPUT_SCALES = ("none", "anchor")
 
 
 class AdapterConfigMixin:
@@ -130,6 +131,17 @@ class IAPTConfig(AdapterConfigMixin, PeftConfig):
             "Gemma); not yet served by the built-in engine."
         },
     )
+    output_scale: str = field(
+        default="none",
+        metadata={
+            "help": "Units of the generator's output. 'none' (the paper): added to the anchor as it is. 'anchor': "
+            "multiplied first by the RMS of the slot's anchor state at that layer. The layer's RMS norm only "
+            "sees a slot's direction, and anchor states can carry massive activations (SmolLM2's pad states: "
+            "RMS ~1,000 in layers 12-28, 99% of it in 3 channels), where an unscaled output barely turns the "
+            "slot; in anchor units one LR means the same turn at every layer. Needs an anchor; "
+            "insertion='hidden' only; not yet served by the built-in engine."
+        },
+    )
     layers: list[int] | None = field(
         default=None, metadata={"help": "Indices of the layers that get a generator; None = every layer (the method)."}
     )
@@ -173,6 +185,14 @@ class IAPTConfig(AdapterConfigMixin, PeftConfig):
             self.anchor = "pad" if self.anchor else "none"
         if self.anchor not in ANCHORS:
             raise ValueError(f"anchor={self.anchor!r} is unknown; choose one of {list(ANCHORS)}")
+        if self.output_scale not in OUTPUT_SCALES:
+            raise ValueError(f"output_scale={self.output_scale!r} is unknown; choose one of {list(OUTPUT_SCALES)}")
+        if self.output_scale == "anchor" and (self.anchor == "none" or self.insertion != "hidden"):
+            raise ValueError(
+                "output_scale='anchor' measures the generator's output in units of the slots' anchor states: it "
+                f"needs an anchor ('pad' or 'tokens', got {self.anchor!r}) and insertion='hidden' (got "
+                f"{self.insertion!r})"
+            )
         if self.anchor_token_ids is not None:
             if self.anchor == "none":
                 raise ValueError("anchor_token_ids are given but anchor='none' (the zero start) uses none")

@@ -30,6 +30,7 @@ def _iapt_config(size: int, options: Any) -> IAPTConfig:
         anchor=options.anchor,
         anchor_token_ids=getattr(options, "anchor_token_ids", None),
         insertion=getattr(options, "insertion", "hidden"),
+        output_scale=getattr(options, "output_scale", "none"),
         layers=getattr(options, "layers", None),
     )
 

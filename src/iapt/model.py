@@ -132,6 +132,9 @@ class IAPTModel(nn.Module):
         if anchors is not None:
             for i in layer_ids:  # what each generator's output is added to (IAPTConfig.anchor)
                 self.generators[str(i)].register_buffer("anchor", anchors[i], persistent=False)
+                if config.output_scale == "anchor":  # the output in units of the anchor's RMS, per slot
+                    rms = anchors[i].float().square().mean(-1, keepdim=True).sqrt()
+                    self.generators[str(i)].register_buffer("output_scale", rms, persistent=False)
         elif len(layer_ids) < len(decoder_layers):
             # With generators on some layers only, the slots flow on through the generator-less layers above.
             # Zero soft tokens would stay exactly zero there, and each norm's gradient at zero is 1/sqrt(eps):
@@ -218,7 +221,8 @@ class IAPTModel(nn.Module):
                 else hidden.new_zeros(hidden.shape[0], self.num_soft_tokens, hidden.shape[-1])
             )
         elif anchor is not None:
-            prompts = prompts + anchor
+            scale = getattr(generator, "output_scale", None)
+            prompts = (prompts if scale is None else prompts * scale) + anchor
         return prompts, None
 
     def _clear_pending(self, generator: PromptGenerator, module: nn.Module, args: tuple) -> None:

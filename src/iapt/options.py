@@ -53,6 +53,14 @@ class MethodOptions:
         },
     )
 
+    output_scale: str = field(
+        default="none",
+        metadata={
+            "help": "IAPT: units of the generator's output: none (the paper: added to the anchor as it is) or anchor "
+            "(times the RMS of the slot's anchor state); see IAPTConfig.output_scale."
+        },
+    )
+
     layers: list[int] | None = field(
         default=None,
         metadata={

@@ -89,6 +89,12 @@ def read_adapter(base_model: PreTrainedModel, path: str | Path, name: str | None
             "built-in engine does not serve yet; serve it offline with IAPTModel.generate, or retrain "
             "with insertion='hidden'"
         )
+    if config.output_scale != "none":
+        raise ValueError(
+            f"adapter {directory} scales its generators' output by its anchor states (output_scale="
+            f"{config.output_scale!r}), which the built-in engine does not serve yet; serve it offline with "
+            "IAPTModel.generate, or retrain with output_scale='none'"
+        )
     text = text_config(base_model)
     num_layers = text.num_hidden_layers
     layer_ids = list(range(num_layers)) if config.layers is None else sorted(set(config.layers))

@@ -1,0 +1,89 @@
+"""IAPTConfig(output_scale="anchor"): the generator's output in units of the RMS of the slot's anchor state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from iapt import IAPTConfig, IAPTModel, get_iapt_model
+from tests.test_model import with_visible_pad
+from tests.tiny import left_padded_batch, make_base
+
+
+def model_with(scale: str, **cfg) -> IAPTModel:
+    torch.manual_seed(0)
+    return get_iapt_model(with_visible_pad(make_base("llama")), IAPTConfig(bottleneck=8, output_scale=scale, **cfg))
+
+
+def seen_at_the_slots(model: IAPTModel, ids: torch.Tensor, mask: torch.Tensor) -> dict[int, torch.Tensor]:
+    """What each decoder layer reads at row 0's slots (its input hidden states there)."""
+    seen: dict[int, torch.Tensor] = {}
+    layers = model.base_model.model.layers
+    hooks = [
+        layer.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0].detach().clone()))
+        for i, layer in enumerate(layers)
+    ]
+    try:
+        with torch.no_grad():
+            model(ids, attention_mask=mask)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def test_a_fresh_scaled_adapter_is_the_anchored_backbone():
+    ids, mask, _ = left_padded_batch()
+    with torch.no_grad():
+        plain = model_with("none")(ids, attention_mask=mask).logits
+        scaled = model_with("anchor")(ids, attention_mask=mask).logits
+    torch.testing.assert_close(scaled, plain, atol=0, rtol=0)
+
+
+def test_the_output_is_multiplied_by_the_anchor_rms_per_layer_and_slot():
+    ids, mask, _ = left_padded_batch()
+    plain, scaled = model_with("none"), model_with("anchor")
+    scales = {}
+    for i, g in scaled.generators.items():
+        anchor = g.anchor.float()
+        scales[int(i)] = anchor.square().mean(-1, keepdim=True).sqrt()  # (n, 1): RMS of each slot's anchor
+        assert torch.equal(g.output_scale, scales[int(i)])
+        with torch.no_grad():
+            g.up.bias.normal_()
+            plain.generators[i].up.bias.copy_(g.up.bias)
+    assert len({round(float(s.mean()), 4) for s in scales.values()}) > 1, "the layers' anchors differ in size"
+    first = int(mask[0].long().argmax())  # row 0's slots sit right after its padding
+    n = scaled.num_soft_tokens
+    for model, scale in ((plain, None), (scaled, scales)):
+        seen = seen_at_the_slots(model, ids, mask)
+        for i, g in model.generators.items():
+            expected = g.anchor.float() + (g.up.bias if scale is None else scale[int(i)] * g.up.bias)
+            torch.testing.assert_close(seen[int(i)][0, first : first + n].float(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_scaled_adapters_save_load_and_the_engine_refuses_them(tmp_path):
+    model = model_with("anchor")
+    with torch.no_grad():
+        for g in model.generators.values():
+            g.up.bias.normal_()
+    ids, mask, _ = left_padded_batch()
+    with torch.no_grad():
+        before = model(ids, attention_mask=mask).logits
+    model.save_pretrained(tmp_path)
+    loaded = IAPTModel.from_pretrained(model.unload(), tmp_path)
+    assert loaded.iapt_config.output_scale == "anchor"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, attention_mask=mask).logits, before, atol=0, rtol=0)
+    from iapt.serving.engine import read_adapter
+
+    with pytest.raises(ValueError, match="does not serve yet"):
+        read_adapter(make_base("llama"), tmp_path)
+
+
+def test_output_scale_needs_an_anchor_and_hidden_insertion():
+    with pytest.raises(ValueError, match="needs an anchor"):
+        IAPTConfig(output_scale="anchor", anchor="none")
+    with pytest.raises(ValueError, match="insertion='hidden'"):
+        IAPTConfig(output_scale="anchor", insertion="kv")
+    with pytest.raises(ValueError, match="output_scale="):
+        IAPTConfig(output_scale="layer")
