@@ -87,3 +87,29 @@ def test_output_scale_needs_an_anchor_and_hidden_insertion():
         IAPTConfig(output_scale="anchor", insertion="kv")
     with pytest.raises(ValueError, match="output_scale="):
         IAPTConfig(output_scale="layer")
+
+
+def test_the_slot_probe_sees_a_fresh_slot_at_its_anchor_and_a_trained_one_turned():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "slot_probe", Path(__file__).parent.parent / "benchmarks/slot_probe.py"
+    )
+    assert spec is not None and spec.loader is not None
+    slot_probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(slot_probe)
+    _, _, rows = left_padded_batch()
+    prompts = [{"input_ids": row.unsqueeze(0)} for row in rows]
+    for scale in ("none", "anchor"):
+        model = model_with(scale)
+        fresh = slot_probe.probe(model, prompts)
+        assert [r["layer"] for r in fresh] == [0, 1]
+        assert all(r["out_rms"] == 0.0 and r["cos_slot_anchor"] > 0.9999 for r in fresh)
+        with torch.no_grad():
+            for g in model.generators.values():
+                g.up.weight.normal_(std=10.0)
+        turned = slot_probe.probe(model, prompts)
+        assert all(r["out_rms"] > 0 and r["cos_slot_anchor"] < 0.99 for r in turned)
+        assert all(0 < r["across"] and 0 <= r["pool_entropy"] <= r["uniform_entropy"] + 1e-6 for r in turned)
+    assert "| layer | anchor rms |" in slot_probe.table(turned)

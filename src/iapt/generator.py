@@ -41,6 +41,25 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     return _add_bias(x @ weight.transpose(-1, -2), bias)
 
 
+def project(
+    hidden: torch.Tensor, down_weight: torch.Tensor, down_bias: torch.Tensor | None, input_norm: bool = True
+) -> torch.Tensor:
+    """Z = norm(H) @ W_down + b_down (B, T, r), in float32."""
+    h = hidden.float()
+    z = h @ down_weight.transpose(-1, -2)
+    if input_norm:  # norm(H) @ W = (H @ W) scaled per token: the scale goes on (B, T, r), not on (B, T, d)
+        rms = torch.linalg.vector_norm(h, dim=-1, keepdim=True) * h.shape[-1] ** -0.5
+        z = z * torch.rsqrt(rms.square() + _RMS_EPS)
+    return _add_bias(z, down_bias)
+
+
+def attention_weights(z: torch.Tensor, queries: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """A = softmax_T(Z @ W_sa) over the tokens ``keep`` (B, T) marks (B, T, n); an all-masked row gets zeros."""
+    scores = z @ queries  # (B, T, n): column k of W_sa is the query of soft token k
+    scores = scores.masked_fill(~keep.unsqueeze(-1), torch.finfo(scores.dtype).min)
+    return torch.softmax(scores, dim=1) * keep.unsqueeze(-1)  # the product zeroes all-masked rows
+
+
 def soft_prompts(
     hidden: torch.Tensor,
     mask: torch.Tensor,
@@ -60,17 +79,10 @@ def soft_prompts(
     that is how a multi-tenant batch runs every tenant's generator in one call. Rows whose mask is empty
     pool nothing and get the generator's response to a zero summary.
     """
-    h = hidden.float()
-    z = h @ down_weight.transpose(-1, -2)  # (B, T, r)
-    if input_norm:  # norm(H) @ W = (H @ W) scaled per token: the scale goes on (B, T, r), not on (B, T, d)
-        rms = torch.linalg.vector_norm(h, dim=-1, keepdim=True) * h.shape[-1] ** -0.5
-        z = z * torch.rsqrt(rms.square() + _RMS_EPS)
-    z = _add_bias(z, down_bias)
+    z = project(hidden, down_weight, down_bias, input_norm)
     keep = mask.to(device=z.device, dtype=torch.bool)
     if pooling == "attention":
-        scores = z @ queries  # (B, T, n): column k of W_sa is the query of soft token k
-        scores = scores.masked_fill(~keep.unsqueeze(-1), torch.finfo(scores.dtype).min)
-        weights = torch.softmax(scores, dim=1) * keep.unsqueeze(-1)  # the product zeroes all-masked rows
+        weights = attention_weights(z, queries, keep)
         summary = weights.transpose(1, 2) @ z  # (B, n, r)
     else:
         if pooling == "mean":

@@ -1,0 +1,145 @@
+"""What a trained IAPT adapter's soft tokens do, layer by layer: a probe of one adapter on a task's test prompts.
+
+For each layer with a generator it prints, averaged over ``--examples`` test prompts (one prompt per forward):
+
+- ``anchor rms`` and ``top-3 share``: the size of the slots' anchor states and the share of their energy in their
+  3 largest channels (massive activations: a norm then sees little but those channels);
+- ``token rms``: the median RMS of the instruction tokens' states at that layer (what ordinary tokens look like);
+- ``out rms``: the RMS of what the generator adds to the anchor (slot − anchor);
+- ``cos(slot, anchor)``: how far the trained slot turned away from its anchor (1.0: not at all; the layer's RMS
+  norm sees only the direction);
+- ``pool entropy``: the attention pooling's entropy over the instruction (nats; ``log T`` is uniform, 0 picks one
+  token), and ``picks``: how many distinct tokens the n queries put their largest weight on;
+- ``token cos``: the largest cosine between two of the n soft tokens' outputs (1.0: identical tokens);
+- ``across``: the spread of the output across prompts over its size (0: the same soft tokens for every prompt).
+
+    python benchmarks/slot_probe.py runs/demo/adapter --task sentiment --examples 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def probe(iapt: Any, prompts: list[dict[str, torch.Tensor]]) -> list[dict[str, float]]:
+    """One row per generator layer over ``prompts`` (tokenised, one unpadded prompt each) run through ``iapt``."""
+    from iapt.generator import PromptGenerator, attention_weights, project
+
+    iapt.eval()
+    n = iapt.num_soft_tokens
+    hidden_size = iapt.base_model.config.hidden_size
+    layers = iapt.base_model.model.layers
+    seen: dict[int, list[dict[str, Any]]] = {int(i): [] for i in iapt.generators}
+
+    def on_generator(i: int, module: PromptGenerator, inputs: tuple, output: torch.Tensor) -> None:
+        hidden, mask = inputs
+        keep = mask.bool()
+        z = project(hidden, module.down.weight, module.down.bias, module.input_norm)
+        rms = hidden.float().square().mean(-1).sqrt()[keep]
+        record: dict[str, Any] = {"token_rms": float(rms.median()), "pool": None}
+        if module.pooling == "attention":
+            w = attention_weights(z, module.queries, keep)[0][keep[0]]  # (T, n)
+            entropy = -(w.clamp_min(1e-12).log() * w).sum(0)
+            record["pool"] = (float(entropy.mean()), len(set(w.argmax(0).tolist())), math.log(w.shape[0]))
+        seen[i].append(record)
+
+    def on_layer(i: int, module: torch.nn.Module, args: tuple) -> None:
+        if i in seen and seen[i] and "slot" not in seen[i][-1]:
+            seen[i][-1]["slot"] = args[0][0, :n].detach().float()  # one unpadded row: its slots are columns 0..n-1
+
+    hooks = [
+        g.register_forward_hook(lambda m, a, o, i=int(i): on_generator(i, m, a, o)) for i, g in iapt.generators.items()
+    ]
+    hooks += [layer.register_forward_pre_hook(lambda m, a, i=i: on_layer(i, m, a)) for i, layer in enumerate(layers)]
+    try:
+        for enc in prompts:
+            with torch.no_grad():
+                iapt(**enc)
+    finally:
+        for h in hooks:
+            h.remove()
+
+    rows = []
+    for i in sorted(seen):
+        generator = iapt.generators[str(i)]
+        anchor = getattr(generator, "anchor", None)
+        anchor = torch.zeros(n, hidden_size) if anchor is None else anchor.float().reshape(n, -1)
+        slots = torch.stack([r["slot"] for r in seen[i]])  # (E, n, d)
+        out = slots - anchor
+        energy = anchor.square()
+        mean_out = out.mean(0)
+        unit = torch.nn.functional.normalize(mean_out, dim=-1)
+        token_cos = (unit @ unit.T - 2 * torch.eye(n)).max() if n > 1 else torch.tensor(float("nan"))
+        pools = [r["pool"] for r in seen[i] if r["pool"] is not None]
+        rows.append(
+            {
+                "layer": i,
+                "anchor_rms": float(anchor.square().mean().sqrt()),
+                "top3_share": float((energy.topk(3, dim=-1).values.sum(-1) / energy.sum(-1).clamp_min(1e-30)).mean()),
+                "token_rms": statistics.median(r["token_rms"] for r in seen[i]),
+                "out_rms": float(out.square().mean().sqrt()),
+                "cos_slot_anchor": float(
+                    torch.nn.functional.cosine_similarity(slots, anchor.expand_as(slots), dim=-1).mean()
+                ),
+                "pool_entropy": statistics.mean(p[0] for p in pools) if pools else float("nan"),
+                "uniform_entropy": statistics.mean(p[2] for p in pools) if pools else float("nan"),
+                "picks": statistics.mean(p[1] for p in pools) if pools else float("nan"),
+                "token_cos": float(token_cos),
+                "across": float((out - mean_out).square().mean().sqrt() / out.square().mean().sqrt().clamp_min(1e-30)),
+            }
+        )
+    return rows
+
+
+def table(rows: list[dict[str, float]]) -> str:
+    head = (
+        "| layer | anchor rms | top-3 share | token rms | out rms | cos(slot, anchor) | pool entropy (uniform) "
+        "| picks | token cos | across |"
+    )
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        lines.append(
+            f"| {r['layer']} | {r['anchor_rms']:.1f} | {r['top3_share']:.2f} | {r['token_rms']:.2f} | "
+            f"{r['out_rms']:.2f} | {r['cos_slot_anchor']:.3f} | {r['pool_entropy']:.2f} ({r['uniform_entropy']:.1f}) "
+            f"| {r['picks']:.1f} | {r['token_cos']:.2f} | {r['across']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("adapter", type=Path)
+    p.add_argument("--task", required=True)
+    p.add_argument("--examples", type=int, default=8)
+    p.add_argument("--model", default="default")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", type=Path, help="also write the rows here")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    from iapt.data.collate import format_prompt
+    from iapt.data.tasks import get_task
+    from iapt.model import IAPTModel
+    from iapt.models import load_model
+
+    base, tokenizer = load_model(args.model)
+    examples = get_task(args.task).load("test", limit=args.examples)
+    prompts = [tokenizer(format_prompt(tokenizer, ex.prompt), return_tensors="pt") for ex in examples]
+    rows = probe(IAPTModel.from_pretrained(base, args.adapter), prompts)
+    print(table(rows))
+    turned = sum(r["cos_slot_anchor"] < 0.99 for r in rows)
+    print(f"\n{turned} of {len(rows)} layers turn their slots by more than cos 0.99 from the anchor")
+    if args.json:
+        from iapt.io import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
