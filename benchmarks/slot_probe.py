@@ -6,8 +6,9 @@ For each layer with a generator it prints, averaged over ``--examples`` test pro
   3 largest channels (massive activations: a norm then sees little but those channels);
 - ``token rms``: the median RMS of the instruction tokens' states at that layer (what ordinary tokens look like);
 - ``out rms``: the RMS of what the generator adds to the anchor (slot − anchor);
-- ``cos(slot, anchor)``: how far the trained slot turned away from its anchor (1.0: not at all; the layer's RMS
-  norm sees only the direction);
+- ``cos(slot, anchor)``: how far the trained slot turned away from its anchor (1.0: not at all), and ``normed``: the
+  same through the layer's own input norm, gain included (what its attention projections read: a gain that damps
+  the massive channels makes a small turn of the raw state a large one here);
 - ``pool entropy``: the attention pooling's entropy over the instruction (nats; ``log T`` is uniform, 0 picks one
   token), and ``picks``: how many distinct tokens the n queries put their largest weight on;
 - ``token cos``: the largest cosine between two of the n soft tokens' outputs (1.0: identical tokens);
@@ -72,6 +73,11 @@ def probe(iapt: Any, prompts: list[dict[str, torch.Tensor]]) -> list[dict[str, f
         anchor = getattr(generator, "anchor", None)
         anchor = torch.zeros(n, hidden_size) if anchor is None else anchor.float().reshape(n, -1)
         slots = torch.stack([r["slot"] for r in seen[i]])  # (E, n, d)
+        norm = getattr(layers[i], "input_layernorm", None)  # Llama-style layers; else the raw states
+
+        def normed(x: torch.Tensor, norm: Any = norm) -> torch.Tensor:
+            return x if norm is None else norm(x.to(norm.weight.dtype)).float()
+
         out = slots - anchor
         energy = anchor.square()
         mean_out = out.mean(0)
@@ -88,6 +94,9 @@ def probe(iapt: Any, prompts: list[dict[str, torch.Tensor]]) -> list[dict[str, f
                 "cos_slot_anchor": float(
                     torch.nn.functional.cosine_similarity(slots, anchor.expand_as(slots), dim=-1).mean()
                 ),
+                "cos_normed": float(
+                    torch.nn.functional.cosine_similarity(normed(slots), normed(anchor).expand_as(slots), dim=-1).mean()
+                ),
                 "pool_entropy": statistics.mean(p[0] for p in pools) if pools else float("nan"),
                 "uniform_entropy": statistics.mean(p[2] for p in pools) if pools else float("nan"),
                 "picks": statistics.mean(p[1] for p in pools) if pools else float("nan"),
@@ -100,14 +109,15 @@ def probe(iapt: Any, prompts: list[dict[str, torch.Tensor]]) -> list[dict[str, f
 
 def table(rows: list[dict[str, float]]) -> str:
     head = (
-        "| layer | anchor rms | top-3 share | token rms | out rms | cos(slot, anchor) | pool entropy (uniform) "
-        "| picks | token cos | across |"
+        "| layer | anchor rms | top-3 share | token rms | out rms | cos(slot, anchor) | normed "
+        "| pool entropy (uniform) | picks | token cos | across |"
     )
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         lines.append(
             f"| {r['layer']} | {r['anchor_rms']:.1f} | {r['top3_share']:.2f} | {r['token_rms']:.2f} | "
-            f"{r['out_rms']:.2f} | {r['cos_slot_anchor']:.3f} | {r['pool_entropy']:.2f} ({r['uniform_entropy']:.1f}) "
+            f"{r['out_rms']:.2f} | {r['cos_slot_anchor']:.3f} | {r['cos_normed']:.3f} | "
+            f"{r['pool_entropy']:.2f} ({r['uniform_entropy']:.1f}) "
             f"| {r['picks']:.1f} | {r['token_cos']:.2f} | {r['across']:.2f} |"
         )
     return "\n".join(lines)
@@ -134,7 +144,11 @@ def main() -> None:
     rows = probe(IAPTModel.from_pretrained(base, args.adapter), prompts)
     print(table(rows))
     turned = sum(r["cos_slot_anchor"] < 0.99 for r in rows)
-    print(f"\n{turned} of {len(rows)} layers turn their slots by more than cos 0.99 from the anchor")
+    normed = sum(r["cos_normed"] < 0.99 for r in rows)
+    print(
+        f"\nlayers whose slots turn past cos 0.99 from the anchor: {turned} of {len(rows)} (raw states), "
+        f"{normed} (through the layer's input norm)"
+    )
     if args.json:
         from iapt.io import atomic_write_text
 

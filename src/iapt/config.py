@@ -135,10 +135,10 @@ class IAPTConfig(AdapterConfigMixin, PeftConfig):
         default="none",
         metadata={
             "help": "Units of the generator's output. 'none' (the paper): added to the anchor as it is. 'anchor': "
-            "multiplied first by the RMS of the slot's anchor state at that layer. The layer's RMS norm only "
-            "sees a slot's direction, and anchor states can carry massive activations (SmolLM2's pad states: "
-            "RMS ~1,000 in layers 12-28, 99% of it in 3 channels), where an unscaled output barely turns the "
-            "slot; in anchor units one LR means the same turn at every layer. Needs an anchor; "
+            "multiplied first by the RMS of the slot's anchor state at that layer. Anchor states differ in size "
+            "by four orders of magnitude across layers (SmolLM2's pad states: RMS 0.1 at layer 0, ~1,000 in "
+            "layers 12-28, 99% of it in 3 channels) while one LR serves every generator; in anchor units an "
+            "update means a comparable relative change of the slot at every layer. Needs an anchor; "
             "insertion='hidden' only; not yet served by the built-in engine."
         },
     )
