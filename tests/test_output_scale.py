@@ -61,7 +61,7 @@ def test_the_output_is_multiplied_by_the_anchor_rms_per_layer_and_slot():
             torch.testing.assert_close(seen[int(i)][0, first : first + n].float(), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_scaled_adapters_save_load_and_the_engine_refuses_them(tmp_path):
+def test_scaled_adapters_save_and_load(tmp_path):
     model = model_with("anchor")
     with torch.no_grad():
         for g in model.generators.values():
@@ -74,10 +74,33 @@ def test_scaled_adapters_save_load_and_the_engine_refuses_them(tmp_path):
     assert loaded.iapt_config.output_scale == "anchor"
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids, attention_mask=mask).logits, before, atol=0, rtol=0)
-    from iapt.serving.engine import read_adapter
 
-    with pytest.raises(ValueError, match="does not serve yet"):
-        read_adapter(make_base("llama"), tmp_path)
+
+def test_the_engine_serves_scaled_and_plain_tenants_in_one_batch_as_offline_generate(tmp_path):
+    from iapt.serving import Engine, Request
+    from tests.tiny import tiny_lm, tiny_tokenizer
+
+    base = tiny_lm().eval()
+    prompts = [[5, 6, 7, 8, 9], [11, 12, 13]]
+    expected = {}
+    for name in ("none", "anchor"):
+        torch.manual_seed(0)  # the same generator weights: only the scale differs
+        model = get_iapt_model(base, IAPTConfig(bottleneck=4, output_scale=name))
+        for g in model.generators.values():
+            torch.nn.init.normal_(g.up.weight, std=0.1)
+        model.save_pretrained(tmp_path / name)
+        for p in prompts:
+            out = model.generate(input_ids=torch.tensor([p]), max_new_tokens=5, do_sample=False, pad_token_id=0)
+            expected[name, tuple(p)] = out[0, len(p) :].tolist()
+        model.unload()
+    assert any(expected["none", tuple(p)] != expected["anchor", tuple(p)] for p in prompts), "the scale matters"
+    engine = Engine(base, tiny_tokenizer(), tmp_path)
+    try:
+        requests = [Request(p, name, max_tokens=5) for p in prompts for name in ("none", "anchor")]
+        for r, h in zip(requests, engine.generate_many(requests), strict=True):
+            assert h.tokens == expected[r.adapter, tuple(r.prompt)], r
+    finally:
+        engine.close()
 
 
 def test_output_scale_needs_an_anchor_and_hidden_insertion():

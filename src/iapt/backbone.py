@@ -177,6 +177,14 @@ def anchor_states(base_model: PreTrainedModel, config: IAPTConfig) -> torch.Tens
     return slot_states(base_model, config.anchor_token_ids)
 
 
+def output_scales(config: IAPTConfig, anchors: torch.Tensor | None) -> torch.Tensor | None:
+    """(layers, n, 1): what the generators' output is multiplied by before the anchor is added
+    (``IAPTConfig.output_scale='anchor'``: the RMS of each slot's anchor state), or None (the paper: 1)."""
+    if getattr(config, "output_scale", "none") != "anchor" or anchors is None:
+        return None
+    return anchors.float().square().mean(-1, keepdim=True).sqrt()
+
+
 def check_compatible(config: IAPTConfig | GeneratedPromptConfig, base_model: PreTrainedModel, directory: Path) -> None:
     text = text_config(base_model)
     base = {

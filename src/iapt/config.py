@@ -139,7 +139,7 @@ class IAPTConfig(AdapterConfigMixin, PeftConfig):
             "by four orders of magnitude across layers (SmolLM2's pad states: RMS 0.1 at layer 0, ~1,000 in "
             "layers 12-28, 99% of it in 3 channels) while one LR serves every generator; in anchor units an "
             "update means a comparable relative change of the slot at every layer. Needs an anchor; "
-            "insertion='hidden' only; not yet served by the built-in engine."
+            "insertion='hidden' only. Served by the built-in engine and the vLLM plugin."
         },
     )
     layers: list[int] | None = field(

@@ -40,6 +40,7 @@ from iapt.backbone import (
     generator_out_features,
     input_embeddings,
     kv_projections,
+    output_scales,
     slot_token_id,
     text_config,
 )
@@ -129,12 +130,12 @@ class IAPTModel(nn.Module):
             {str(i): PromptGenerator(hidden_size, config, out_features).to(device) for i in layer_ids}
         )
         anchors = anchor_states(base_model, config)
+        scales = output_scales(config, anchors)
         if anchors is not None:
             for i in layer_ids:  # what each generator's output is added to (IAPTConfig.anchor)
                 self.generators[str(i)].register_buffer("anchor", anchors[i], persistent=False)
-                if config.output_scale == "anchor":  # the output in units of the anchor's RMS, per slot
-                    rms = anchors[i].float().square().mean(-1, keepdim=True).sqrt()
-                    self.generators[str(i)].register_buffer("output_scale", rms, persistent=False)
+                if scales is not None:  # and what it is multiplied by first (IAPTConfig.output_scale)
+                    self.generators[str(i)].register_buffer("output_scale", scales[i], persistent=False)
         elif len(layer_ids) < len(decoder_layers):
             # With generators on some layers only, the slots flow on through the generator-less layers above.
             # Zero soft tokens would stay exactly zero there, and each norm's gradient at zero is 1/sqrt(eps):

@@ -21,7 +21,7 @@ from tests.tiny import _COMMON, tiny_tokenizer
 VOCAB = 100  # tiny_tokenizer's
 ADAPTERS = {
     "alice": {"bottleneck": 8},  # 4 slots, attention pooling, anchored on the pad token (the defaults)
-    "bob": {"bottleneck": 4, "num_soft_tokens": 6, "pooling": "mean", "layers": [1]},
+    "bob": {"bottleneck": 4, "num_soft_tokens": 6, "pooling": "mean", "layers": [1], "output_scale": "anchor"},
     "carol": {"bottleneck": 8, "anchor": "none"},  # the paper's zero start
 }
 MAX_TOKENS = 8
@@ -42,7 +42,8 @@ def tiny_base() -> LlamaForCausalLM:
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(8.0)  # sharp logits: greedy is stable against float noise
-        model.get_input_embeddings().weight[0].normal_()  # the pad (slot) id gets a state: anchors show
+        model.get_input_embeddings().weight[0].normal_(std=4.0)  # the pad (slot) id gets a state: anchors show,
+        # of an RMS far from 1 (the output_scale of "bob" then matters)
     return model
 
 

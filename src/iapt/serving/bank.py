@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 
 from iapt.adapter_files import validate_weights
 from iapt.adapters import adapter_type, resolve_adapter_dir
-from iapt.backbone import check_compatible, text_config
+from iapt.backbone import check_compatible, output_scales, text_config
 from iapt.config import IAPTConfig
 from iapt.generator import PromptGenerator, soft_prompts
 
@@ -89,12 +89,6 @@ def read_adapter(base_model: PreTrainedModel, path: str | Path, name: str | None
             "built-in engine does not serve yet; serve it offline with IAPTModel.generate, or retrain "
             "with insertion='hidden'"
         )
-    if config.output_scale != "none":
-        raise ValueError(
-            f"adapter {directory} scales its generators' output by its anchor states (output_scale="
-            f"{config.output_scale!r}), which the built-in engine does not serve yet; serve it offline with "
-            "IAPTModel.generate, or retrain with output_scale='none'"
-        )
     text = text_config(base_model)
     num_layers = text.num_hidden_layers
     layer_ids = list(range(num_layers)) if config.layers is None else sorted(set(config.layers))
@@ -118,6 +112,7 @@ def _shapes(d: int, r: int, n: int) -> dict[str, tuple[int, ...]]:
         "up_weight": (d, r),
         "up_bias": (d,),
         "anchor": (n, d),
+        "scale": (n, 1),
     }
 
 
@@ -148,7 +143,8 @@ class AdapterBank:
         anchors: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         """``anchors``: name -> (layers, n, d) slot states of each anchored adapter (:func:`iapt.model.anchor_states`),
-        added to its generators' output; adapters without an entry start from zero."""
+        added to its generators' output (multiplied first by :func:`iapt.backbone.output_scales`, 1 without
+        ``output_scale``); adapters without an entry start from zero."""
         anchors = anchors or {}
         self.names = [a.name for a in adapters]
         self.index = {name: i + 1 for i, name in enumerate(self.names)}
@@ -164,11 +160,14 @@ class AdapterBank:
             stacked = {k: torch.zeros((count, *s), dtype=torch.float32, device=device) for k, s in shapes.items()}
             self.layers.append({**stacked, "present": torch.zeros(count, dtype=torch.bool, device=device)})
         for a_idx, adapter in enumerate(adapters, start=1):
+            scales = output_scales(adapter.config, anchors.get(adapter.name))
             for layer, weights in adapter.load_weights().items():  # one adapter's weights in memory at a time
                 bank = self.layers[layer]
                 bank["present"][a_idx] = True
                 if adapter.name in anchors:  # zero for unanchored rows: adding it changes nothing
                     weights["anchor"] = anchors[adapter.name][layer]
+                own_n = adapter.config.num_soft_tokens
+                weights["scale"] = torch.ones(own_n, 1) if scales is None else scales[layer]
                 for key, value in weights.items():
                     if value is not None:
                         where: tuple[int | slice, ...] = (a_idx, *[slice(0, s) for s in value.shape])
@@ -228,6 +227,7 @@ class AdapterBank:
             "queries": (slice(0, r), slice(0, n)),
             "up_weight": (slice(None), slice(0, r)),
             "anchor": (slice(0, n),),
+            "scale": (slice(0, n),),
         }
         smaller.layers = [
             {k: v[(slice(None), *cut.get(k, ()))].index_select(0, rows) for k, v in layer.items()}
@@ -262,7 +262,8 @@ class AdapterBank:
                 pooling=mode[0],
                 input_norm=mode[1],
             )
-            return tokens + bank["anchor"].index_select(0, idx)[:, :num_slots]
+            scale = bank["scale"].index_select(0, idx)[:, :num_slots]
+            return tokens * scale + bank["anchor"].index_select(0, idx)[:, :num_slots]
 
         groups = dict.fromkeys(modes)
         if len(groups) == 1:  # one pooling mode (the usual case): the whole batch at once, no copies of its rows
