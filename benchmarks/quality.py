@@ -31,6 +31,8 @@ DEFAULT_METHODS = ["iapt", "lora", "prompt-tuning", "prefix", "idpg", "lpt"]
 # Candidate changes of the method first (issue: does IAPT close the gap to LoRA?), then the checks of defaults.
 DEFAULT_ABLATIONS = [
     "iapt-scaled",
+    "iapt-scaled-pool-mean",
+    "iapt-scaled-vocab",
     "iapt-kv",
     "iapt-tokens-16",
     "iapt-layers-upper",
