@@ -9,7 +9,7 @@ from iapt import IAPTConfig, IAPTModel, generator_parameter_count, get_iapt_mode
 from iapt.methods import count_for, size_for_budget
 from iapt.options import MethodOptions
 from tests.test_model import randomize_up_projections, with_visible_pad
-from tests.tiny import left_padded_batch, make_base
+from tests.tiny import left_padded_batch, make_base, reloaded
 
 ATOL = 2e-5
 KV_FAMILIES = ["llama", "qwen2", "mistral", "gemma3"]
@@ -90,14 +90,7 @@ def test_gradients_reach_the_generators_and_checkpointing_gives_the_same():
 def test_kv_adapter_save_and_load(tmp_path):
     model = kv_model("qwen2")
     randomize_up_projections(model)
-    ids, mask, _ = left_padded_batch()
-    with torch.no_grad():
-        before = model(ids, attention_mask=mask).logits
-    model.save_pretrained(tmp_path)
-    loaded = IAPTModel.from_pretrained(model.unload(), tmp_path)
-    assert loaded.iapt_config.insertion == "kv"
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(ids, attention_mask=mask).logits, before, atol=0, rtol=0)
+    assert reloaded(model, tmp_path).iapt_config.insertion == "kv"
 
 
 def test_kv_insertion_refuses_a_fused_projection_and_the_engine_refuses_kv_adapters(tmp_path):

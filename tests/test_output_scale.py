@@ -7,7 +7,7 @@ import torch
 
 from iapt import IAPTConfig, IAPTModel, get_iapt_model
 from tests.test_model import with_visible_pad
-from tests.tiny import left_padded_batch, make_base
+from tests.tiny import left_padded_batch, make_base, reloaded
 
 
 def model_with(scale: str, **cfg) -> IAPTModel:
@@ -66,41 +66,16 @@ def test_scaled_adapters_save_and_load(tmp_path):
     with torch.no_grad():
         for g in model.generators.values():
             g.up.bias.normal_()
-    ids, mask, _ = left_padded_batch()
-    with torch.no_grad():
-        before = model(ids, attention_mask=mask).logits
-    model.save_pretrained(tmp_path)
-    loaded = IAPTModel.from_pretrained(model.unload(), tmp_path)
-    assert loaded.iapt_config.output_scale == "anchor"
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(ids, attention_mask=mask).logits, before, atol=0, rtol=0)
+    assert reloaded(model, tmp_path).iapt_config.output_scale == "anchor"
 
 
 def test_the_engine_serves_scaled_and_plain_tenants_in_one_batch_as_offline_generate(tmp_path):
-    from iapt.serving import Engine, Request
-    from tests.tiny import tiny_lm, tiny_tokenizer
+    from tests.tiny import served_like_offline, tiny_lm
 
-    base = tiny_lm().eval()
     prompts = [[5, 6, 7, 8, 9], [11, 12, 13]]
-    expected = {}
-    for name in ("none", "anchor"):
-        torch.manual_seed(0)  # the same generator weights: only the scale differs
-        model = get_iapt_model(base, IAPTConfig(bottleneck=4, output_scale=name))
-        for g in model.generators.values():
-            torch.nn.init.normal_(g.up.weight, std=0.1)
-        model.save_pretrained(tmp_path / name)
-        for p in prompts:
-            out = model.generate(input_ids=torch.tensor([p]), max_new_tokens=5, do_sample=False, pad_token_id=0)
-            expected[name, tuple(p)] = out[0, len(p) :].tolist()
-        model.unload()
+    configs = {name: IAPTConfig(bottleneck=4, output_scale=name) for name in ("none", "anchor")}
+    expected = served_like_offline(tiny_lm().eval(), tmp_path, configs, prompts)
     assert any(expected["none", tuple(p)] != expected["anchor", tuple(p)] for p in prompts), "the scale matters"
-    engine = Engine(base, tiny_tokenizer(), tmp_path)
-    try:
-        requests = [Request(p, name, max_tokens=5) for p in prompts for name in ("none", "anchor")]
-        for r, h in zip(requests, engine.generate_many(requests), strict=True):
-            assert h.tokens == expected[r.adapter, tuple(r.prompt)], r
-    finally:
-        engine.close()
 
 
 def test_output_scale_needs_an_anchor_and_hidden_insertion():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 from transformers import (
     Gemma3ForCausalLM,
@@ -121,3 +124,48 @@ def tiny_lm(family: str = "llama", seed: int = 0) -> torch.nn.Module:
         **{**_COMMON, "vocab_size": 104, "hidden_size": 32, "intermediate_size": 64, "initializer_range": 0.2}
     )  # sharper than the default: a backbone prompts can steer
     return LlamaForCausalLM(cfg)
+
+
+def served_like_offline(
+    base: torch.nn.Module, root: Path, configs: dict[str, Any], prompts: list[list[int]]
+) -> dict[tuple[str, tuple[int, ...]], list[int]]:
+    """Save one random-steered adapter per ``configs`` entry under ``root``, then assert that the built-in engine,
+    serving every (prompt, adapter) pair in one mixed batch, returns each adapter's greedy offline ``generate``.
+    Returns those tokens, by (adapter, prompt)."""
+    from iapt import get_iapt_model
+    from iapt.serving import Engine, Request
+
+    expected = {}
+    for name, config in configs.items():
+        torch.manual_seed(0)  # the same generator weights for every entry: only the configs differ
+        model = get_iapt_model(base, config)
+        for g in model.generators.values():
+            torch.nn.init.normal_(g.up.weight, std=0.1)
+        model.save_pretrained(root / name)
+        for p in prompts:
+            out = model.generate(input_ids=torch.tensor([p]), max_new_tokens=5, do_sample=False, pad_token_id=0)
+            expected[name, tuple(p)] = out[0, len(p) :].tolist()
+        model.unload()
+    engine = Engine(base, tiny_tokenizer(), root)
+    try:
+        requests = [Request(p, name, max_tokens=5) for p in prompts for name in configs]
+        for r, h in zip(requests, engine.generate_many(requests), strict=True):
+            assert h.tokens == expected[r.adapter, tuple(r.prompt)], r
+    finally:
+        engine.close()
+    return expected
+
+
+def reloaded(model: Any, root: Path) -> Any:
+    """``model`` (an IAPTModel) saved under ``root`` and loaded back on its own base, asserted to give exactly the
+    same logits on ``left_padded_batch``; returns the loaded model."""
+    from iapt import IAPTModel
+
+    ids, mask, _ = left_padded_batch()
+    with torch.no_grad():
+        before = model(ids, attention_mask=mask).logits
+    model.save_pretrained(root)
+    loaded = IAPTModel.from_pretrained(model.unload(), root)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, attention_mask=mask).logits, before, atol=0, rtol=0)
+    return loaded
