@@ -107,6 +107,34 @@ def probe(iapt: Any, prompts: list[dict[str, torch.Tensor]]) -> list[dict[str, f
     return rows
 
 
+def sink_shares(iapt: Any, prompt: dict[str, torch.Tensor], skip: int = 2) -> dict[str, float]:
+    """The attention mass later tokens give the sequence's first positions, layers ``skip``+ (mean over heads and
+    query positions past the first 8 tokens): the bare backbone's on its first token, and the adapter's on its n
+    slots and on the first real token after them. Eager attention, so the weights are returned."""
+    base, n = iapt.base_model, iapt.num_soft_tokens
+    previous = base.config._attn_implementation
+    base.config._attn_implementation = "eager"
+    seen: list[torch.Tensor] = []
+    hooks = [layer.self_attn.register_forward_hook(lambda m, a, o: seen.append(o[1])) for layer in base.model.layers]
+    try:
+        with torch.no_grad():
+            with iapt.disable_adapter():
+                iapt(**prompt, output_attentions=True)
+            bare = torch.stack(seen)[skip:, 0]
+            seen.clear()
+            iapt(**prompt, output_attentions=True)
+            ours = torch.stack(seen)[skip:, 0]
+    finally:
+        for h in hooks:
+            h.remove()
+        base.config._attn_implementation = previous
+    return {
+        "bare_first_token": float(bare[:, :, 8:, 0].mean()),
+        "slots": float(ours[:, :, 8 + n :, :n].sum(-1).mean()),
+        "first_real_token": float(ours[:, :, 8 + n :, n].mean()),
+    }
+
+
 def table(rows: list[dict[str, float]]) -> str:
     head = (
         "| layer | anchor rms | top-3 share | token rms | out rms | cos(slot, anchor) | normed "
@@ -141,8 +169,15 @@ def main() -> None:
     base, tokenizer = load_model(args.model)
     examples = get_task(args.task).load("test", limit=args.examples)
     prompts = [tokenizer(format_prompt(tokenizer, ex.prompt), return_tensors="pt") for ex in examples]
-    rows = probe(IAPTModel.from_pretrained(base, args.adapter), prompts)
+    iapt = IAPTModel.from_pretrained(base, args.adapter)
+    rows = probe(iapt, prompts)
     print(table(rows))
+    shares = sink_shares(iapt, prompts[0])
+    print(
+        f"\nattention mass of later tokens (layers 2+, first prompt): bare backbone on its first token "
+        f"{shares['bare_first_token']:.2f}; with the adapter on its {iapt.num_soft_tokens} slots "
+        f"{shares['slots']:.2f}, on the first real token {shares['first_real_token']:.2f}"
+    )
     turned = sum(r["cos_slot_anchor"] < 0.99 for r in rows)
     normed = sum(r["cos_normed"] < 0.99 for r in rows)
     print(

@@ -10,6 +10,20 @@ from tests.test_model import with_visible_pad
 from tests.tiny import left_padded_batch, make_base, reloaded
 
 
+@pytest.fixture(scope="module")
+def slot_probe():
+    """benchmarks/slot_probe.py as a module (benchmarks/ is not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "slot_probe.py"
+    spec = importlib.util.spec_from_file_location("slot_probe", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def model_with(scale: str, **cfg) -> IAPTModel:
     torch.manual_seed(0)
     return get_iapt_model(with_visible_pad(make_base("llama")), IAPTConfig(bottleneck=8, output_scale=scale, **cfg))
@@ -87,16 +101,7 @@ def test_output_scale_needs_an_anchor_and_hidden_insertion():
         IAPTConfig(output_scale="layer")
 
 
-def test_the_slot_probe_sees_a_fresh_slot_at_its_anchor_and_a_trained_one_turned():
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "slot_probe", Path(__file__).parent.parent / "benchmarks/slot_probe.py"
-    )
-    assert spec is not None and spec.loader is not None
-    slot_probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(slot_probe)
+def test_the_slot_probe_sees_a_fresh_slot_at_its_anchor_and_a_trained_one_turned(slot_probe):
     _, _, rows = left_padded_batch()
     prompts = [{"input_ids": row.unsqueeze(0)} for row in rows]
     for scale in ("none", "anchor"):
@@ -111,3 +116,13 @@ def test_the_slot_probe_sees_a_fresh_slot_at_its_anchor_and_a_trained_one_turned
         assert all(r["out_rms"] > 0 and max(r["cos_slot_anchor"], r["cos_normed"]) < 0.99 for r in turned)
         assert all(0 < r["across"] and 0 <= r["pool_entropy"] <= r["uniform_entropy"] + 1e-6 for r in turned)
     assert "| layer | anchor rms |" in slot_probe.table(turned)
+
+
+def test_sink_shares_are_attention_masses(slot_probe):
+    model = model_with("none")
+    before = model.base_model.config._attn_implementation
+    prompt = {"input_ids": torch.arange(5, 25).unsqueeze(0)}
+    shares = slot_probe.sink_shares(model, prompt, skip=0)
+    assert model.base_model.config._attn_implementation == before, "the attention implementation is restored"
+    assert all(0.0 < v < 1.0 for v in shares.values())
+    assert shares["slots"] > shares["first_real_token"], "four slots in front take more than the token after them"
