@@ -112,8 +112,8 @@ def sink_shares(iapt: Any, prompt: dict[str, torch.Tensor], skip: int = 2) -> di
     query positions past the first 8 tokens): the bare backbone's on its first token, and the adapter's on its n
     slots and on the first real token after them. Eager attention, so the weights are returned."""
     base, n = iapt.base_model, iapt.num_soft_tokens
-    previous = base.config._attn_implementation
-    base.config._attn_implementation = "eager"
+    previous = base.config._attn_implementation  # transformers' own record of the current implementation
+    base.set_attn_implementation("eager")
     seen: list[torch.Tensor] = []
     hooks = [layer.self_attn.register_forward_hook(lambda m, a, o: seen.append(o[1])) for layer in base.model.layers]
     try:
@@ -127,7 +127,7 @@ def sink_shares(iapt: Any, prompt: dict[str, torch.Tensor], skip: int = 2) -> di
     finally:
         for h in hooks:
             h.remove()
-        base.config._attn_implementation = previous
+        base.set_attn_implementation(previous)
     return {
         "bare_first_token": float(bare[:, :, 8:, 0].mean()),
         "slots": float(ours[:, :, 8 + n :, :n].sum(-1).mean()),

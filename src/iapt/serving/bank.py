@@ -161,13 +161,13 @@ class AdapterBank:
             self.layers.append({**stacked, "present": torch.zeros(count, dtype=torch.bool, device=device)})
         for a_idx, adapter in enumerate(adapters, start=1):
             scales = output_scales(adapter.config, anchors.get(adapter.name))
+            unit = torch.ones(adapter.config.num_soft_tokens, 1)  # the paper's output, as it is
             for layer, weights in adapter.load_weights().items():  # one adapter's weights in memory at a time
                 bank = self.layers[layer]
                 bank["present"][a_idx] = True
                 if adapter.name in anchors:  # zero for unanchored rows: adding it changes nothing
                     weights["anchor"] = anchors[adapter.name][layer]
-                own_n = adapter.config.num_soft_tokens
-                weights["scale"] = torch.ones(own_n, 1) if scales is None else scales[layer]
+                weights["scale"] = unit if scales is None else scales[layer]
                 for key, value in weights.items():
                     if value is not None:
                         where: tuple[int | slice, ...] = (a_idx, *[slice(0, s) for s in value.shape])
