@@ -50,8 +50,9 @@ def method_settings(method: str) -> dict[str, Any]:
     zero start), ``pad`` (pad-token anchor; ``anchor`` is its old name), ``vocab`` (anchored on vocabulary tokens),
     ``fp32`` (float32 backbone), ``joint``, ``frozen-<fn>``, ``pool-<mode>``, ``tokens-<n>`` (soft-token count),
     ``every-<k>`` (Θ step every k steps), ``kv`` (keys/values written directly), ``scaled`` (the output in units
-    of the anchor's RMS), ``layers-<subset>`` (generators
-    on ``upper`` / ``lower`` / ``even`` / ``odd`` layers only, the budget moved there), e.g.
+    of the anchor's RMS), ``sink`` (the backbone keeps its attention sink in a column before the soft tokens),
+    ``layers-<subset>`` (generators on ``upper`` / ``lower`` / ``even`` / ``odd`` layers only, the budget moved
+    there), e.g.
     ``iapt-zero-frozen-gelu``."""
     if method != "iapt" and not method.startswith("iapt-"):
         return {"method": method}
@@ -71,6 +72,8 @@ def method_settings(method: str) -> dict[str, Any]:
             settings["insertion"] = "kv"
         elif word == "scaled":  # the generator's output in units of the anchor's RMS (IAPTConfig.output_scale)
             settings["output_scale"] = "anchor"
+        elif word == "sink":  # a plain slot-token column before the soft tokens (IAPTConfig.sink_token)
+            settings["sink_token"] = True
         elif word == "joint":
             settings["activation_mode"] = "joint"
         elif word == "layers" and words:  # generators on a subset of layers, the budget moved there
@@ -91,7 +94,7 @@ def method_settings(method: str) -> dict[str, Any]:
         else:
             raise ValueError(
                 f"unknown IAPT variant {method!r}: chain zero, pad, vocab, fp32, joint, frozen-<fn>, "
-                "pool-<mode>, tokens-<n>, every-<k>, kv, scaled, layers-<subset> after 'iapt'"
+                "pool-<mode>, tokens-<n>, every-<k>, kv, scaled, sink, layers-<subset> after 'iapt'"
             )
     return settings
 

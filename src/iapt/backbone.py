@@ -174,6 +174,8 @@ def anchor_states(base_model: PreTrainedModel, config: IAPTConfig) -> torch.Tens
         return None
     resolve_anchor(base_model, config)
     assert config.anchor_token_ids is not None, "resolve_anchor fills anchor_token_ids"
+    if getattr(config, "sink_token", False):  # the states the tokens have after the sink column, not at position 0
+        return slot_states(base_model, [slot_token_id(base_model), *config.anchor_token_ids])[:, 1:]
     return slot_states(base_model, config.anchor_token_ids)
 
 

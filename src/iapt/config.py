@@ -142,6 +142,17 @@ class IAPTConfig(AdapterConfigMixin, PeftConfig):
             "insertion='hidden' only. Served by the built-in engine and the vLLM plugin."
         },
     )
+    sink_token: bool = field(
+        default=False,
+        metadata={
+            "help": "One plain slot-token column in front of the soft tokens that no generator writes. Decoders "
+            "make their first position an attention sink (SmolLM2: RMS ~1,000 in 3 channels, 0.39 of later "
+            "tokens' attention); without this column the soft tokens sit there and become the sink. With it "
+            "the backbone keeps its own sink and the soft tokens are ordinary positions 1..n, anchored on the "
+            "states their anchor tokens have there (pad tokens after a pad stay sink-like: use anchor='tokens'). "
+            "Costs one cached position per request."
+        },
+    )
     layers: list[int] | None = field(
         default=None, metadata={"help": "Indices of the layers that get a generator; None = every layer (the method)."}
     )

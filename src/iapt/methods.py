@@ -31,6 +31,7 @@ def _iapt_config(size: int, options: Any) -> IAPTConfig:
         anchor_token_ids=getattr(options, "anchor_token_ids", None),
         insertion=getattr(options, "insertion", "hidden"),
         output_scale=getattr(options, "output_scale", "none"),
+        sink_token=getattr(options, "sink_token", False),
         layers=getattr(options, "layers", None),
     )
 

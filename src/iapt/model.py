@@ -95,6 +95,7 @@ class IAPTModel(nn.Module):
     """A causal LM whose frozen layers each read ``n`` soft tokens written by their own prompt generator."""
 
     slots_after_padding = True  # [padding | slots | tokens]; subclasses that index slots as columns 0..n-1: False
+    sink_columns = 0  # IAPTConfig.sink_token: plain slot-token columns before the soft tokens, never written
     _disabled = False  # True inside disable_adapter(): forward and generate run the bare backbone
     insertion = "hidden"  # IAPTConfig.insertion; subclasses (IDPG, LPT) write hidden states
 
@@ -122,6 +123,7 @@ class IAPTModel(nn.Module):
         self.base_model = base_model
         self.iapt_config = config
         self.num_soft_tokens = config.num_soft_tokens
+        self.sink_columns = int(config.sink_token)
         self.slot_token_id = slot_token_id(base_model)
         device = input_embeddings(base_model).weight.device
         self.insertion = config.insertion
@@ -193,7 +195,7 @@ class IAPTModel(nn.Module):
         real = ~is_slot if attention_mask is None or attention_mask.dim() != 2 else attention_mask.bool() & ~is_slot
         mask = call.pooled
         if mask is not None:
-            n = self.num_soft_tokens
+            n = self.num_slots
             if mask.shape[0] != batch:  # generate expanded rows for beams / num_return_sequences
                 mask = mask.repeat_interleave(batch // mask.shape[0], dim=0)
             # Column n + c holds input token c of every row (only padding sits before a row's slots).
@@ -201,7 +203,8 @@ class IAPTModel(nn.Module):
             if mask.shape[1] < length:  # no-cache generation: tokens generated so far are not pooled
                 mask = torch.nn.functional.pad(mask, (0, length - mask.shape[1]), value=False)
             real = real & mask[:, :length]
-        call.plan = SlotPlan.contiguous(is_slot, real, self.num_soft_tokens)
+        plan = SlotPlan.contiguous(is_slot, real, self.num_slots)
+        call.plan = SlotPlan(plan.columns[:, self.sink_columns :], plan.pooled) if self.sink_columns else plan
         return args, kwargs
 
     def _soft_tokens(self, layer: int, hidden: torch.Tensor, call: SlotCall) -> tuple[torch.Tensor, None]:
@@ -244,6 +247,11 @@ class IAPTModel(nn.Module):
     def _slots(self, instruction_mask: torch.Tensor | None, is_slot: torch.Tensor | None) -> Iterator[SlotCall]:
         with self.slot_writer.session(SlotCall(instruction_mask, is_slot)) as call:
             yield call
+
+    @property
+    def num_slots(self) -> int:
+        """Slot columns in front of each row: the soft tokens, plus the sink column (``IAPTConfig.sink_token``)."""
+        return self.num_soft_tokens + self.sink_columns
 
     @property
     def prefilling(self) -> bool:
@@ -294,7 +302,7 @@ class IAPTModel(nn.Module):
             attention_mask = torch.ones(batch, length, dtype=torch.long, device=device)
         if labels is not None and labels.shape != (batch, length):
             raise ValueError(f"labels have shape {tuple(labels.shape)}, expected {(batch, length)} like input_ids")
-        n = self.num_soft_tokens
+        n = self.num_slots
         source_columns, is_slot = slot_layout(attention_mask, n, self.slots_after_padding)
         full_mask = insert_slots(attention_mask, source_columns, is_slot, 1)
         decoding = past_key_values is not None and past_key_values.get_seq_length() > 0
@@ -314,6 +322,9 @@ class IAPTModel(nn.Module):
             else:
                 assert inputs_embeds is not None, "exactly one of input_ids and inputs_embeds was given"
                 inputs_embeds = insert_slots(inputs_embeds, source_columns, is_slot, 0.0)
+                slot_embedding = input_embeddings(self.base_model).weight[self.slot_token_id]
+                # the slot token's embedding, as input_ids would give (what a column no generator writes keeps)
+                inputs_embeds = torch.where(is_slot[..., None], slot_embedding.to(inputs_embeds.dtype), inputs_embeds)
             # Project only columns n: (every token's column, see _before_layer): no logits for n slots.
             kwargs.setdefault("logits_to_keep", length)
         if labels is not None and instruction_mask is None and pooled is not None:  # pooled is None when decoding
@@ -385,7 +396,7 @@ class IAPTModel(nn.Module):
         """TRL's fused LM head (``SFTTrainer`` patches the backbone's forward and calls it with ``fused_lm_head=True``):
         the labels get -100 at the slots, the backbone's fused loss counts the real labels only, and its per-token
         outputs (``(B, T + n - 1)``: position j predicts j + 1) lose the n slot columns, as logits do."""
-        n = self.num_soft_tokens
+        n = self.num_slots
         for key in ("labels", "shift_labels"):
             value = labels if key == "labels" else kwargs.get(key)
             if value is not None:
@@ -436,7 +447,7 @@ class IAPTModel(nn.Module):
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}"
             )
-        n = self.num_soft_tokens
+        n = self.num_slots
         pooled = _instruction_mask(attention_mask, instruction_mask, None)
         generation_config = kwargs.get("generation_config") or self.base_model.generation_config
         for key in ("max_length", "min_length"):

@@ -61,6 +61,14 @@ class MethodOptions:
         },
     )
 
+    sink_token: bool = field(
+        default=False,
+        metadata={
+            "help": "IAPT: one plain slot-token column before the soft tokens, so the backbone keeps its own "
+            "attention sink at the first position; see IAPTConfig.sink_token."
+        },
+    )
+
     layers: list[int] | None = field(
         default=None,
         metadata={

@@ -89,6 +89,11 @@ def read_adapter(base_model: PreTrainedModel, path: str | Path, name: str | None
             "built-in engine does not serve yet; serve it offline with IAPTModel.generate, or retrain "
             "with insertion='hidden'"
         )
+    if config.sink_token:
+        raise ValueError(
+            f"adapter {directory} keeps a sink column before its soft tokens (sink_token=true), which the "
+            "built-in engine and the vLLM plugin do not serve yet; serve it offline with IAPTModel.generate"
+        )
     text = text_config(base_model)
     num_layers = text.num_hidden_layers
     layer_ids = list(range(num_layers)) if config.layers is None else sorted(set(config.layers))
