@@ -34,7 +34,7 @@ def probe(iapt: Any, prompts: list[dict[str, torch.Tensor]]) -> list[dict[str, f
     from iapt.generator import PromptGenerator, attention_weights, project
 
     iapt.eval()
-    n = iapt.num_soft_tokens
+    n, s = iapt.num_soft_tokens, iapt.sink_columns
     hidden_size = iapt.base_model.config.hidden_size
     layers = iapt.base_model.model.layers
     seen: dict[int, list[dict[str, Any]]] = {int(i): [] for i in iapt.generators}
@@ -53,7 +53,8 @@ def probe(iapt: Any, prompts: list[dict[str, torch.Tensor]]) -> list[dict[str, f
 
     def on_layer(i: int, module: torch.nn.Module, args: tuple) -> None:
         if i in seen and seen[i] and "slot" not in seen[i][-1]:
-            seen[i][-1]["slot"] = args[0][0, :n].detach().float()  # one unpadded row: its slots are columns 0..n-1
+            # one unpadded row: its soft tokens are columns s..s+n-1 (s: the sink column, IAPTConfig.sink_token)
+            seen[i][-1]["slot"] = args[0][0, s : s + n].detach().float()
 
     hooks = [
         g.register_forward_hook(lambda m, a, o, i=int(i): on_generator(i, m, a, o)) for i, g in iapt.generators.items()
@@ -109,9 +110,10 @@ def probe(iapt: Any, prompts: list[dict[str, torch.Tensor]]) -> list[dict[str, f
 
 def sink_shares(iapt: Any, prompt: dict[str, torch.Tensor], skip: int = 2) -> dict[str, float]:
     """The attention mass later tokens give the sequence's first positions, layers ``skip``+ (mean over heads and
-    query positions past the first 8 tokens): the bare backbone's on its first token, and the adapter's on its n
-    slots and on the first real token after them. Eager attention, so the weights are returned."""
-    base, n = iapt.base_model, iapt.num_soft_tokens
+    query positions past the first 8 tokens): the bare backbone's on its first token, and the adapter's on its
+    sink column (``IAPTConfig.sink_token``; 0 without one), its n soft tokens and the first real token after
+    them. Eager attention, so the weights are returned."""
+    base, n, s = iapt.base_model, iapt.num_soft_tokens, iapt.sink_columns
     previous = base.config._attn_implementation  # transformers' own record of the current implementation
     base.set_attn_implementation("eager")
     seen: list[torch.Tensor] = []
@@ -130,8 +132,9 @@ def sink_shares(iapt: Any, prompt: dict[str, torch.Tensor], skip: int = 2) -> di
         base.set_attn_implementation(previous)
     return {
         "bare_first_token": float(bare[:, :, 8:, 0].mean()),
-        "slots": float(ours[:, :, 8 + n :, :n].sum(-1).mean()),
-        "first_real_token": float(ours[:, :, 8 + n :, n].mean()),
+        "sink_column": float(ours[:, :, 8 + n + s :, :s].sum(-1).mean()),
+        "slots": float(ours[:, :, 8 + n + s :, s : s + n].sum(-1).mean()),
+        "first_real_token": float(ours[:, :, 8 + n + s :, n + s].mean()),
     }
 
 
@@ -175,8 +178,9 @@ def main() -> None:
     shares = sink_shares(iapt, prompts[0])
     print(
         f"\nattention mass of later tokens (layers 2+, first prompt): bare backbone on its first token "
-        f"{shares['bare_first_token']:.2f}; with the adapter on its {iapt.num_soft_tokens} slots "
-        f"{shares['slots']:.2f}, on the first real token {shares['first_real_token']:.2f}"
+        f"{shares['bare_first_token']:.2f}; with the adapter on its sink column {shares['sink_column']:.2f}, "
+        f"its {iapt.num_soft_tokens} soft tokens {shares['slots']:.2f}, the first real token "
+        f"{shares['first_real_token']:.2f}"
     )
     turned = sum(r["cos_slot_anchor"] < 0.99 for r in rows)
     normed = sum(r["cos_normed"] < 0.99 for r in rows)

@@ -7,43 +7,12 @@ import torch
 
 from iapt import IAPTConfig, IAPTModel, get_iapt_model
 from tests.test_model import with_visible_pad
-from tests.tiny import left_padded_batch, make_base, reloaded
-
-
-@pytest.fixture(scope="module")
-def slot_probe():
-    """benchmarks/slot_probe.py as a module (benchmarks/ is not a package)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).parent.parent / "benchmarks" / "slot_probe.py"
-    spec = importlib.util.spec_from_file_location("slot_probe", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.tiny import layer_inputs, left_padded_batch, make_base, reloaded
 
 
 def model_with(scale: str, **cfg) -> IAPTModel:
     torch.manual_seed(0)
     return get_iapt_model(with_visible_pad(make_base("llama")), IAPTConfig(bottleneck=8, output_scale=scale, **cfg))
-
-
-def seen_at_the_slots(model: IAPTModel, ids: torch.Tensor, mask: torch.Tensor) -> dict[int, torch.Tensor]:
-    """What each decoder layer reads at row 0's slots (its input hidden states there)."""
-    seen: dict[int, torch.Tensor] = {}
-    layers = model.base_model.model.layers
-    hooks = [
-        layer.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0].detach().clone()))
-        for i, layer in enumerate(layers)
-    ]
-    try:
-        with torch.no_grad():
-            model(ids, attention_mask=mask)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
 
 
 def test_a_fresh_scaled_adapter_is_the_anchored_backbone():
@@ -69,7 +38,7 @@ def test_the_output_is_multiplied_by_the_anchor_rms_per_layer_and_slot():
     first = int(mask[0].long().argmax())  # row 0's slots sit right after its padding
     n = scaled.num_soft_tokens
     for model, scale in ((plain, None), (scaled, scales)):
-        seen = seen_at_the_slots(model, ids, mask)
+        seen = layer_inputs(model, ids, mask)
         for i, g in model.generators.items():
             expected = g.anchor.float() + (g.up.bias if scale is None else scale[int(i)] * g.up.bias)
             torch.testing.assert_close(seen[int(i)][0, first : first + n].float(), expected, atol=1e-5, rtol=1e-5)
@@ -124,5 +93,6 @@ def test_sink_shares_are_attention_masses(slot_probe):
     prompt = {"input_ids": torch.arange(5, 25).unsqueeze(0)}
     shares = slot_probe.sink_shares(model, prompt, skip=0)
     assert model.base_model.config._attn_implementation == before, "the attention implementation is restored"
+    assert shares.pop("sink_column") == 0.0, "no sink column without sink_token"
     assert all(0.0 < v < 1.0 for v in shares.values())
     assert shares["slots"] > shares["first_real_token"], "four slots in front take more than the token after them"

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from iapt import IAPTConfig, IAPTModel, get_iapt_model
-from iapt.serving.bank import read_adapter
 from tests.test_model import ATOL, randomize_up_projections, with_visible_pad
-from tests.tiny import left_padded_batch, make_base, reloaded
+from tests.tiny import layer_inputs, left_padded_batch, make_base, reloaded, served_like_offline, tiny_lm
 
 TOKENS = [5, 9, 13, 17]
 
@@ -17,22 +15,6 @@ def sink_model(family: str = "llama", **cfg) -> IAPTModel:
     torch.manual_seed(0)
     settings = {"bottleneck": 8, "sink_token": True, "anchor": "tokens", "anchor_token_ids": TOKENS, **cfg}
     return get_iapt_model(with_visible_pad(make_base(family)), IAPTConfig(**settings))
-
-
-def layer_inputs(model: IAPTModel, ids: torch.Tensor, mask: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
-    """What each decoder layer reads (its input hidden states), row 0."""
-    seen: dict[int, torch.Tensor] = {}
-    hooks = [
-        layer.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0][0].detach().clone()))
-        for i, layer in enumerate(model.base_model.model.layers)
-    ]
-    try:
-        with torch.no_grad():
-            model(ids, attention_mask=mask)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
 
 
 def test_a_fresh_sink_adapter_is_the_backbone_reading_the_sink_and_its_anchor_tokens_first(family):
@@ -55,10 +37,10 @@ def test_no_generator_writes_the_sink_column():
     model = sink_model()
     randomize_up_projections(model)
     row = left_padded_batch()[2][0].unsqueeze(0)
-    seen = layer_inputs(model, row)
+    seen = {i: h[0] for i, h in layer_inputs(model, row).items()}
     with torch.no_grad():
         alone = model.base_model(torch.tensor([[model.slot_token_id]]), output_hidden_states=True).hidden_states
-        fresh = layer_inputs(sink_model(), row)
+        fresh = {i: h[0] for i, h in layer_inputs(sink_model(), row).items()}
     for i, hidden in seen.items():
         torch.testing.assert_close(hidden[0], alone[i][0, 0], atol=ATOL, rtol=1e-4)
         assert not torch.allclose(hidden[1:5], fresh[i][1:5]), f"layer {i}: the soft tokens were not written"
@@ -92,10 +74,32 @@ def test_inputs_embeds_give_the_sink_column_the_slot_tokens_embedding():
     torch.testing.assert_close(by_embeds, by_ids, atol=ATOL, rtol=1e-4)
 
 
-def test_a_sink_adapter_saves_loads_and_the_servers_refuse_it_by_name(tmp_path):
+def test_a_sink_adapter_saves_and_loads(tmp_path):
     model = sink_model()
     randomize_up_projections(model)
     loaded = reloaded(model, tmp_path)  # the same logits after save and load
-    assert loaded.iapt_config.sink_token and loaded.num_slots == 5
-    with pytest.raises(ValueError, match="sink_token"):
-        read_adapter(loaded.unload(), tmp_path)
+    assert loaded.iapt_config.sink_token and loaded.num_slots == loaded.iapt_config.num_slots == 5
+
+
+def test_the_engine_serves_sink_and_plain_tenants_in_one_batch_as_offline_generate(tmp_path):
+    """The engine lays out the sink column and writes only the soft tokens after it (tests/vllm: vLLM does too)."""
+    prompts = [[5, 6, 7, 8, 9], [11, 12, 13]]
+    anchored = {"anchor": "tokens", "anchor_token_ids": TOKENS}
+    configs = {
+        "plain": IAPTConfig(bottleneck=4, **anchored),
+        "sink": IAPTConfig(bottleneck=4, sink_token=True, **anchored),
+        "sink-pad": IAPTConfig(bottleneck=4, num_soft_tokens=2, sink_token=True),
+    }
+    expected = served_like_offline(tiny_lm().eval(), tmp_path, configs, prompts)
+    assert any(expected["plain", tuple(p)] != expected["sink", tuple(p)] for p in prompts), "the sink matters"
+
+
+def test_the_slot_probe_reads_the_soft_tokens_after_the_sink_column(slot_probe):
+    """A fresh sink adapter's soft tokens sit at their anchors (so the probe reads columns 1..n, not the sink);
+    the sink column takes attention of its own, and the soft tokens keep some."""
+    model = sink_model()
+    _, _, rows = left_padded_batch()
+    fresh = slot_probe.probe(model, [{"input_ids": row.unsqueeze(0)} for row in rows])
+    assert all(r["out_rms"] == 0.0 and r["cos_slot_anchor"] > 0.9999 for r in fresh)
+    shares = slot_probe.sink_shares(model, {"input_ids": torch.arange(5, 25).unsqueeze(0)}, skip=0)
+    assert all(0.0 < v < 1.0 for v in shares.values())

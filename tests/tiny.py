@@ -169,3 +169,20 @@ def reloaded(model: Any, root: Path) -> Any:
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids, attention_mask=mask).logits, before, atol=0, rtol=0)
     return loaded
+
+
+def layer_inputs(model: Any, ids: torch.Tensor, mask: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+    """What each decoder layer of ``model`` (an IAPTModel on a Llama-layout base) reads: its input hidden states,
+    slots included, in one no-grad forward of ``ids``."""
+    seen: dict[int, torch.Tensor] = {}
+    hooks = [
+        layer.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0].detach().clone()))
+        for i, layer in enumerate(model.base_model.model.layers)
+    ]
+    try:
+        with torch.no_grad():
+            model(ids, attention_mask=mask)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen

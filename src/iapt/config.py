@@ -178,6 +178,11 @@ class IAPTConfig(AdapterConfigMixin, PeftConfig):
     peft_type: str = field(default="IAPT", metadata={"help": "Method tag, as PEFT writes it."})
     task_type: str | None = field(default="CAUSAL_LM", metadata={"help": "PEFT task type (IAPT: causal LMs)."})
 
+    @property
+    def num_slots(self) -> int:
+        """Positions a request's slots take in front of its prompt: the soft tokens, plus the sink column."""
+        return self.num_soft_tokens + int(self.sink_token)
+
     def __post_init__(self) -> None:
         super().__post_init__()  # PEFT's checks: a known task type; stamps peft_version
         if self.num_soft_tokens < 1:

@@ -2,7 +2,7 @@
 
 A tiny Llama built in code (head size 32: the smallest vLLM's CPU attention takes), saved with a tokenizer,
 and three adapters with random up-projections: anchored (the default start), a zero start, and one with 6
-slots, mean pooling and a generator on one layer only. One vLLM engine for the module.
+slots after a sink column, mean pooling and a generator on one layer only. One vLLM engine for the module.
 """
 
 from __future__ import annotations
@@ -21,7 +21,15 @@ from tests.tiny import _COMMON, tiny_tokenizer
 VOCAB = 100  # tiny_tokenizer's
 ADAPTERS = {
     "alice": {"bottleneck": 8},  # 4 slots, attention pooling, anchored on the pad token (the defaults)
-    "bob": {"bottleneck": 4, "num_soft_tokens": 6, "pooling": "mean", "layers": [1], "output_scale": "anchor"},
+    # 6 soft tokens after a sink column (IAPTConfig.sink_token), mean pooling, one layer, output in anchor units
+    "bob": {
+        "bottleneck": 4,
+        "num_soft_tokens": 6,
+        "pooling": "mean",
+        "layers": [1],
+        "output_scale": "anchor",
+        "sink_token": True,
+    },
     "carol": {"bottleneck": 8, "anchor": "none"},  # the paper's zero start
 }
 MAX_TOKENS = 8
@@ -207,7 +215,9 @@ def test_a_split_instruction_raises_never_pools_part(serving, folders, monkeypat
 
     adapters = plugin.IAPTAdapters.__new__(plugin.IAPTAdapters)
     adapters.header, adapters.slot_token_id = serving.header, 0
-    adapters.bank = SimpleNamespace(index=dict(serving.index))  # the planner reads each adapter's bank row
+    sink = [0] + [int(serving.configs[name].sink_token) for name in sorted(serving.index, key=serving.index.get)]
+    # the planner reads each adapter's bank row, and whether it keeps a sink column
+    adapters.bank = SimpleNamespace(index=dict(serving.index), sink=torch.tensor(sink))
     adapters.names = {i: name for name, i in serving.index.items()}
     ids = serving.prompt(list(range(10, 30)), "alice")["prompt_token_ids"]  # 4 slots + 20 instruction tokens
     whole, part = torch.tensor(ids), torch.tensor(ids[:12])
@@ -224,6 +234,12 @@ def test_a_split_instruction_raises_never_pools_part(serving, folders, monkeypat
     assert slots.rows[0][slots.pooled[0]].tolist() == list(range(4, 24))  # the instruction's token indices
     assert plan.index.tolist() == [serving.index["alice"]]
     assert replaced[:4].tolist() == [0, 0, 0, 0] and replaced[4:].tolist() == ids[4:]
+    sinked = serving.prompt(list(range(10, 30)), "bob")["prompt_token_ids"]  # sink + 6 slots + 20 tokens
+    plan, replaced = step(torch.tensor(sinked))
+    slots = plan.plan
+    assert slots.columns[0][slots.valid[0]].tolist() == [1, 2, 3, 4, 5, 6], "the generators skip the sink column"
+    assert slots.rows[0][slots.pooled[0]].tolist() == list(range(7, 27))
+    assert replaced[:7].tolist() == [0] * 7 and replaced[7:].tolist() == sinked[7:]
     with pytest.raises(RuntimeError, match="prefill was split"):
         step(part)
     with pytest.raises(ValueError, match="adapter index 9"):  # a raw prompt beginning with the marker

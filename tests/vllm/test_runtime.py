@@ -67,7 +67,7 @@ def ids(prompt_seed: int) -> list[int]:
 
 def test_an_iapt_adapter_loaded_at_run_time_answers_as_offline(setup):
     srv, engine, base_dir, dirs = setup
-    for name in ("bob", "carol"):  # 6 slots and mean pooling on one layer; the zero start (anchor none)
+    for name in ("bob", "carol"):  # 6 slots after a sink column, mean pooling on one layer; the zero start
         r = post(srv, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(dirs[name])})
         assert r.status_code == 200 and r.json() == {"status": "loaded", "name": name}
     assert engine.llm.collective_rpc("iapt_adapters")[0] == {i: n for n, i in engine.serving.index.items()}

@@ -205,7 +205,7 @@ class OpenAIServing:
             max_tokens = self.max_tokens_limit if chat else 16
             if chat and self.engine.max_positions:  # chat: as much as the context allows, like vLLM
                 loaded = self.engine.adapters.get(adapter or "")
-                slots = loaded.config.num_soft_tokens if loaded else 0
+                slots = loaded.config.num_slots if loaded else 0
                 room = self.engine.max_positions - slots - max(len(p) for p in prompts)
                 max_tokens = max(1, min(max_tokens, room))
         if max_tokens < 1:  # the schema says so too; kept for callers that bypass it
@@ -655,7 +655,7 @@ def create_app(
             return 0
         adapter = serving.check_model(request, principal, model)
         loaded = engine.adapters.get(adapter or "")
-        return loaded.config.num_soft_tokens if loaded else 0
+        return loaded.config.num_slots if loaded else 0
 
     @app.post("/tokenize", responses={200: {"model": TokenizeResponse}, **_errors(400, 401, 404, 413)})
     async def tokenize(request: HTTPRequest, body: TokenizeBody) -> JSONResponse:

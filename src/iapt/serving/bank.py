@@ -89,11 +89,6 @@ def read_adapter(base_model: PreTrainedModel, path: str | Path, name: str | None
             "built-in engine does not serve yet; serve it offline with IAPTModel.generate, or retrain "
             "with insertion='hidden'"
         )
-    if config.sink_token:
-        raise ValueError(
-            f"adapter {directory} keeps a sink column before its soft tokens (sink_token=true), which the "
-            "built-in engine and the vLLM plugin do not serve yet; serve it offline with IAPTModel.generate"
-        )
     text = text_config(base_model)
     num_layers = text.num_hidden_layers
     layer_ids = list(range(num_layers)) if config.layers is None else sorted(set(config.layers))
@@ -155,6 +150,8 @@ class AdapterBank:
         self.index = {name: i + 1 for i, name in enumerate(self.names)}
         count = len(adapters) + 1
         self.num_slots = torch.tensor([0] + [a.config.num_soft_tokens for a in adapters], device=device)
+        # a sink column before the soft tokens, never written (IAPTConfig.sink_token): 1, else 0
+        self.sink = torch.tensor([0] + [int(a.config.sink_token) for a in adapters], device=device)
         self.bottlenecks = [0] + [a.config.bottleneck for a in adapters]
         self.modes = [("attention", True)] + [(a.config.pooling, a.config.input_norm) for a in adapters]
         r = max([a.config.bottleneck for a in adapters], default=1)
@@ -199,6 +196,7 @@ class AdapterBank:
         merged.names = self.names + added.names
         merged.index = {name: i + 1 for i, name in enumerate(merged.names)}
         merged.num_slots = torch.cat([self.num_slots, added.num_slots[1:]])
+        merged.sink = torch.cat([self.sink, added.sink[1:]])
         merged.bottlenecks = self.bottlenecks + added.bottlenecks[1:]
         merged.modes = self.modes + added.modes[1:]
         merged.layers = []
@@ -222,6 +220,7 @@ class AdapterBank:
         smaller.names = [n for n in self.names if n != name]
         smaller.index = {n: i + 1 for i, n in enumerate(smaller.names)}
         smaller.num_slots = self.num_slots.index_select(0, rows)
+        smaller.sink = self.sink.index_select(0, rows)
         smaller.bottlenecks = [self.bottlenecks[i] for i in keep]
         smaller.modes = [self.modes[i] for i in keep]
         r = max(smaller.bottlenecks[1:], default=1)

@@ -314,7 +314,7 @@ class Engine(EngineLoop):
             raise UnknownAdapter(f"no adapter named {r.adapter!r} is loaded")
         check_request(r, self.vocab_size)
         adapter = self._adapters.get(r.adapter or "")
-        check_context(r, adapter.config.num_soft_tokens if adapter else 0, self.max_positions)
+        check_context(r, adapter.config.num_slots if adapter else 0, self.max_positions)
 
     # -------------------------------------------------------------------- running
     def generate_many(
@@ -439,10 +439,14 @@ class Engine(EngineLoop):
         """Prefill newcomers as one left-padded batch, every row laid out exactly as it would be alone.
 
         Row i is ``[padding | its n_i slots | prompt]``: contiguous, so positions and even sliding-window
-        distances are those of the row alone. A base-model row has n_i = 0, which is plain left padding.
+        distances are those of the row alone. A base-model row has n_i = 0, which is plain left padding. The
+        generators write a row's last ``num_slots`` slots: a sink column (``IAPTConfig.sink_token``) before them
+        keeps the slot token's own states.
         """
         index = torch.tensor([bank.index.get(h.request.adapter or "", 0) for h in handles], device=self.device)
-        slots = bank.num_slots.index_select(0, index).tolist()
+        written = bank.num_slots.index_select(0, index)
+        lead = bank.sink.index_select(0, index)
+        slots = (written + lead).tolist()
         lengths = [len(h.request.prompt) for h in handles]
         width = max(n + length for n, length in zip(slots, lengths, strict=True))
         ids = torch.full((len(handles), width), self.pad_token_id, dtype=torch.long, device=self.device)
@@ -457,9 +461,10 @@ class Engine(EngineLoop):
             starts.append(width - length - n)
         session: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         if max(slots) > 0:
-            offsets = torch.arange(max(slots), device=self.device)
-            columns = (torch.tensor(starts, device=self.device)[:, None] + offsets).clamp_max(width - 1)
-            valid = offsets < torch.tensor(slots, device=self.device)[:, None]
+            offsets = torch.arange(int(written.max()), device=self.device)
+            first = torch.tensor(starts, device=self.device) + lead
+            columns = (first[:, None] + offsets).clamp_max(width - 1)
+            valid = offsets < written[:, None]
             session = self._writer.session(_Prefill(SlotPlan(columns, pool, valid), bank, index))
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         cache = DynamicCache()

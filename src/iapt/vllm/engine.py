@@ -301,7 +301,7 @@ class VLLMEngine(EngineLoop):
                 self._adapters[adapter.name] = adapter
             return adapter
         index = self.serving.header.free_index()
-        self.serving.header.with_slots(index, adapter.config.num_soft_tokens)  # ValueError: no index left
+        self.serving.header.with_slots(index, adapter.config.num_slots)  # ValueError: no index left
         try:
             self.llm.collective_rpc("iapt_add_adapter", args=(adapter.name, str(adapter.path), index))
         except Exception as exc:  # vLLM's worker refused it: name the adapter, no stack trace

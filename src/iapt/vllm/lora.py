@@ -28,12 +28,13 @@ _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?
 
 @dataclass(frozen=True)
 class LoRAInfo:
-    """What the server knows of a LoRA tenant. ``num_soft_tokens`` is 0: the app reads it to size contexts."""
+    """What the server knows of a LoRA tenant. ``num_slots`` is 0: the app reads it to size contexts."""
 
     rank: int
     alpha: float
     target_modules: tuple[str, ...]
     num_soft_tokens: int = 0
+    num_slots: int = 0
 
 
 def lora_rank_limit(rank: int) -> int:

@@ -199,7 +199,7 @@ class IAPTAdapters:
             vocab = base.get_input_embeddings().weight.shape[0]
         finally:
             del base
-        self.header = Header(int(self.spec["marker"]), vocab, [a.config.num_soft_tokens for a in adapters])
+        self.header = Header(int(self.spec["marker"]), vocab, [a.config.num_slots for a in adapters])
         self.names = {i: a.name for i, a in enumerate(adapters, start=1)}
         logger.info("IAPT: %d adapter(s) loaded: %s", len(adapters), ", ".join(a.name for a in adapters) or "none")
 
@@ -224,7 +224,7 @@ class IAPTAdapters:
         with torch.device("meta"):
             meta = AutoModelForCausalLM.from_config(hf_config)
         adapter = read_adapter(meta, path, name)
-        header = self.header.with_slots(index, adapter.config.num_soft_tokens)
+        header = self.header.with_slots(index, adapter.config.num_slots)
         anchors = {}
         if adapter.config.anchor != "none":
             base = AutoModelForCausalLM.from_pretrained(
@@ -300,7 +300,14 @@ class IAPTAdapters:
         adapter_index = torch.tensor([self.bank.index[self.names[r[0]]] for r in rows], device=device)
         ids = input_ids.clone()
         ids[slot_rows[slot_valid]] = self.slot_token_id  # what IAPTModel feeds at its slots
-        plan = SlotPlan(columns=slot_rows, pooled=pool_mask, valid=slot_valid, rows=pool_rows)
+        # The generators write each row's last num_soft_tokens slots; a sink column (IAPTConfig.sink_token)
+        # in front of them keeps the slot token's own states.
+        lead = self.bank.sink.index_select(0, adapter_index)
+        soft = slot_n - lead
+        soft_offsets = torch.arange(int(soft.max()), device=device)
+        soft_valid = soft_offsets[None] < soft[:, None]
+        soft_rows = torch.where(soft_valid, (slot_start + lead)[:, None] + soft_offsets[None], slot_start[:, None])
+        plan = SlotPlan(columns=soft_rows, pooled=pool_mask, valid=soft_valid, rows=pool_rows)
         return _Step(self.bank, adapter_index, plan), ids
 
 

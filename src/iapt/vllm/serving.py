@@ -66,7 +66,7 @@ class IAPTServing:
                 raise ValueError(f"adapter name {name!r} is empty or is the base model's name")
         self.configs = {name: IAPTConfig.load(path) for name, path in self.adapters.items()}
         self.marker = default_marker(text) if marker is None else int(marker)
-        self.header = Header(self.marker, text.vocab_size, [c.num_soft_tokens for c in self.configs.values()])
+        self.header = Header(self.marker, text.vocab_size, [c.num_slots for c in self.configs.values()])
         self.index = {name: i for i, name in enumerate(self.adapters, start=1)}
 
     def add(self, name: str, path: str | Path, index: int | None = None) -> int:
@@ -76,7 +76,7 @@ class IAPTServing:
         folder = str(resolve_adapter_dir(path))
         config = IAPTConfig.load(folder)
         index = self.header.free_index() if index is None else int(index)
-        header = self.header.with_slots(index, config.num_soft_tokens)  # ValueError: too few slots, no index left
+        header = self.header.with_slots(index, config.num_slots)  # ValueError: too few slots, no index left
         self.adapters[name], self.configs[name], self.index[name], self.header = folder, config, index, header
         return index
 
