@@ -30,6 +30,7 @@ PRIMARY = {"sentiment": "accuracy", "nli": "accuracy", "squad": "f1", "e2e": "ro
 DEFAULT_METHODS = ["iapt", "lora", "prompt-tuning", "prefix", "idpg", "lpt"]
 # Candidate changes of the method first (issue: does IAPT close the gap to LoRA?), then the checks of defaults.
 DEFAULT_ABLATIONS = [
+    "iapt-sink-vocab",
     "iapt-scaled",
     "iapt-scaled-pool-mean",
     "iapt-scaled-vocab",
