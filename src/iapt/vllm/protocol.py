@@ -6,6 +6,9 @@ adapter to run and how many tokens after the slots are the instruction the gener
 
     [MARKER, adapter index, L // V, L % V, MARKER, ..., MARKER] + prompt        (n header tokens)
 
+(n is the adapter's ``IAPTConfig.num_slots``: its soft tokens, plus one for a sink column, which no generator
+writes.)
+
 V is the vocabulary size (every id stays in the vocabulary: vLLM's renderer rejects the others), the
 adapter index is 1-based in the order the adapters are given (an adapter loaded at run time takes the first
 free index; an unloaded one leaves its index free, slot count 0), L <= len(prompt). The model replaces the
