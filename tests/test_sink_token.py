@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from iapt import IAPTConfig, IAPTModel, get_iapt_model
 from tests.test_model import ATOL, randomize_up_projections, with_visible_pad
-from tests.tiny import layer_inputs, left_padded_batch, make_base, reloaded, served_like_offline, tiny_lm
+from tests.tiny import (
+    layer_inputs,
+    left_padded_batch,
+    make_base,
+    reloaded,
+    served_like_offline,
+    tiny_lm,
+    tiny_tokenizer,
+)
 
 TOKENS = [5, 9, 13, 17]
 
@@ -103,3 +112,22 @@ def test_the_slot_probe_reads_the_soft_tokens_after_the_sink_column(slot_probe):
     assert all(r["out_rms"] == 0.0 and r["cos_slot_anchor"] > 0.9999 for r in fresh)
     shares = slot_probe.sink_shares(model, {"input_ids": torch.arange(5, 25).unsqueeze(0)}, skip=0)
     assert all(0.0 < v < 1.0 for v in shares.values())
+
+
+def test_the_sink_column_counts_against_the_context(tmp_path):
+    from iapt.serving import Engine, Request
+
+    base = tiny_lm().eval()
+    for name, sink in (("plain", False), ("sink", True)):
+        model = get_iapt_model(base, IAPTConfig(bottleneck=4, sink_token=sink))
+        model.save_pretrained(tmp_path / name)
+        model.unload()
+    engine = Engine(base, tiny_tokenizer(), tmp_path)
+    try:
+        room = engine.max_positions - 4  # what 4 soft tokens leave
+        prompt = [5] * (room - 2)
+        assert engine.generate_many([Request(prompt, "plain", max_tokens=2)])[0].tokens
+        with pytest.raises(ValueError, match="less the adapter's 5 slots"):
+            engine.submit(Request(prompt, "sink", max_tokens=2))
+    finally:
+        engine.close()

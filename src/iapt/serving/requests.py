@@ -177,4 +177,6 @@ def check_context(r: Request, num_slots: int, max_positions: int | None) -> None
         raise ValueError(
             f"prompt ({len(r.prompt)} tokens) + max_tokens ({r.max_tokens}) exceeds the model's "
             f"context of {max_positions} positions"
+            + (f" less the adapter's {num_slots} slots" if num_slots else "")
+            + "; shorten the prompt or lower max_tokens"
         )
