@@ -48,7 +48,7 @@ def test_stacked_generators_equal_each_tenants_own(adapters_dir):
     mask = torch.ones(len(rows), 9, dtype=torch.bool)
     mask[1, :4] = mask[3, :2] = mask[4, :6] = False  # left padding
     for layer in range(2):
-        out, present = bank.soft_prompts(layer, index, hidden, mask, num_slots=4)
+        out, present = bank.soft_prompts(layer, index, hidden, mask, num_soft_tokens=4)
         assert not torch.allclose(out[0], out[4]), "soft tokens depend on the instruction"
         for i, name in enumerate(rows):
             if name is None or (name == "bob" and layer == 0):

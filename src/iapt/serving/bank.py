@@ -149,7 +149,7 @@ class AdapterBank:
         self.names = [a.name for a in adapters]
         self.index = {name: i + 1 for i, name in enumerate(self.names)}
         count = len(adapters) + 1
-        self.num_slots = torch.tensor([0] + [a.config.num_soft_tokens for a in adapters], device=device)
+        self.num_soft_tokens = torch.tensor([0] + [a.config.num_soft_tokens for a in adapters], device=device)
         # a sink column before the soft tokens, never written (IAPTConfig.sink_token): 1, else 0
         self.sink = torch.tensor([0] + [int(a.config.sink_token) for a in adapters], device=device)
         self.bottlenecks = [0] + [a.config.bottleneck for a in adapters]
@@ -187,7 +187,7 @@ class AdapterBank:
             adapters,
             self.layers[0]["up_weight"].shape[1] if self.layers else 1,
             len(self.layers),
-            self.num_slots.device,
+            self.num_soft_tokens.device,
             anchors,
         )
         if not self.names:
@@ -195,7 +195,7 @@ class AdapterBank:
         merged = AdapterBank.__new__(AdapterBank)
         merged.names = self.names + added.names
         merged.index = {name: i + 1 for i, name in enumerate(merged.names)}
-        merged.num_slots = torch.cat([self.num_slots, added.num_slots[1:]])
+        merged.num_soft_tokens = torch.cat([self.num_soft_tokens, added.num_soft_tokens[1:]])
         merged.sink = torch.cat([self.sink, added.sink[1:]])
         merged.bottlenecks = self.bottlenecks + added.bottlenecks[1:]
         merged.modes = self.modes + added.modes[1:]
@@ -215,16 +215,16 @@ class AdapterBank:
         its padding at every prefill) is given back.
         """
         keep = [0] + [i for n, i in self.index.items() if n != name]
-        rows = torch.tensor(keep, device=self.num_slots.device)
+        rows = torch.tensor(keep, device=self.num_soft_tokens.device)
         smaller = AdapterBank.__new__(AdapterBank)
         smaller.names = [n for n in self.names if n != name]
         smaller.index = {n: i + 1 for i, n in enumerate(smaller.names)}
-        smaller.num_slots = self.num_slots.index_select(0, rows)
+        smaller.num_soft_tokens = self.num_soft_tokens.index_select(0, rows)
         smaller.sink = self.sink.index_select(0, rows)
         smaller.bottlenecks = [self.bottlenecks[i] for i in keep]
         smaller.modes = [self.modes[i] for i in keep]
         r = max(smaller.bottlenecks[1:], default=1)
-        n = max(smaller.num_slots[1:].tolist(), default=1)
+        n = max(smaller.num_soft_tokens[1:].tolist(), default=1)
         cut = {
             "down_weight": (slice(0, r),),
             "down_bias": (slice(0, r),),
@@ -240,9 +240,9 @@ class AdapterBank:
         return smaller
 
     def soft_prompts(
-        self, layer: int, adapter_index: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, num_slots: int
+        self, layer: int, adapter_index: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, num_soft_tokens: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Soft tokens ``(B, num_slots, d)`` of ``layer`` for rows using adapters ``adapter_index`` ``(B,)``.
+        """Soft tokens ``(B, num_soft_tokens, d)`` of ``layer`` for rows using adapters ``adapter_index`` ``(B,)``.
 
         One ``soft_prompts`` call for the whole batch (one per distinct pooling mode). Also returns which
         rows have a generator at this layer; the others keep their slots' hidden states.
@@ -258,7 +258,7 @@ class AdapterBank:
                 m,
                 w["down_weight"],
                 w["down_bias"],
-                w["queries"][..., :num_slots],
+                w["queries"][..., :num_soft_tokens],
                 w["numerator"],
                 w["denominator"],
                 w["up_weight"],
@@ -266,13 +266,13 @@ class AdapterBank:
                 pooling=mode[0],
                 input_norm=mode[1],
             )
-            scale = bank["scale"].index_select(0, idx)[:, :num_slots]
-            return tokens * scale + bank["anchor"].index_select(0, idx)[:, :num_slots]
+            scale = bank["scale"].index_select(0, idx)[:, :num_soft_tokens]
+            return tokens * scale + bank["anchor"].index_select(0, idx)[:, :num_soft_tokens]
 
         groups = dict.fromkeys(modes)
         if len(groups) == 1:  # one pooling mode (the usual case): the whole batch at once, no copies of its rows
             return run(modes[0], adapter_index, hidden, mask), present
-        out = hidden.new_zeros(hidden.shape[0], num_slots, hidden.shape[-1], dtype=torch.float32)
+        out = hidden.new_zeros(hidden.shape[0], num_soft_tokens, hidden.shape[-1], dtype=torch.float32)
         for mode in groups:
             rows = torch.tensor([i for i, m in enumerate(modes) if m == mode], device=hidden.device)
             out[rows] = run(

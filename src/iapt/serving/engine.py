@@ -444,7 +444,7 @@ class Engine(EngineLoop):
         keeps the slot token's own states.
         """
         index = torch.tensor([bank.index.get(h.request.adapter or "", 0) for h in handles], device=self.device)
-        written = bank.num_slots.index_select(0, index)
+        written = bank.num_soft_tokens.index_select(0, index)
         lead = bank.sink.index_select(0, index)
         slots = (written + lead).tolist()
         lengths = [len(h.request.prompt) for h in handles]

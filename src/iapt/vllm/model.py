@@ -235,7 +235,7 @@ class IAPTAdapters:
             finally:
                 del base
             if states is not None:
-                anchors[name] = states.to(self.bank.num_slots.device)
+                anchors[name] = states.to(self.bank.num_soft_tokens.device)
         self.bank = self.bank.extended([adapter], anchors)
         self.header, self.names[index] = header, name
         logger.info("IAPT: adapter %s loaded at index %d", name, index)
